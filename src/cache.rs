@@ -1,0 +1,245 @@
+//! The shared-data cache: keyed token hashes, slot keys, and the entry codec.
+//!
+//! The raw token is never stored: an entry is addressed and identified by a SipHash-2-4-128 of
+//! the token keyed with a random secret that all VMs of the process share (`<prefix>/secret`).
+//! A fixed number of slots bounds the cache; an entry carries the full 128-bit hash, so a slot
+//! collision (or ngx_wasm_module's crc32-only key comparison) is detected, never misread as a hit.
+
+use siphasher::sip128::{Hasher128, SipHasher24};
+use std::hash::Hasher;
+
+/// Length of the shared secret in shared data.
+pub const SECRET_LEN: usize = 16;
+
+/// The key of a token hash. Random per process; shared by all VMs through shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Secret([u8; SECRET_LEN]);
+
+impl Secret {
+    pub fn from_bytes(bytes: &[u8]) -> Option<Secret> {
+        bytes.try_into().ok().map(Secret)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn hash(&self, token: &[u8]) -> TokenHash {
+        let mut h = SipHasher24::new_with_key(&self.0);
+        h.write(token);
+        TokenHash(h.finish128().as_bytes())
+    }
+}
+
+/// A keyed 128-bit hash of a token: the only form of a token that leaves the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 16]);
+
+/// The fallback hash-key value: `~` and 16 hex digits. It cannot be mistaken for a user ID (which
+/// starts with `@`) and keeps one device's requests together when the user is unknown.
+pub type FallbackKey = [u8; 17];
+
+impl TokenHash {
+    /// Slot index in `0..capacity`.
+    pub fn slot(&self, capacity: u32) -> u32 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[8..16]);
+        (u64::from_le_bytes(b) % u64::from(capacity.max(1))) as u32
+    }
+
+    pub fn fallback_key(&self) -> FallbackKey {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'~'; 17];
+        for (i, byte) in self.0[..8].iter().enumerate() {
+            out[1 + 2 * i] = HEX[usize::from(byte >> 4)];
+            out[2 + 2 * i] = HEX[usize::from(byte & 0xf)];
+        }
+        out
+    }
+}
+
+/// Shared-data key of the secret.
+pub fn secret_key(prefix: &str) -> String {
+    format!("{prefix}/secret")
+}
+
+/// Shared-data key of a slot.
+pub fn slot_key(prefix: &str, slot: u32) -> String {
+    format!("{prefix}/{slot}")
+}
+
+/// What the cache says about a token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// Nothing usable: empty slot, another token's entry, expired, or unreadable.
+    Miss,
+    /// Synapse said this token belongs to this user.
+    User(&'a str),
+    /// Synapse rejected the token with this status and body.
+    Denied { status: u16, body: &'a [u8] },
+    /// whoami recently failed for this token: do not call again yet.
+    Backoff,
+}
+
+/// What is written into a slot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Entry<'a> {
+    User(&'a str),
+    Denied { status: u16, body: &'a [u8] },
+    Backoff,
+}
+
+const VERSION: u8 = 1;
+const KIND_USER: u8 = 1;
+const KIND_DENIED: u8 = 2;
+const KIND_BACKOFF: u8 = 3;
+/// version, kind, 16-byte hash, 8-byte expiry (ms since the epoch, little endian).
+const HEADER_LEN: usize = 2 + 16 + 8;
+
+/// Encodes an entry for `hash`, valid until `expires_ms`.
+pub fn encode(hash: &TokenHash, expires_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
+    let (kind, extra) = match entry {
+        Entry::User(user) => (KIND_USER, user.len()),
+        Entry::Denied { body, .. } => (KIND_DENIED, 2 + body.len()),
+        Entry::Backoff => (KIND_BACKOFF, 0),
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + extra);
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&hash.0);
+    out.extend_from_slice(&expires_ms.to_le_bytes());
+    match entry {
+        Entry::User(user) => out.extend_from_slice(user.as_bytes()),
+        Entry::Denied { status, body } => {
+            out.extend_from_slice(&status.to_le_bytes());
+            out.extend_from_slice(body);
+        }
+        Entry::Backoff => {}
+    }
+    out
+}
+
+/// Reads a slot's bytes for `hash` at time `now_ms`.
+pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> {
+    let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Lookup::Miss;
+    };
+    if header[0] != VERSION || header[2..18] != hash.0 {
+        return Lookup::Miss;
+    }
+    let mut exp = [0u8; 8];
+    exp.copy_from_slice(&header[18..26]);
+    if u64::from_le_bytes(exp) <= now_ms {
+        return Lookup::Miss;
+    }
+    match header[1] {
+        KIND_USER => match std::str::from_utf8(rest) {
+            Ok(user) if !user.is_empty() => Lookup::User(user),
+            _ => Lookup::Miss,
+        },
+        KIND_DENIED => match rest.split_first_chunk::<2>() {
+            Some((status, body)) => Lookup::Denied {
+                status: u16::from_le_bytes(*status),
+                body,
+            },
+            None => Lookup::Miss,
+        },
+        KIND_BACKOFF => Lookup::Backoff,
+        _ => Lookup::Miss,
+    }
+}
+
+/// Whether a slot already holds an entry at least as good as the one about to be written, so
+/// the write can be skipped (another VM resolved the same token first).
+pub fn already_holds_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
+    matches!(lookup(bytes, hash, now_ms), Lookup::User(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: Secret = Secret([7; 16]);
+
+    #[test]
+    fn hash_is_keyed_and_stable() {
+        let a = SECRET.hash(b"syt_token");
+        assert_eq!(a, SECRET.hash(b"syt_token"));
+        assert_ne!(a, SECRET.hash(b"syt_tokeN"));
+        assert_ne!(a, Secret([8; 16]).hash(b"syt_token"));
+    }
+
+    #[test]
+    fn slots_stay_in_range_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..2000 {
+            let s = SECRET.hash(format!("tok{i}").as_bytes()).slot(16);
+            assert!(s < 16);
+            seen.insert(s);
+        }
+        assert_eq!(seen.len(), 16);
+        assert_eq!(SECRET.hash(b"x").slot(1), 0);
+    }
+
+    #[test]
+    fn fallback_key_is_hex_of_the_hash_not_the_token() {
+        let token = b"syt_YWxpY2U_abcdefghijklmnop_0a1b2c";
+        let key = SECRET.hash(token).fallback_key();
+        let text = std::str::from_utf8(&key).unwrap();
+        assert!(text.starts_with('~'));
+        assert!(text[1..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(text.len(), 17);
+        // No 4-byte window of the token shows up in the key.
+        for w in token.windows(4) {
+            assert!(!text.as_bytes().windows(4).any(|k| k == w));
+        }
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let h = SECRET.hash(b"t");
+        let user = encode(&h, 1000, &Entry::User("@alice:example.org"));
+        assert_eq!(lookup(&user, &h, 999), Lookup::User("@alice:example.org"));
+        let denied = encode(
+            &h,
+            1000,
+            &Entry::Denied {
+                status: 401,
+                body: b"{\"errcode\":\"M_UNKNOWN_TOKEN\"}",
+            },
+        );
+        assert_eq!(
+            lookup(&denied, &h, 0),
+            Lookup::Denied {
+                status: 401,
+                body: b"{\"errcode\":\"M_UNKNOWN_TOKEN\"}"
+            }
+        );
+        let backoff = encode(&h, 1000, &Entry::Backoff);
+        assert_eq!(lookup(&backoff, &h, 0), Lookup::Backoff);
+    }
+
+    #[test]
+    fn expired_foreign_and_garbage_entries_miss() {
+        let h = SECRET.hash(b"t");
+        let other = SECRET.hash(b"u");
+        let user = encode(&h, 1000, &Entry::User("@alice:example.org"));
+        assert_eq!(lookup(&user, &h, 1000), Lookup::Miss);
+        assert_eq!(lookup(&user, &other, 0), Lookup::Miss);
+        assert_eq!(lookup(b"", &h, 0), Lookup::Miss);
+        assert_eq!(lookup(&user[..HEADER_LEN - 1], &h, 0), Lookup::Miss);
+        assert_eq!(lookup(&user[..HEADER_LEN], &h, 0), Lookup::Miss);
+        let mut bad_kind = user.clone();
+        bad_kind[1] = 9;
+        assert_eq!(lookup(&bad_kind, &h, 0), Lookup::Miss);
+        let mut bad_version = user;
+        bad_version[0] = 2;
+        assert_eq!(lookup(&bad_version, &h, 0), Lookup::Miss);
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(secret_key("msr"), "msr/secret");
+        assert_eq!(slot_key("msr", 42), "msr/42");
+    }
+}

@@ -1,0 +1,291 @@
+//! The plugin configuration: one serde type with defaults, unknown fields refused, and
+//! validation that names the offending field.
+
+use crate::profile::Proxy;
+use regex_lite::Regex;
+use serde::Deserialize;
+use std::fmt;
+
+/// Default sync path family (Synapse's worker docs plus sliding sync).
+pub const DEFAULT_SYNC_PATHS: [&str; 2] = [
+    r"^/_matrix/client/(api/v1|r0|v3|unstable)/(sync|events|initialSync|rooms/[^/]+/initialSync)$",
+    r"^/_matrix/client/unstable/org\.matrix\.simplified_msc3575/sync$",
+];
+
+/// Upper bound of `cache_capacity`: 16 Mi slots is far beyond any homeserver's active tokens.
+pub const MAX_CACHE_CAPACITY: u32 = 1 << 24;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub proxy: Proxy,
+    pub whoami_upstream: String,
+    pub whoami_authority: String,
+    pub whoami_path: String,
+    pub whoami_timeout_ms: u32,
+    pub header_name: String,
+    pub sync_paths: Vec<String>,
+    pub cache_capacity: u32,
+    pub cache_ttl_s: u32,
+    pub negative_ttl_s: u32,
+    pub failure_backoff_s: u32,
+    pub reject_invalid_tokens: bool,
+    pub shared_data_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            proxy: Proxy::Envoy,
+            whoami_upstream: "synapse_whoami".into(),
+            whoami_authority: "localhost".into(),
+            whoami_path: "/_matrix/client/v3/account/whoami".into(),
+            whoami_timeout_ms: 2000,
+            header_name: "x-user-identifier".into(),
+            sync_paths: DEFAULT_SYNC_PATHS.iter().map(|s| s.to_string()).collect(),
+            cache_capacity: 65536,
+            cache_ttl_s: 3600,
+            negative_ttl_s: 30,
+            failure_backoff_s: 10,
+            reject_invalid_tokens: false,
+            shared_data_prefix: "msr".into(),
+        }
+    }
+}
+
+/// A configuration error, always naming the field it is about.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.message)
+    }
+}
+
+fn err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A validated configuration with its compiled sync-path matcher.
+#[derive(Debug)]
+pub struct Settings {
+    pub config: Config,
+    pub sync_paths: Regex,
+}
+
+impl Config {
+    /// Parses the plugin configuration. Empty input (no configuration given) means all defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
+        let config = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Config::default()
+        } else {
+            let de = &mut serde_json::Deserializer::from_slice(bytes);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                // serde names an unknown field in its message; the path then stops at its parent.
+                let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
+                let field = if field == "." || field == "?" || field.starts_with('[') {
+                    "(root)".to_string()
+                } else {
+                    field
+                };
+                err(&field, inner.to_string())
+            })?
+        };
+        config.validate()
+    }
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        self.proxy
+            .validate_upstream(&self.whoami_upstream)
+            .map_err(|m| err("whoami_upstream", m))?;
+        if !is_header_value(&self.whoami_authority) || self.whoami_authority.is_empty() {
+            return Err(err(
+                "whoami_authority",
+                "must be a non-empty host name without spaces",
+            ));
+        }
+        if !self.whoami_path.starts_with('/') || !is_header_value(&self.whoami_path) {
+            return Err(err(
+                "whoami_path",
+                "must start with `/` and contain no spaces or control characters",
+            ));
+        }
+        if !(1..=60_000).contains(&self.whoami_timeout_ms) {
+            return Err(err("whoami_timeout_ms", "must be between 1 and 60000"));
+        }
+        validate_header_name(&self.header_name).map_err(|m| err("header_name", m))?;
+        if self.sync_paths.is_empty() {
+            return Err(err("sync_paths", "must list at least one pattern"));
+        }
+        for (i, p) in self.sync_paths.iter().enumerate() {
+            Regex::new(p).map_err(|e| err(&format!("sync_paths[{i}]"), e.to_string()))?;
+        }
+        // One alternation: a single pass over the path however many patterns there are.
+        let joined = self
+            .sync_paths
+            .iter()
+            .map(|p| format!("(?:{p})"))
+            .collect::<Vec<_>>()
+            .join("|");
+        let sync_paths = Regex::new(&joined).map_err(|e| err("sync_paths", e.to_string()))?;
+        if !(1..=MAX_CACHE_CAPACITY).contains(&self.cache_capacity) {
+            return Err(err(
+                "cache_capacity",
+                format!("must be between 1 and {MAX_CACHE_CAPACITY}"),
+            ));
+        }
+        if self.cache_ttl_s == 0 {
+            return Err(err("cache_ttl_s", "must be at least 1"));
+        }
+        let prefix_ok = !self.shared_data_prefix.is_empty()
+            && self.shared_data_prefix.len() <= 64
+            && self
+                .shared_data_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return Err(err(
+                "shared_data_prefix",
+                "must be 1-64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        Ok(Settings {
+            config: self,
+            sync_paths,
+        })
+    }
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+fn validate_header_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("must be a non-empty lower-case header name of [a-z0-9-]");
+    }
+    // Headers the proxy or Synapse give meaning to must not be overwritten by the filter.
+    const RESERVED: [&str; 7] = [
+        "authorization",
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "x-forwarded-for",
+    ];
+    if RESERVED.contains(&name) {
+        return Err("must not be a header the proxy or Synapse interprets");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(json: &str) -> String {
+        Config::parse(json.as_bytes()).unwrap_err().field
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        for input in ["", "  \n", "{}"] {
+            let s = Config::parse(input.as_bytes()).unwrap();
+            assert_eq!(s.config.header_name, "x-user-identifier");
+            assert_eq!(s.config.whoami_timeout_ms, 2000);
+            assert_eq!(s.config.cache_capacity, 65536);
+            assert!(!s.config.reject_invalid_tokens);
+        }
+    }
+
+    #[test]
+    fn fields_are_read() {
+        let s = Config::parse(
+            br#"{"proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008",
+                 "header_name":"x-mxid","cache_capacity":10,"reject_invalid_tokens":true}"#,
+        )
+        .unwrap();
+        assert_eq!(s.config.proxy, Proxy::NgxWasmModule);
+        assert_eq!(s.config.header_name, "x-mxid");
+        assert_eq!(s.config.cache_capacity, 10);
+        assert!(s.config.reject_invalid_tokens);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        assert_eq!(field_of(r#"{"cache_capcity":5}"#), "cache_capcity");
+        assert_eq!(field_of(r#"{"cache_capacity":"5"}"#), "cache_capacity");
+        assert_eq!(field_of(r#"{"cache_capacity":0}"#), "cache_capacity");
+        assert_eq!(field_of(r#"{"cache_capacity":-1}"#), "cache_capacity");
+        assert_eq!(field_of(r#"{"cache_ttl_s":0}"#), "cache_ttl_s");
+        assert_eq!(field_of(r#"{"whoami_timeout_ms":0}"#), "whoami_timeout_ms");
+        assert_eq!(field_of(r#"{"whoami_upstream":""}"#), "whoami_upstream");
+        assert_eq!(field_of(r#"{"whoami_path":"whoami"}"#), "whoami_path");
+        assert_eq!(
+            field_of(r#"{"whoami_authority":"a b"}"#),
+            "whoami_authority"
+        );
+        assert_eq!(field_of(r#"{"header_name":"X-Up"}"#), "header_name");
+        assert_eq!(
+            field_of(r#"{"header_name":"authorization"}"#),
+            "header_name"
+        );
+        assert_eq!(field_of(r#"{"sync_paths":[]}"#), "sync_paths");
+        assert_eq!(field_of(r#"{"sync_paths":["ok","(bad"]}"#), "sync_paths[1]");
+        assert_eq!(field_of(r#"{"proxy":"haproxy"}"#), "proxy");
+        assert_eq!(
+            field_of(r#"{"shared_data_prefix":"a/b"}"#),
+            "shared_data_prefix"
+        );
+        assert_eq!(
+            field_of(r#"{"proxy":"ngx_wasm_module","whoami_upstream":"synapse_whoami"}"#),
+            "whoami_upstream"
+        );
+        assert_eq!(field_of(r#"[1]"#), "(root)");
+        assert_eq!(field_of(r#"{"cache_ttl_s":1"#), "(root)");
+    }
+
+    #[test]
+    fn default_patterns_match_the_sync_family_only() {
+        let s = Config::parse(b"").unwrap();
+        for p in [
+            "/_matrix/client/v3/sync",
+            "/_matrix/client/r0/sync",
+            "/_matrix/client/api/v1/events",
+            "/_matrix/client/unstable/initialSync",
+            "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        ] {
+            assert!(s.sync_paths.is_match(p), "{p}");
+        }
+        for p in [
+            "/_matrix/client/v3/sync/extra",
+            "/_matrix/client/v4/sync",
+            "/_matrix/client/v3/rooms/a/b/initialSync",
+            "/_matrix/client/v3/account/whoami",
+            "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
+            "/x/_matrix/client/v3/sync",
+        ] {
+            assert!(!s.sync_paths.is_match(p), "{p}");
+        }
+    }
+}

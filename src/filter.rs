@@ -1,0 +1,449 @@
+//! The decision state machine of one request, written against the `Host` trait so that it runs
+//! natively in unit tests and, through `host.rs`, in any proxy-wasm host.
+
+use crate::cache::{self, Entry, Lookup, Secret, TokenHash};
+use crate::config::Settings;
+use crate::request::{self, Token};
+use crate::whoami::{self, Failure, Outcome, MAX_BODY};
+use std::cell::Cell;
+
+/// What the filter needs from its host. `host.rs` maps each to proxy-wasm calls; every method
+/// absorbs host errors (a failed read is "absent", a failed write is reported) so no host status
+/// can make the filter panic.
+pub trait Host {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Names of all request headers, as the host stores them (used only where names are
+    /// case-sensitive, see `Proxy::scrub_needs_header_scan`).
+    fn request_header_names(&self) -> Vec<String>;
+    fn set_request_header(&self, name: &str, value: &[u8]);
+    fn remove_request_header(&self, name: &str);
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// The value and CAS of a shared-data key; CAS 0 when the key is absent.
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32);
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus;
+    fn now_ms(&self) -> u64;
+    fn random(&self, buf: &mut [u8]) -> bool;
+    /// Starts an HTTP callout; the answer comes back through `Router::on_whoami_response`.
+    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> bool;
+    fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]);
+    fn resume(&self);
+    fn count(&self, counter: Counter);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetStatus {
+    Ok,
+    CasMismatch,
+    Failed,
+}
+
+/// What the request-headers callback returns to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Pause,
+}
+
+/// The filter's counters. Names are stable: operators alert on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Requests,
+    NoToken,
+    CacheHits,
+    CacheMisses,
+    NegativeHits,
+    BackoffHits,
+    WhoamiOk,
+    WhoamiDenied,
+    WhoamiFailed,
+    Fallbacks,
+    Rejected,
+    CacheWriteFailures,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 12] = [
+        Counter::Requests,
+        Counter::NoToken,
+        Counter::CacheHits,
+        Counter::CacheMisses,
+        Counter::NegativeHits,
+        Counter::BackoffHits,
+        Counter::WhoamiOk,
+        Counter::WhoamiDenied,
+        Counter::WhoamiFailed,
+        Counter::Fallbacks,
+        Counter::Rejected,
+        Counter::CacheWriteFailures,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Requests => "matrix_sync_router_requests",
+            Counter::NoToken => "matrix_sync_router_no_token",
+            Counter::CacheHits => "matrix_sync_router_cache_hits",
+            Counter::CacheMisses => "matrix_sync_router_cache_misses",
+            Counter::NegativeHits => "matrix_sync_router_negative_hits",
+            Counter::BackoffHits => "matrix_sync_router_backoff_hits",
+            Counter::WhoamiOk => "matrix_sync_router_whoami_ok",
+            Counter::WhoamiDenied => "matrix_sync_router_whoami_denied",
+            Counter::WhoamiFailed => "matrix_sync_router_whoami_failed",
+            Counter::Fallbacks => "matrix_sync_router_fallbacks",
+            Counter::Rejected => "matrix_sync_router_rejected",
+            Counter::CacheWriteFailures => "matrix_sync_router_cache_write_failures",
+        }
+    }
+}
+
+/// Per-request state between the request headers and the whoami answer. It holds the token's
+/// hash, never the token.
+#[derive(Debug, Default)]
+pub enum Phase {
+    #[default]
+    Idle,
+    AwaitingWhoami {
+        hash: TokenHash,
+        slot_key: String,
+    },
+}
+
+/// How often a cache write is retried after a CAS mismatch before it is given up.
+const WRITE_ATTEMPTS: usize = 4;
+/// Minimum time between two warnings about whoami failures from one VM.
+const WARN_INTERVAL_MS: u64 = 10_000;
+
+/// One VM's router: the validated settings and the process-wide hash secret.
+pub struct Router {
+    pub settings: Settings,
+    secret: Cell<Secret>,
+    last_warn_ms: Cell<u64>,
+    suppressed_warnings: Cell<u32>,
+}
+
+impl Router {
+    /// Builds the router, fetching the process's secret from shared data or creating it. Fails
+    /// when shared data cannot hold it (for ngx_wasm_module: the `shm_kv` zone is missing).
+    pub fn new<H: Host>(settings: Settings, host: &H) -> Result<Router, String> {
+        let key = cache::secret_key(&settings.config.shared_data_prefix);
+        let secret = load_or_create_secret(host, &key)?;
+        Ok(Router {
+            settings,
+            secret: Cell::new(secret),
+            last_warn_ms: Cell::new(0),
+            suppressed_warnings: Cell::new(0),
+        })
+    }
+
+    pub fn on_request_headers<H: Host>(&self, host: &H, phase: &mut Phase) -> Verdict {
+        let Some(path) = host.request_header(":path") else {
+            return Verdict::Continue;
+        };
+        let (path_only, query) = request::split_path(&path);
+        let is_sync = std::str::from_utf8(path_only)
+            .map(|p| self.settings.sync_paths.is_match(p))
+            .unwrap_or(false);
+        if !is_sync {
+            return Verdict::Continue;
+        }
+        host.count(Counter::Requests);
+        let authorization = host.request_header("authorization");
+        match request::find_token(authorization.as_deref(), query) {
+            Token::Absent => {
+                host.count(Counter::NoToken);
+                self.scrub(host);
+                Verdict::Continue
+            }
+            Token::Malformed(token) => {
+                let hash = self.secret.get().hash(&token);
+                self.route_fallback(host, &hash);
+                Verdict::Continue
+            }
+            Token::Valid(token) => self.route_token(host, phase, &token),
+        }
+    }
+
+    fn route_token<H: Host>(&self, host: &H, phase: &mut Phase, token: &[u8]) -> Verdict {
+        let cfg = &self.settings.config;
+        let now = host.now_ms();
+        let mut hash = self.secret.get().hash(token);
+        let mut slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
+        let mut slot = host.shared_get(&slot_key).0;
+        let mut found = slot
+            .as_deref()
+            .map_or(Lookup::Miss, |b| cache::lookup(b, &hash, now));
+        if found == Lookup::Miss && self.refresh_secret(host) {
+            // Another VM's secret won: look again where that VM would have written.
+            hash = self.secret.get().hash(token);
+            slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
+            slot = host.shared_get(&slot_key).0;
+            found = slot
+                .as_deref()
+                .map_or(Lookup::Miss, |b| cache::lookup(b, &hash, now));
+        }
+        match found {
+            Lookup::User(user) => {
+                host.count(Counter::CacheHits);
+                self.set_key(host, user.as_bytes());
+                Verdict::Continue
+            }
+            Lookup::Denied { status, body } => {
+                host.count(Counter::NegativeHits);
+                self.deny(host, &hash, status, body)
+            }
+            Lookup::Backoff => {
+                host.count(Counter::BackoffHits);
+                self.route_fallback(host, &hash);
+                Verdict::Continue
+            }
+            Lookup::Miss => {
+                host.count(Counter::CacheMisses);
+                self.call_whoami(host, phase, token, hash, slot_key)
+            }
+        }
+    }
+
+    fn call_whoami<H: Host>(
+        &self,
+        host: &H,
+        phase: &mut Phase,
+        token: &[u8],
+        hash: TokenHash,
+        slot_key: String,
+    ) -> Verdict {
+        let cfg = &self.settings.config;
+        // `find_token` only lets visible ASCII through, so this never fails.
+        let Ok(token) = std::str::from_utf8(token) else {
+            self.route_fallback(host, &hash);
+            return Verdict::Continue;
+        };
+        let text = |v: Option<Vec<u8>>| v.and_then(|v| String::from_utf8(v).ok());
+        let user_agent = text(host.request_header("user-agent"));
+        let forwarded_for = text(host.request_header("x-forwarded-for"));
+        let source = text(host.property(&["source", "address"]));
+        let headers = whoami::callout_headers(
+            cfg,
+            token,
+            user_agent.as_deref(),
+            forwarded_for.as_deref(),
+            source.as_deref(),
+        );
+        if host.dispatch(
+            &cfg.whoami_upstream,
+            &headers.as_pairs(),
+            cfg.whoami_timeout_ms,
+        ) {
+            *phase = Phase::AwaitingWhoami { hash, slot_key };
+            Verdict::Pause
+        } else {
+            // The host refused the call outright (unknown cluster, bad upstream): a config
+            // problem, so say it loudly but keep routing.
+            host.count(Counter::WhoamiFailed);
+            self.warn(
+                host,
+                &format!(
+                    "whoami callout to `{}` was refused by the host; check whoami_upstream",
+                    cfg.whoami_upstream
+                ),
+            );
+            self.route_fallback(host, &hash);
+            Verdict::Continue
+        }
+    }
+
+    /// Handles the whoami answer: `status` is `:status` (None when the host delivered no
+    /// headers), `body` the body when it was at most `MAX_BODY` bytes.
+    pub fn on_whoami_response<H: Host>(
+        &self,
+        host: &H,
+        phase: &mut Phase,
+        status: Option<&[u8]>,
+        body: Option<&[u8]>,
+    ) {
+        let Phase::AwaitingWhoami { hash, slot_key } = std::mem::take(phase) else {
+            return;
+        };
+        let cfg = &self.settings.config;
+        let now = host.now_ms();
+        let body = body.filter(|b| b.len() <= MAX_BODY);
+        match whoami::interpret(status, body) {
+            Outcome::User(user) => {
+                host.count(Counter::WhoamiOk);
+                let expires = now.saturating_add(u64::from(cfg.cache_ttl_s) * 1000);
+                self.store(host, &slot_key, &hash, expires, &Entry::User(&user));
+                self.set_key(host, user.as_bytes());
+                host.resume();
+            }
+            Outcome::Denied { status, body } => {
+                host.count(Counter::WhoamiDenied);
+                if cfg.negative_ttl_s > 0 {
+                    let expires = now.saturating_add(u64::from(cfg.negative_ttl_s) * 1000);
+                    let entry = Entry::Denied {
+                        status,
+                        body: &body,
+                    };
+                    self.store(host, &slot_key, &hash, expires, &entry);
+                }
+                if self.deny(host, &hash, status, &body) == Verdict::Continue {
+                    host.resume();
+                }
+            }
+            Outcome::Failed(failure) => {
+                host.count(Counter::WhoamiFailed);
+                self.warn(host, &describe(failure));
+                if cfg.failure_backoff_s > 0 {
+                    let expires = now.saturating_add(u64::from(cfg.failure_backoff_s) * 1000);
+                    self.store(host, &slot_key, &hash, expires, &Entry::Backoff);
+                }
+                self.route_fallback(host, &hash);
+                host.resume();
+            }
+        }
+    }
+
+    /// A token Synapse rejected: answered at the edge when configured, else forwarded with the
+    /// fallback key so the worker gives Synapse's own error.
+    fn deny<H: Host>(&self, host: &H, hash: &TokenHash, status: u16, body: &[u8]) -> Verdict {
+        if self.settings.config.reject_invalid_tokens {
+            host.count(Counter::Rejected);
+            let body: &[u8] = if body.is_empty() {
+                br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed."}"#
+            } else {
+                body
+            };
+            host.send_response(status, &[("content-type", "application/json")], body);
+            Verdict::Pause
+        } else {
+            self.route_fallback(host, hash);
+            Verdict::Continue
+        }
+    }
+
+    fn route_fallback<H: Host>(&self, host: &H, hash: &TokenHash) {
+        host.count(Counter::Fallbacks);
+        self.set_key(host, &hash.fallback_key());
+    }
+
+    /// Sets the hash-key header, replacing any copy the client sent.
+    fn set_key<H: Host>(&self, host: &H, value: &[u8]) {
+        let name = &self.settings.config.header_name;
+        if self.settings.config.proxy.scrub_needs_header_scan() {
+            self.scrub(host);
+        }
+        host.set_request_header(name, value);
+    }
+
+    /// Removes every client copy of the hash-key header.
+    fn scrub<H: Host>(&self, host: &H) {
+        let name = &self.settings.config.header_name;
+        if self.settings.config.proxy.scrub_needs_header_scan() {
+            let mut names = host.request_header_names();
+            names.retain(|n| n.eq_ignore_ascii_case(name));
+            names.dedup();
+            for n in names {
+                host.remove_request_header(&n);
+            }
+        } else {
+            host.remove_request_header(name);
+        }
+    }
+
+    /// Writes an entry with read-then-CAS, which is right on both hosts: Envoy overwrites on CAS
+    /// 0, ngx_wasm_module treats CAS 0 on an existing key as a mismatch.
+    fn store<H: Host>(&self, host: &H, key: &str, hash: &TokenHash, expires: u64, e: &Entry<'_>) {
+        let bytes = cache::encode(hash, expires, e);
+        let now = host.now_ms();
+        for _ in 0..WRITE_ATTEMPTS {
+            let (current, cas) = host.shared_get(key);
+            let is_user = matches!(e, Entry::User(_));
+            if is_user
+                && current
+                    .as_deref()
+                    .is_some_and(|c| cache::already_holds_user(c, hash, now))
+            {
+                return;
+            }
+            match host.shared_set(key, &bytes, cas) {
+                SetStatus::Ok => return,
+                SetStatus::CasMismatch => continue,
+                SetStatus::Failed => break,
+            }
+        }
+        host.count(Counter::CacheWriteFailures);
+    }
+
+    /// Re-reads the shared secret; true when it differs from this VM's (another VM won the race
+    /// to create it, or it was evicted and re-created).
+    fn refresh_secret<H: Host>(&self, host: &H) -> bool {
+        let key = cache::secret_key(&self.settings.config.shared_data_prefix);
+        let (value, cas) = host.shared_get(&key);
+        match value.as_deref().and_then(Secret::from_bytes) {
+            Some(shared) if shared != self.secret.get() => {
+                self.secret.set(shared);
+                true
+            }
+            Some(_) => false,
+            None => {
+                // Evicted (ngx_wasm_module zones evict): put ours back so the others converge.
+                let _ = host.shared_set(&key, self.secret.get().as_bytes(), cas);
+                false
+            }
+        }
+    }
+
+    fn warn<H: Host>(&self, host: &H, message: &str) {
+        let now = host.now_ms();
+        if now.saturating_sub(self.last_warn_ms.get()) < WARN_INTERVAL_MS
+            && self.last_warn_ms.get() != 0
+        {
+            self.suppressed_warnings
+                .set(self.suppressed_warnings.get().saturating_add(1));
+            return;
+        }
+        let suppressed = self.suppressed_warnings.replace(0);
+        self.last_warn_ms.set(now.max(1));
+        if suppressed > 0 {
+            log::warn!("{message} ({suppressed} similar warnings suppressed)");
+        } else {
+            log::warn!("{message}");
+        }
+    }
+}
+
+fn describe(failure: Failure) -> String {
+    let what = match failure {
+        Failure::NoResponse => "no response (unreachable, reset or timed out)".to_string(),
+        Failure::Status(s) => format!("status {s}"),
+        Failure::Oversized => format!("a body over {MAX_BODY} bytes"),
+        Failure::Malformed => "a body without a string user_id".to_string(),
+        Failure::InvalidUserId => "a user_id that is not a Matrix user ID".to_string(),
+    };
+    format!("whoami failed with {what}; routing with the fallback key")
+}
+
+fn load_or_create_secret<H: Host>(host: &H, key: &str) -> Result<Secret, String> {
+    let unusable = || {
+        format!(
+            "field `shared_data_prefix`: shared data key `{key}` cannot be stored \
+             (for ngx_wasm_module, declare the shm_kv zone named like the prefix)"
+        )
+    };
+    for _ in 0..WRITE_ATTEMPTS {
+        let (value, cas) = host.shared_get(key);
+        if let Some(secret) = value.as_deref().and_then(Secret::from_bytes) {
+            return Ok(secret);
+        }
+        let mut fresh = [0u8; cache::SECRET_LEN];
+        if !host.random(&mut fresh) {
+            return Err("no random source to key the token hash".into());
+        }
+        match host.shared_set(key, &fresh, cas) {
+            // Read back on the next turn: a racing VM may have written its own.
+            SetStatus::Ok | SetStatus::CasMismatch => continue,
+            SetStatus::Failed => return Err(unusable()),
+        }
+    }
+    Err(unusable())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,331 @@
+//! The whoami callout: the request the filter sends and what Synapse's answer means.
+
+use crate::config::Config;
+use serde::Deserialize;
+
+/// Largest whoami body read. Synapse's answers are ~100 bytes; more is not whoami.
+pub const MAX_BODY: usize = 4096;
+
+/// Pseudo-headers and headers of the whoami request.
+pub struct CalloutHeaders {
+    pairs: Vec<(&'static str, String)>,
+}
+
+impl CalloutHeaders {
+    pub fn as_pairs(&self) -> Vec<(&str, &str)> {
+        self.pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+}
+
+/// Builds the whoami request for `token` (already checked to be visible ASCII), carrying the
+/// client's user agent and address so Synapse records the real client.
+pub fn callout_headers(
+    config: &Config,
+    token: &str,
+    user_agent: Option<&str>,
+    forwarded_for: Option<&str>,
+    source_address: Option<&str>,
+) -> CalloutHeaders {
+    let mut pairs = vec![
+        (":method", "GET".to_string()),
+        (":path", config.whoami_path.clone()),
+        (":authority", config.whoami_authority.clone()),
+        ("authorization", format!("Bearer {token}")),
+    ];
+    if let Some(ua) = user_agent.filter(|v| is_header_text(v)) {
+        pairs.push(("user-agent", ua.to_string()));
+    }
+    let xff = forwarded_for.filter(|v| is_header_text(v));
+    if let Some(xff) = extend_forwarded_for(xff, source_address.and_then(client_ip)) {
+        pairs.push(("x-forwarded-for", xff));
+    }
+    CalloutHeaders { pairs }
+}
+
+/// The IP of a `source.address` property: `1.2.3.4:5678`, `[::1]:5678`, or a bare address.
+pub fn client_ip(address: &str) -> Option<&str> {
+    let ip = if let Some(rest) = address.strip_prefix('[') {
+        &rest[..rest.find(']')?]
+    } else {
+        match address.rsplit_once(':') {
+            // One colon: IPv4 with port. More: a bare IPv6 address.
+            Some((host, port))
+                if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                host
+            }
+            _ => address,
+        }
+    };
+    let ok = !ip.is_empty()
+        && ip
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':');
+    ok.then_some(ip)
+}
+
+/// Appends the client address to `X-Forwarded-For`, unless the proxy already did (Envoy with
+/// `use_remote_address` appends before the filter runs).
+pub fn extend_forwarded_for(existing: Option<&str>, client: Option<&str>) -> Option<String> {
+    match (existing.map(str::trim).filter(|v| !v.is_empty()), client) {
+        (None, None) => None,
+        (Some(xff), None) => Some(xff.to_string()),
+        (None, Some(ip)) => Some(ip.to_string()),
+        (Some(xff), Some(ip)) => {
+            if xff.rsplit(',').next().map(str::trim) == Some(ip) {
+                Some(xff.to_string())
+            } else {
+                Some(format!("{xff}, {ip}"))
+            }
+        }
+    }
+}
+
+fn is_header_text(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (0x20..=0x7e).contains(&b))
+}
+
+/// What a whoami answer means for the token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The token belongs to this user.
+    User(String),
+    /// Synapse rejected the token (401/403): its status and body, for `reject_invalid_tokens`.
+    Denied { status: u16, body: Vec<u8> },
+    /// No usable answer.
+    Failed(Failure),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Failure {
+    /// No response at all: connect error, reset, timeout reported without a status.
+    NoResponse,
+    /// A status that is neither 200 nor 401/403 (5xx incl. Envoy's synthesized 503/504, 429, ...).
+    Status(u16),
+    /// Body over MAX_BODY.
+    Oversized,
+    /// 200 whose body is not JSON with a string `user_id`.
+    Malformed,
+    /// 200 whose `user_id` is not a Matrix user ID.
+    InvalidUserId,
+}
+
+#[derive(Deserialize)]
+struct WhoamiBody {
+    user_id: String,
+}
+
+/// Interprets a whoami answer: `status` is the `:status` header (None when the host delivered no
+/// headers), `body` the body if it was read (None when it was larger than `MAX_BODY`).
+pub fn interpret(status: Option<&[u8]>, body: Option<&[u8]>) -> Outcome {
+    let status = status
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    let Some(status) = status else {
+        return Outcome::Failed(Failure::NoResponse);
+    };
+    match status {
+        200 => {
+            let Some(body) = body else {
+                return Outcome::Failed(Failure::Oversized);
+            };
+            match serde_json::from_slice::<WhoamiBody>(body) {
+                Ok(b) if is_user_id(&b.user_id) => Outcome::User(b.user_id),
+                Ok(_) => Outcome::Failed(Failure::InvalidUserId),
+                Err(_) => Outcome::Failed(Failure::Malformed),
+            }
+        }
+        401 | 403 => Outcome::Denied {
+            status,
+            body: body.unwrap_or_default().to_vec(),
+        },
+        other => Outcome::Failed(Failure::Status(other)),
+    }
+}
+
+/// A Matrix user ID: `@localpart:server_name`, at most 255 bytes. Historical localparts allow any
+/// visible ASCII but `:`; the server name is a DNS name, IPv4 or `[IPv6]`, with an optional port.
+pub fn is_user_id(id: &str) -> bool {
+    if id.len() > 255 {
+        return false;
+    }
+    let Some(rest) = id.strip_prefix('@') else {
+        return false;
+    };
+    let Some((local, server)) = rest.split_once(':') else {
+        return false;
+    };
+    !local.is_empty() && local.bytes().all(|b| (0x21..=0x7e).contains(&b)) && is_server_name(server)
+}
+
+fn is_server_name(s: &str) -> bool {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        let (ip6, after) = (&rest[..end], &rest[end + 1..]);
+        if ip6.is_empty()
+            || !ip6
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match after.strip_prefix(':') {
+            Some(port) => ("ok", Some(port)),
+            None if after.is_empty() => ("ok", None),
+            None => return false,
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 230
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(ua: Option<&str>, xff: Option<&str>, src: Option<&str>) -> Vec<(String, String)> {
+        let cfg = Config::default();
+        callout_headers(&cfg, "syt_tok", ua, xff, src)
+            .as_pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn get<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn callout_carries_what_synapse_needs() {
+        let h = headers(Some("Element/1.0"), None, Some("192.0.2.7:51234"));
+        assert_eq!(get(&h, ":method"), Some("GET"));
+        assert_eq!(get(&h, ":path"), Some("/_matrix/client/v3/account/whoami"));
+        assert_eq!(get(&h, ":authority"), Some("localhost"));
+        assert_eq!(get(&h, "authorization"), Some("Bearer syt_tok"));
+        assert_eq!(get(&h, "user-agent"), Some("Element/1.0"));
+        assert_eq!(get(&h, "x-forwarded-for"), Some("192.0.2.7"));
+    }
+
+    #[test]
+    fn forwarded_for_is_extended_once() {
+        let h = headers(None, Some("198.51.100.1"), Some("192.0.2.7:1"));
+        assert_eq!(get(&h, "x-forwarded-for"), Some("198.51.100.1, 192.0.2.7"));
+        // Envoy with use_remote_address already appended the client.
+        let h = headers(None, Some("198.51.100.1, 192.0.2.7"), Some("192.0.2.7:1"));
+        assert_eq!(get(&h, "x-forwarded-for"), Some("198.51.100.1, 192.0.2.7"));
+        let h = headers(None, None, None);
+        assert_eq!(get(&h, "x-forwarded-for"), None);
+        assert_eq!(get(&h, "user-agent"), None);
+        // A header value with control characters is not copied into the callout.
+        let h = headers(Some("a\r\nb"), Some("1.2.3.4\n"), None);
+        assert_eq!(get(&h, "user-agent"), None);
+        assert_eq!(get(&h, "x-forwarded-for"), None);
+    }
+
+    #[test]
+    fn client_ip_forms() {
+        assert_eq!(client_ip("127.0.0.1:8080"), Some("127.0.0.1"));
+        assert_eq!(client_ip("[2001:db8::1]:443"), Some("2001:db8::1"));
+        assert_eq!(client_ip("2001:db8::1"), Some("2001:db8::1"));
+        assert_eq!(client_ip("10.0.0.1"), Some("10.0.0.1"));
+        assert_eq!(client_ip("unix:/tmp/sock"), None);
+        assert_eq!(client_ip(""), None);
+    }
+
+    #[test]
+    fn answers() {
+        let ok = br#"{"user_id":"@alice:example.org","is_guest":false,"device_id":"D"}"#;
+        assert_eq!(
+            interpret(Some(b"200"), Some(ok)),
+            Outcome::User("@alice:example.org".into())
+        );
+        // Appservice tokens have no device_id.
+        assert_eq!(
+            interpret(Some(b"200"), Some(br#"{"user_id":"@bridge:example.org"}"#)),
+            Outcome::User("@bridge:example.org".into())
+        );
+        let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"x","soft_logout":true}"#;
+        assert_eq!(
+            interpret(Some(b"401"), Some(body)),
+            Outcome::Denied {
+                status: 401,
+                body: body.to_vec()
+            }
+        );
+        assert!(matches!(
+            interpret(Some(b"403"), None),
+            Outcome::Denied { status: 403, .. }
+        ));
+        assert_eq!(interpret(None, None), Outcome::Failed(Failure::NoResponse));
+        assert_eq!(
+            interpret(Some(b"503"), Some(b"upstream connect error")),
+            Outcome::Failed(Failure::Status(503))
+        );
+        assert_eq!(
+            interpret(Some(b"429"), Some(b"{}")),
+            Outcome::Failed(Failure::Status(429))
+        );
+        assert_eq!(
+            interpret(Some(b"200"), None),
+            Outcome::Failed(Failure::Oversized)
+        );
+        assert_eq!(
+            interpret(Some(b"200"), Some(b"{\"user_id\":")),
+            Outcome::Failed(Failure::Malformed)
+        );
+        assert_eq!(
+            interpret(Some(b"200"), Some(b"{\"user_id\":7}")),
+            Outcome::Failed(Failure::Malformed)
+        );
+        assert_eq!(
+            interpret(Some(b"200"), Some(b"{\"user_id\":\"alice\"}")),
+            Outcome::Failed(Failure::InvalidUserId)
+        );
+        assert_eq!(
+            interpret(Some(b"abc"), Some(ok)),
+            Outcome::Failed(Failure::NoResponse)
+        );
+    }
+
+    #[test]
+    fn user_ids() {
+        for id in [
+            "@alice:example.org",
+            "@a.b_c=d-e/f+g:matrix.example.org:8448",
+            "@Historic!User:example.org",
+            "@x:[2001:db8::1]:8448",
+            "@x:127.0.0.1",
+        ] {
+            assert!(is_user_id(id), "{id}");
+        }
+        let long = format!("@{}:example.org", "a".repeat(250));
+        for id in [
+            "alice:example.org",
+            "@:example.org",
+            "@alice",
+            "@alice:",
+            "@ali ce:example.org",
+            "@alice:exa mple.org",
+            "@alice:example.org:port",
+            "@alice:example.org\r\nx: y",
+            "@alice:[::1",
+            long.as_str(),
+        ] {
+            assert!(!is_user_id(id), "{id}");
+        }
+    }
+}
