@@ -1,0 +1,658 @@
+"""Real Synapse + real Envoy (with the real filter) on 127.0.0.1, for the e2e tests and the demo.
+
+One Synapse process (SQLite, under .e2e/) serves its main listener plus several extra `client`
+listeners that play the sync workers, so every routed sync gets a real Synapse answer. Envoy runs
+the repository's own envoy.yaml; `render_envoy_config` only substitutes addresses, ports, the
+.wasm path, the access log path and (optionally) plugin configuration fields.
+
+Which worker served a request is read from Envoy's access log (`upstream_host`), correlated by
+the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_response`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+E2E_DIR = REPO / ".e2e"
+ENVOY_YAML = REPO / "envoy.yaml"
+DEFAULT_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "matrix_sync_router.wasm"
+SERVER_NAME = "example.test"
+HOST = "127.0.0.1"
+
+SYNC_PATH = "/_matrix/client/v3/sync"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the interpreter's own environment (the pinned .venv), else PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name} not found next to {sys.executable} nor on PATH (run `just venv`)")
+    return found
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("x-request-id", "")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes | None = None,
+    timeout: float = 60.0,
+) -> Response:
+    """One request on a fresh connection; header names are sent exactly as given."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", f"{HOST}:{port}")
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        merged: dict[str, str] = {}
+        for name, value in resp.getheaders():
+            key = name.lower()
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        return Response(resp.status, merged, data)
+    finally:
+        conn.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1, check=None):
+    """Poll predicate() until it returns a truthy value; check() may raise to abort early."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        if check is not None:
+            check()
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Process:
+    """A child process in its own session, killed with its whole group on stop()."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, env: dict | None = None):
+        self.name = name
+        self.log = log
+        self._log_file = open(log, "ab")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise StackError(f"{self.name} exited with {code}; last log lines:\n{tail(self.log)}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout)
+        self._log_file.close()
+
+
+class Service:
+    """Something that runs as one child Process."""
+
+    process: Process | None = None
+
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.1):
+        assert self.process is not None
+        return wait_until(predicate, timeout, what, interval, check=self.process.check_alive)
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+            self.process = None
+
+
+# --------------------------------------------------------------------------------------------
+# Synapse
+
+
+@dataclasses.dataclass
+class Device:
+    user_id: str
+    device_id: str
+    token: str = dataclasses.field(repr=False)  # never printed
+
+    @property
+    def localpart(self) -> str:
+        return self.user_id[1:].split(":", 1)[0]
+
+
+class Synapse(Service):
+    """One Synapse process: a main listener and `n_workers` extra client listeners."""
+
+    def __init__(self, workdir: Path, n_workers: int = 3):
+        if n_workers < 1:
+            raise ValueError("n_workers must be >= 1")
+        self.dir = workdir
+        self.main_port, *self.worker_ports = free_ports(1 + n_workers)
+        self.shared_secret = secrets.token_hex(16)
+        self.passwords: dict[str, str] = {}
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "synapse.log"
+
+    def _config(self) -> dict:
+        d = self.dir
+        lenient = {"per_second": 1000, "burst_count": 1000}
+
+        def listener(port: int) -> dict:
+            return {
+                "port": port,
+                "bind_addresses": [HOST],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": True,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+
+        return {
+            "server_name": SERVER_NAME,
+            "pid_file": str(d / "homeserver.pid"),
+            "listeners": [listener(self.main_port)] + [listener(p) for p in self.worker_ports],
+            "database": {"name": "sqlite3", "args": {"database": str(d / "homeserver.db")}},
+            "log_config": str(d / "log.yaml"),
+            "media_store_path": str(d / "media"),
+            "signing_key_path": str(d / "signing.key"),
+            "registration_shared_secret": self.shared_secret,
+            "macaroon_secret_key": secrets.token_hex(16),
+            "form_secret": secrets.token_hex(16),
+            "report_stats": False,
+            "enable_registration": False,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "url_preview_enabled": False,
+            "presence": {"enabled": False},
+            "max_upload_size": "200M",
+            "bcrypt_rounds": 4,  # fast password logins (test users only)
+            "rc_message": lenient,
+            "rc_registration": lenient,
+            "rc_login": {"address": lenient, "account": lenient, "failed_attempts": lenient},
+            "rc_joins": {"local": lenient, "remote": lenient},
+        }
+
+    def start(self, timeout: float = 120.0) -> "Synapse":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "media").mkdir(exist_ok=True)
+        import signedjson.key  # shipped with Synapse
+
+        key = signedjson.key.generate_signing_key("a_e2e")
+        with open(self.dir / "signing.key", "w") as f:
+            signedjson.key.write_signing_keys(f, [key])
+        (self.dir / "log.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "formatters": {"f": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+                    "handlers": {
+                        "file": {
+                            "class": "logging.FileHandler",
+                            "formatter": "f",
+                            "filename": str(self.log),
+                        }
+                    },
+                    "root": {"level": "INFO", "handlers": ["file"]},
+                    "disable_existing_loggers": False,
+                }
+            )
+        )
+        cfg = self.dir / "homeserver.yaml"
+        cfg.write_text(yaml.safe_dump(self._config()))
+        self.process = Process(
+            "synapse",
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(cfg)],
+            log=self.dir / "synapse.out",
+            cwd=self.dir,
+        )
+        for port in [self.main_port, *self.worker_ports]:
+            self.wait_for(
+                lambda port=port: http_request(port, "GET", "/health", timeout=2).status == 200,
+                timeout,
+                f"Synapse /health on port {port}",
+                interval=0.25,
+            )
+        return self
+
+    def register(self, localpart: str, password: str | None = None) -> Device:
+        """Create a user with the shared-secret admin registration API (directly on Synapse)."""
+        password = password or secrets.token_urlsafe(12)
+        nonce = http_request(self.main_port, "GET", "/_synapse/admin/v1/register").json()["nonce"]
+        mac = hmac.new(self.shared_secret.encode(), digestmod=hashlib.sha1)
+        mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), b"notadmin"]))
+        body = json.dumps(
+            {
+                "nonce": nonce,
+                "username": localpart,
+                "password": password,
+                "admin": False,
+                "mac": mac.hexdigest(),
+            }
+        ).encode()
+        r = http_request(
+            self.main_port,
+            "POST",
+            "/_synapse/admin/v1/register",
+            [("Content-Type", "application/json")],
+            body,
+        )
+        if r.status != 200:
+            raise StackError(f"registering {localpart} failed: {r.status} {r.body[:300]!r}")
+        data = r.json()
+        self.passwords[data["user_id"]] = password
+        return Device(data["user_id"], data["device_id"], data["access_token"])
+
+
+# --------------------------------------------------------------------------------------------
+# Envoy configuration: the repository's envoy.yaml with only addresses/ports/paths substituted
+
+
+def _socket_address(port: int) -> dict:
+    return {"address": {"socket_address": {"address": HOST, "port_value": port}}}
+
+
+def _find_one(items: list, what: str, **match) -> dict:
+    found = [i for i in items if all(i.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise StackError(f"envoy.yaml: expected exactly one {what} with {match}, found {len(found)}")
+    return found[0]
+
+
+def render_envoy_config(
+    *,
+    listener_port: int,
+    admin_port: int,
+    main_port: int,
+    worker_ports: list[int],
+    whoami_port: int,
+    wasm: Path,
+    access_log: Path,
+    plugin_overrides: dict | None = None,
+    source: Path = ENVOY_YAML,
+) -> dict:
+    cfg = yaml.safe_load(source.read_text())
+    cfg["admin"]["address"]["socket_address"] = {"address": HOST, "port_value": admin_port}
+
+    listener = _find_one(cfg["static_resources"]["listeners"], "listener", name="matrix_client")
+    listener["address"]["socket_address"] = {"address": HOST, "port_value": listener_port}
+    hcms = [
+        f["typed_config"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+    if len(hcms) != 1:
+        raise StackError("envoy.yaml: expected one http_connection_manager")
+    hcm = hcms[0]
+    for log in hcm["access_log"]:
+        log["typed_config"]["path"] = str(access_log)
+
+    wasm_filter = _find_one(hcm["http_filters"], "http filter", name="envoy.filters.http.wasm")
+    plugin = wasm_filter["typed_config"]["config"]
+    plugin["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    if plugin_overrides:
+        conf = json.loads(plugin["configuration"]["value"])
+        conf.update(plugin_overrides)
+        plugin["configuration"]["value"] = json.dumps(conf)
+
+    clusters = cfg["static_resources"]["clusters"]
+    for name, ports in (
+        ("synapse_sync_workers", worker_ports),
+        ("synapse_main", [main_port]),
+        ("synapse_whoami", [whoami_port]),
+    ):
+        cluster = _find_one(clusters, "cluster", name=name)
+        cluster["load_assignment"]["endpoints"] = [
+            {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
+        ]
+    return cfg
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # noqa: D401 - yaml API
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Envoy
+
+
+class Envoy(Service):
+    """An Envoy running the substituted envoy.yaml in front of `synapse`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        synapse: Synapse,
+        wasm: Path,
+        plugin_overrides: dict | None = None,
+        whoami_port: int | None = None,
+    ):
+        wasm = Path(wasm).resolve()
+        if not wasm.is_file():
+            raise StackError(f"filter not built: {wasm} is missing (run `just build`)")
+        self.dir = workdir
+        self.name = name
+        self.synapse = synapse
+        self.port, self.admin_port = free_ports(2)
+        self.access_log = workdir / f"{name}.access.log"
+        self.config_path = workdir / f"{name}.envoy.yaml"
+        self.cfg = render_envoy_config(
+            listener_port=self.port,
+            admin_port=self.admin_port,
+            main_port=synapse.main_port,
+            worker_ports=synapse.worker_ports,
+            whoami_port=synapse.main_port if whoami_port is None else whoami_port,
+            wasm=wasm,
+            access_log=self.access_log,
+            plugin_overrides=plugin_overrides,
+        )
+        self._log_offset = 0
+        self._log_partial = b""
+        self._entries: dict[str, dict] = {}
+        # upstream host "127.0.0.1:port" → worker name
+        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(synapse.worker_ports)}
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / f"{self.name}.envoy.log"
+
+    def start(self, timeout: float = 60.0) -> "Envoy":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.dump(self.cfg, Dumper=_NoAliasDumper, sort_keys=False))
+        self.access_log.touch()
+        self.process = Process(
+            f"envoy {self.name}",
+            [
+                venv_bin("envoy"),
+                "-c", str(self.config_path),
+                "--concurrency", "2",
+                "--disable-hot-restart",
+                "--file-flush-interval-msec", "20",
+                "--log-level", "info",
+            ],
+            log=self.log,
+            cwd=self.dir,
+        )
+        self.wait_for(
+            lambda: http_request(self.admin_port, "GET", "/ready", timeout=2).status == 200,
+            timeout,
+            f"Envoy {self.name} /ready",
+        )
+        # Every sync worker healthy (first health checks done), so spreading is not skewed.
+        self.wait_for(
+            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.workers),
+            timeout,
+            f"Envoy {self.name}: all sync workers healthy",
+        )
+        return self
+
+    # --- admin -------------------------------------------------------------------------------
+
+    def admin(self, path: str) -> Response:
+        return http_request(self.admin_port, "GET", path, timeout=10)
+
+    def healthy_hosts(self, cluster: str) -> list[str]:
+        data = self.admin("/clusters?format=json").json()
+        hosts = []
+        for c in data.get("cluster_statuses", []):
+            if c.get("name") != cluster:
+                continue
+            for h in c.get("host_statuses", []):
+                hs = h.get("health_status", {})
+                failed = any(k.startswith("failed") and v for k, v in hs.items())
+                if not failed and hs.get("eds_health_status", "HEALTHY") == "HEALTHY":
+                    sa = h["address"]["socket_address"]
+                    hosts.append(f"{sa['address']}:{sa['port_value']}")
+        return hosts
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges from /stats?format=json, by name."""
+        data = self.admin("/stats?format=json").json()
+        return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+
+    def prometheus(self) -> dict[str, float]:
+        """/stats/prometheus as {metric name: value} (labels dropped, values summed)."""
+        values: dict[str, float] = {}
+        for line in self.admin("/stats/prometheus").body.decode().splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(value)
+        return values
+
+    # --- client side -------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *args, **kwargs) -> Response:
+        """http_request() to Envoy's listener."""
+        return http_request(self.port, method, path, *args, **kwargs)
+
+    def sync(
+        self,
+        token: str | None,
+        *,
+        via: str = "header",
+        scheme: str = "Bearer",
+        extra_headers: Iterable[tuple[str, str]] = (),
+        path: str = SYNC_PATH,
+        query: dict | None = None,
+    ) -> Response:
+        """GET /sync?timeout=0 through Envoy; the token in the Authorization header (`via`
+        "header", with `scheme`) or percent-encoded char by char in `access_token` ("query")."""
+        params = dict(query or {"timeout": "0"})
+        headers = list(extra_headers)
+        qs = urllib.parse.urlencode(params)
+        if token is not None and via == "header":
+            headers.append(("Authorization", f"{scheme} {token}"))
+        elif token is not None and via == "query":
+            encoded = "".join(f"%{b:02X}" for b in token.encode())
+            qs = f"{qs}&access_token={encoded}" if qs else f"access_token={encoded}"
+        elif token is not None:
+            raise ValueError(f"via must be 'header' or 'query', not {via!r}")
+        return self.request("GET", f"{path}?{qs}" if qs else path, headers)
+
+    def login(self, user_id: str, password: str, device_name: str) -> Device:
+        """Password login through Envoy: a new access token and device."""
+        body = json.dumps(
+            {
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": user_id},
+                "password": password,
+                "initial_device_display_name": device_name,
+            }
+        ).encode()
+        r = self.request(
+            "POST", "/_matrix/client/v3/login", [("Content-Type", "application/json")], body
+        )
+        if r.status != 200:
+            raise StackError(f"login of {user_id} through Envoy failed: {r.status} {r.body[:300]!r}")
+        data = r.json()
+        return Device(data["user_id"], data["device_id"], data["access_token"])
+
+    # --- access log --------------------------------------------------------------------------
+
+    def _read_access_log(self) -> None:
+        with open(self.access_log, "rb") as f:
+            f.seek(self._log_offset)
+            chunk = f.read()
+        self._log_offset += len(chunk)
+        data = self._log_partial + chunk
+        *lines, self._log_partial = data.split(b"\n")
+        for line in lines:
+            if line.strip():
+                entry = json.loads(line)
+                self._entries[entry.get("request_id") or f"-{len(self._entries)}"] = entry
+
+    def log_entry(self, request_id: str, timeout: float = 10.0) -> dict:
+        """The access log entry of one request (waits for Envoy to flush it)."""
+        if not request_id:
+            raise StackError("response carried no x-request-id")
+
+        def find():
+            self._read_access_log()
+            return self._entries.get(request_id)
+
+        return wait_until(find, timeout, f"access log entry {request_id}", interval=0.02)
+
+    def log_entries(self) -> list[dict]:
+        self._read_access_log()
+        return list(self._entries.values())
+
+    def worker_of(self, response: Response) -> str:
+        """Name of the sync worker ("sync-N") that served a response, from the access log."""
+        host = self.log_entry(response.request_id).get("upstream_host")
+        if host not in self.workers:
+            raise StackError(f"request {response.request_id} was not served by a sync worker: {host}")
+        return self.workers[host]
+
+
+# --------------------------------------------------------------------------------------------
+# the whole stack
+
+
+class Stack:
+    """Synapse plus any number of Envoys in one work directory under .e2e/."""
+
+    def __init__(self, wasm: Path = DEFAULT_WASM, n_workers: int = 3, prefix: str = "stack-"):
+        self.wasm = Path(wasm).resolve()
+        if not self.wasm.is_file():
+            raise StackError(f"filter not built: {self.wasm} is missing (run `just build`)")
+        E2E_DIR.mkdir(exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=E2E_DIR))
+        self.synapse = Synapse(self.dir / "synapse", n_workers)
+        self.envoys: list[Envoy] = []
+
+    def start(self) -> "Stack":
+        try:
+            self.synapse.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_envoy(self, name: str, **kwargs) -> Envoy:
+        envoy = Envoy(self.dir, name, self.synapse, self.wasm, **kwargs)
+        self.envoys.append(envoy)
+        envoy.start()
+        return envoy
+
+    def user_with_devices(self, envoy: Envoy, localpart: str, n_devices: int) -> list[Device]:
+        """Register `localpart` and log in `n_devices` devices through `envoy`."""
+        first = self.synapse.register(localpart)
+        password = self.synapse.passwords[first.user_id]
+        return [envoy.login(first.user_id, password, f"{localpart}-dev{i + 1}") for i in range(n_devices)]
+
+    def close(self, keep_dir: bool = True) -> None:
+        for envoy in reversed(self.envoys):
+            envoy.stop()
+        self.synapse.stop()
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
