@@ -139,10 +139,7 @@ impl Router {
             return Verdict::Continue;
         };
         let (path_only, query) = request::split_path(&path);
-        let is_sync = std::str::from_utf8(path_only)
-            .map(|p| self.settings.sync_paths.is_match(p))
-            .unwrap_or(false);
-        if !is_sync {
+        if !self.settings.sync_paths.is_match(path_only) {
             return Verdict::Continue;
         }
         host.count(Counter::Requests);
