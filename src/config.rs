@@ -274,6 +274,25 @@ mod tests {
     }
 
     #[test]
+    fn kong_schema_lists_exactly_the_config_fields() {
+        // serde lists every field it expected when it meets an unknown one.
+        let msg = Config::parse(br#"{"not_a_field":1}"#).unwrap_err().message;
+        let mut expected: Vec<&str> = msg.split('`').skip(3).step_by(2).collect();
+        expected.sort_unstable();
+        let meta: serde_json::Value =
+            serde_json::from_str(include_str!("../nginx-wasm/matrix_sync_router.meta.json"))
+                .unwrap();
+        let mut listed: Vec<&str> = meta["config_schema"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(listed, expected);
+    }
+
+    #[test]
     fn default_patterns_match_the_sync_family_only() {
         let s = Config::parse(b"").unwrap();
         for p in [
