@@ -13,9 +13,9 @@ build: rust-target
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
 test: lint unit harness e2e
 
-# Start Synapse + Envoy + the filter on 127.0.0.1 and show users pinned to workers.
-demo: build venv
-    {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}}
+# Start Synapse + Envoy + the filter on 127.0.0.1 and show users pinned to workers (`just demo --once`: print and exit).
+demo *args: build venv
+    {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}} {{args}}
 
 # The rustup target the filter is built for (idempotent).
 rust-target:
@@ -43,6 +43,6 @@ unit:
 harness: build
     @echo "harness: not written yet" && exit 1
 
-# End-to-end: real Envoy in front of real Synapse, driven over HTTP and by matrix-nio.
-e2e: build venv
-    {{venv}}/bin/python -m pytest -v tests/e2e
+# End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset).
+e2e *args: build venv
+    MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}

@@ -644,15 +644,16 @@ class Stack:
         password = self.synapse.passwords[first.user_id]
         return [envoy.login(first.user_id, password, f"{localpart}-dev{i + 1}") for i in range(n_devices)]
 
-    def close(self, keep_dir: bool = True) -> None:
+    def close(self, keep_dir: bool = False) -> None:
+        """Stop every process; remove the work directory unless keep_dir (or $MSR_E2E_KEEP)."""
         for envoy in reversed(self.envoys):
             envoy.stop()
         self.synapse.stop()
-        if not keep_dir:
+        if not keep_dir and not os.environ.get("MSR_E2E_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Stack":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(keep_dir=exc_type is not None)
