@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 
 import stack
 from conftest import samples_for_spread
@@ -146,3 +147,17 @@ def test_other_client_api_goes_to_main(placed_users, envoy, e2e_stack):
     assert entry["cluster"] == "synapse_main"
     assert entry["upstream_host"] == f"{stack.HOST}:{e2e_stack.synapse.main_port}"
     assert entry["user"] is None, "the filter must leave non-sync requests alone"
+
+
+def test_long_poll_sync_outlives_envoys_default_route_timeout(placed_users, envoy):
+    """Envoy's default route timeout is 15 s; envoy.yaml disables it on the sync routes, so a
+    sync that Synapse holds open for 16 s (nothing happens in an empty account) comes back 200."""
+    users, _ = placed_users
+    user = users[4]
+    since = envoy.sync(user.devices[0].token).json()["next_batch"]
+    started = time.monotonic()
+    r = envoy.sync(user.devices[0].token, query={"timeout": "16000", "since": since})
+    elapsed = time.monotonic() - started
+    assert r.status == 200, (r.status, r.body[:200])
+    assert elapsed >= 15.5, f"Synapse answered after {elapsed:.1f}s: not a long poll"
+    assert envoy.worker_of(r) == user.worker
