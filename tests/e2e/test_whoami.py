@@ -83,13 +83,20 @@ def rejecting_envoy(e2e_stack):
     return e2e_stack.add_envoy("reject", plugin_overrides={"reject_invalid_tokens": True})
 
 
-def test_reject_invalid_tokens_answers_at_the_edge(rejecting_envoy, placed_users):
+def test_reject_invalid_tokens_answers_at_the_edge(rejecting_envoy, placed_users, e2e_stack):
     envoy = rejecting_envoy
     counters = Counters(envoy)
     r = envoy.sync(BAD_TOKEN)
     assert r.status == 401
     body = r.json()
-    assert body["errcode"] == "M_UNKNOWN_TOKEN", body  # whoami's own body, relayed
+    assert body["errcode"] == "M_UNKNOWN_TOKEN", body
+    direct = stack.http_request(
+        e2e_stack.synapse.main_port,
+        "GET",
+        "/_matrix/client/v3/account/whoami",
+        [("Authorization", f"Bearer {BAD_TOKEN}")],
+    )
+    assert (r.status, body) == (direct.status, direct.json()), "not whoami's own status and body"
     entry = envoy.log_entry(r.request_id)
     assert entry["upstream_host"] is None, f"a worker was asked: {entry}"
     assert entry["details"] != "via_upstream", entry
