@@ -11,7 +11,7 @@ use crate::filter::{Counter, Host, Phase, Router, SetStatus, Verdict};
 use crate::whoami::MAX_BODY;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, StreamType};
-use std::ptr::{null, null_mut};
+use std::ptr::null_mut;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -289,12 +289,14 @@ impl Host for HostCalls<'_> {
 
     fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         let headers = serialize_pairs(headers);
+        // Shown as %RESPONSE_CODE_DETAILS% in Envoy's access log.
+        const DETAILS: &str = "matrix_sync_router_rejected_token";
         // SAFETY: slices outlive the call.
         unsafe {
             proxy_send_local_response(
                 u32::from(status),
-                null(),
-                0,
+                DETAILS.as_ptr(),
+                DETAILS.len(),
                 body.as_ptr(),
                 body.len(),
                 headers.as_ptr(),
