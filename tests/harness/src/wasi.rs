@@ -269,6 +269,29 @@ pub fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime:
         "fd_prestat_dir_name",
         |_: Caller<'_, T>, _fd: u32, _path: u32, _len: u32| -> u32 { errno::BADF },
     )?;
+    // Paths resolve against pre-opened directories, and there are none.
+    linker.func_wrap(
+        MODULE,
+        "path_open",
+        |_: Caller<'_, T>,
+         _dir: u32,
+         _dirflags: u32,
+         _path: u32,
+         _path_len: u32,
+         _oflags: u32,
+         _rights: u64,
+         _inheriting: u64,
+         _fdflags: u32,
+         _fd_out: u32|
+         -> u32 { errno::BADF },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_get",
+        |_: Caller<'_, T>, _dir: u32, _flags: u32, _path: u32, _path_len: u32, _out: u32| -> u32 {
+            errno::BADF
+        },
+    )?;
     linker.func_wrap(
         MODULE,
         "fd_seek",

@@ -1,5 +1,14 @@
-//! The suite over the compiled matrix-sync-router filter, under both host profiles.
+//! The suite over the compiled matrix-sync-router filter, under both host profiles, and the
+//! harness's own checks on hand-assembled modules.
 //! Needs `target/wasm32-wasip1/release/matrix_sync_router.wasm` (`just build`), or `MSR_WASM`.
 
+mod cache;
 mod common;
+mod config;
+mod expiry;
+mod failures;
+mod handmade;
 mod lifecycle;
+mod privacy;
+mod readme;
+mod robustness;

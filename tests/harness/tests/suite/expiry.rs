@@ -1,0 +1,145 @@
+//! Time: the cache TTL, the negative cache and the failure back-off, with the fake clock.
+
+use std::time::Duration;
+
+use proxy_wasm_harness::{Action, Vm};
+use serde_json::json;
+
+use crate::common::*;
+
+/// A request with `token`: true when it was answered from the cache (no callout).
+fn served_from_cache(vm: &mut Vm, token: &str) -> Result<(bool, u32), Box<dyn std::error::Error>> {
+    let stream = sync(vm, Some(token))?;
+    let state = vm.stream(stream)?;
+    Ok((state.last_action() == Some(Action::Continue), stream))
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn a_user_is_trusted_for_cache_ttl_s_then_asked_again() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"cache_ttl_s": 60}))?;
+        resolve(&mut vm, "tok_ttl", "@erin:example.org")?;
+        host.advance(secs(59));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_ttl")?;
+        assert!(hit, "{kind:?}: still fresh at 59 s");
+        assert_eq!(header_values(&vm, stream)?, ["@erin:example.org"]);
+        host.advance(secs(1));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_ttl")?;
+        assert!(!hit, "{kind:?}: expired at 60 s");
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 200, JSON, &whoami_body("@erin:example.org"))?;
+        assert_eq!(header_values(&vm, stream)?, ["@erin:example.org"]);
+        assert_eq!(metric(&host, "whoami_ok"), 2);
+        no_anomalies(&vm)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_rejected_token_is_remembered_for_negative_ttl_s() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"negative_ttl_s": 30}))?;
+        let stream = sync(&mut vm, Some("tok_revoked"))?;
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 401, JSON, br#"{"errcode":"M_UNKNOWN_TOKEN"}"#)?;
+        let fallback = header_values(&vm, stream)?;
+        assert!(fallback.len() == 1 && is_fallback_key(&fallback[0]));
+        host.advance(secs(29));
+        let (hit, again) = served_from_cache(&mut vm, "tok_revoked")?;
+        assert!(hit, "{kind:?}: negative entry fresh at 29 s");
+        assert_eq!(header_values(&vm, again)?, fallback, "same fallback key");
+        assert_eq!(metric(&host, "negative_hits"), 1);
+        host.advance(secs(1));
+        let (hit, _) = served_from_cache(&mut vm, "tok_revoked")?;
+        assert!(!hit, "{kind:?}: asked again after 30 s");
+        assert_eq!(metric(&host, "whoami_denied"), 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn negative_ttl_zero_asks_every_time() -> TestResult {
+    for kind in BOTH {
+        let (_host, mut vm) = start(kind, json!({"negative_ttl_s": 0}))?;
+        for _ in 0..3 {
+            let stream = sync(&mut vm, Some("tok_revoked"))?;
+            let call = only_call(&vm, stream)?;
+            vm.respond(call, 401, JSON, br#"{"errcode":"M_UNKNOWN_TOKEN"}"#)?;
+            assert!(vm.stream(stream)?.forwarded(), "{kind:?}");
+        }
+        assert_eq!(vm.calls().len(), 3, "{kind:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn after_a_failure_no_callout_is_made_for_failure_backoff_s() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"failure_backoff_s": 10}))?;
+        let stream = sync(&mut vm, Some("tok_flaky"))?;
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 503, JSON, br#"{"errcode":"M_UNKNOWN"}"#)?;
+        let fallback = header_values(&vm, stream)?;
+        assert!(
+            fallback.len() == 1 && is_fallback_key(&fallback[0]),
+            "{kind:?}"
+        );
+        assert!(vm.stream(stream)?.resumed());
+        host.advance(secs(9));
+        let (hit, again) = served_from_cache(&mut vm, "tok_flaky")?;
+        assert!(hit, "{kind:?}: backing off at 9 s");
+        assert_eq!(header_values(&vm, again)?, fallback);
+        assert_eq!(metric(&host, "backoff_hits"), 1);
+        host.advance(secs(1));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_flaky")?;
+        assert!(!hit, "{kind:?}: retried after 10 s");
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 200, JSON, &whoami_body("@frank:example.org"))?;
+        assert_eq!(header_values(&vm, stream)?, ["@frank:example.org"]);
+        // The success replaced the back-off entry.
+        let (hit, stream) = served_from_cache(&mut vm, "tok_flaky")?;
+        assert!(hit);
+        assert_eq!(header_values(&vm, stream)?, ["@frank:example.org"]);
+    }
+    Ok(())
+}
+
+#[test]
+fn failure_backoff_zero_retries_at_once() -> TestResult {
+    for kind in BOTH {
+        let (_host, mut vm) = start(kind, json!({"failure_backoff_s": 0}))?;
+        for _ in 0..3 {
+            let stream = sync(&mut vm, Some("tok_flaky"))?;
+            let call = only_call(&vm, stream)?;
+            vm.respond(call, 500, JSON, b"{}")?;
+        }
+        assert_eq!(vm.calls().len(), 3, "{kind:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_clock_that_jumps_keeps_routing_right() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"cache_ttl_s": 60}))?;
+        resolve(&mut vm, "tok_clock", "@gina:example.org")?;
+        let now = host.now();
+        // Back an hour: the entry (valid until now + 60 s) still answers, correctly.
+        host.set_time(now - secs(3600));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_clock")?;
+        assert!(hit, "{kind:?}");
+        assert_eq!(header_values(&vm, stream)?, ["@gina:example.org"]);
+        // Forward two hours: expired, asked again.
+        host.set_time(now + secs(7200));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_clock")?;
+        assert!(!hit, "{kind:?}");
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 200, JSON, &whoami_body("@gina:example.org"))?;
+        assert_eq!(header_values(&vm, stream)?, ["@gina:example.org"]);
+    }
+    Ok(())
+}
