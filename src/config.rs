@@ -83,22 +83,14 @@ pub struct Settings {
 impl Config {
     /// Parses the plugin configuration. Empty input (no configuration given) means all defaults.
     pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
-        let config = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Config::default()
-        } else {
-            let de = &mut serde_json::Deserializer::from_slice(bytes);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                // serde names an unknown field in its message; the path then stops at its parent.
-                let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
-                let field = if field == "." || field == "?" || field.starts_with('[') {
-                    "(root)".to_string()
-                } else {
-                    field
-                };
-                err(&field, inner.to_string())
-            })?
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        let config = match first {
+            None => Config::default(),
+            // serde would also read a struct from a JSON array, by position.
+            Some(b) if *b != b'{' => {
+                return Err(err("(root)", "must be one JSON object"));
+            }
+            Some(_) => parse_object(bytes)?,
         };
         config.validate()
     }
@@ -163,6 +155,26 @@ impl Config {
             sync_paths,
         })
     }
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let config: Config = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde names an unknown field in its message; the path then stops at its parent.
+        let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
+        let field = if field == "." || field == "?" || field.starts_with('[') {
+            "(root)".to_string()
+        } else {
+            field
+        };
+        err(&field, inner.to_string())
+    })?;
+    // Bytes after the object (a templating slip such as two objects) are an error, not ignored.
+    de.end()
+        .map_err(|e| err("(root)", format!("unexpected data after the object: {e}")))?;
+    Ok(config)
 }
 
 /// Paths are matched as bytes with ASCII semantics (`.` and `[^/]` match any byte): no Unicode
@@ -270,6 +282,9 @@ mod tests {
             "whoami_upstream"
         );
         assert_eq!(field_of(r#"[1]"#), "(root)");
+        assert_eq!(field_of(r#"["envoy","synapse_whoami"]"#), "(root)");
+        assert_eq!(field_of(r#"{"proxy":"envoy"} x"#), "(root)");
+        assert_eq!(field_of(r#"{}{"cache_capacity":0}"#), "(root)");
         assert_eq!(field_of(r#"{"cache_ttl_s":1"#), "(root)");
     }
 

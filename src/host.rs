@@ -419,19 +419,17 @@ impl Context for Http {
     fn on_http_call_response(
         &mut self,
         _token_id: u32,
-        num_headers: usize,
+        _num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
         let Some(router) = &self.router else {
             return;
         };
-        // ngx_wasm_module reports a failed call with no headers (and `:dispatch_status`).
-        let status = if num_headers == 0 {
-            None
-        } else {
-            map_value(MapType::HttpCallResponseHeaders, ":status")
-        };
+        // A failed call has no `:status` (ngx_wasm_module gives `:dispatch_status` instead; Envoy
+        // synthesizes 503/504). `num_headers` is not trusted: ngx_wasm_module may count only
+        // header lines, so a bare `200` answer can come with `num_headers == 0`.
+        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
         let body = if body_size > MAX_BODY {
             None
         } else if body_size == 0 {

@@ -202,14 +202,11 @@ fn malformed_tokens_are_routed_by_fallback_and_never_sent_to_whoami() -> TestRes
     Ok(())
 }
 
-/// Reproducer (filter finding, ignored until fixed): ngx_wasm_module passes the number of the
-/// whoami response's *real* headers to `on_http_call_response` (`:status` is a special key, not
-/// counted). An upstream answering `200` with a body but no header lines (HTTP/1.0 style) gives
-/// `num_headers = 0`, which the filter takes for "no response" and fails open although the
-/// answer is a valid user. Reading `:status` (or `:dispatch_status`) instead of trusting
-/// `num_headers == 0` would route it right.
+/// ngx_wasm_module passes the number of the whoami response's *real* headers to
+/// `on_http_call_response` (`:status` is a special key, not counted). An upstream answering `200`
+/// with a body but no header lines (HTTP/1.0 style) gives `num_headers = 0`; the filter reads
+/// `:status` instead of trusting `num_headers`, so the answer is still a user.
 #[test]
-#[ignore = "filter finding: ngx whoami 200 without header lines is treated as no response"]
 fn ngx_a_whoami_answer_without_header_lines_is_still_an_answer() -> TestResult {
     let (_host, mut vm) = start(HostKind::Ngx, json!({}))?;
     let stream = sync(&mut vm, Some("tok_bare"))?;
