@@ -1,9 +1,12 @@
 """Real Synapse + real Envoy (with the real filter) on 127.0.0.1, for the e2e tests and the demo.
 
 One Synapse process (SQLite, under .e2e/) serves its main listener plus several extra `client`
-listeners that play the sync workers, so every routed sync gets a real Synapse answer. Envoy runs
-the repository's own envoy.yaml; `render_envoy_config` only substitutes addresses, ports, the
-.wasm path, the access log path and (optionally) plugin configuration fields.
+listeners that play the sync workers, so every routed sync gets a real Synapse answer. It has one
+application service registered (`Synapse.appservice`), and its "Processed request" log lines
+(listener port, recorded client address, requester, path, user agent) are read with
+`Synapse.processed_requests`. Envoy runs the repository's own envoy.yaml; `render_envoy_config`
+only substitutes addresses, ports, the .wasm path, the access log path and (optionally) plugin
+configuration fields.
 
 Which worker served a request is read from Envoy's access log (`upstream_host`), correlated by
 the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_response`).
@@ -17,6 +20,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -39,6 +43,7 @@ SERVER_NAME = "example.test"
 HOST = "127.0.0.1"
 
 SYNC_PATH = "/_matrix/client/v3/sync"
+WHOAMI_PATH = "/_matrix/client/v3/account/whoami"  # the filter's default whoami_path
 
 
 class StackError(RuntimeError):
@@ -210,6 +215,64 @@ class Device:
         return self.user_id[1:].split(":", 1)[0]
 
 
+@dataclasses.dataclass
+class AppService:
+    """The application service registered in the test Synapse (no URL: it receives nothing)."""
+
+    id: str
+    sender_localpart: str
+    user_prefix: str  # exclusive user namespace: @<user_prefix>.*:SERVER_NAME
+    as_token: str = dataclasses.field(repr=False)  # never printed
+    hs_token: str = dataclasses.field(repr=False)
+
+    @property
+    def sender(self) -> str:
+        return f"@{self.sender_localpart}:{SERVER_NAME}"
+
+    def registration(self) -> dict:
+        """The registration file's content (Synapse `app_service_config_files`)."""
+        return {
+            "id": self.id,
+            "url": None,
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": self.sender_localpart,
+            "namespaces": {
+                "users": [
+                    {
+                        "exclusive": True,
+                        "regex": f"@{re.escape(self.user_prefix)}.*:{re.escape(SERVER_NAME)}",
+                    }
+                ],
+                "aliases": [],
+                "rooms": [],
+            },
+        }
+
+
+@dataclasses.dataclass
+class ProcessedRequest:
+    """One "Processed request" line of Synapse's access log (synapse.access.http.<port>)."""
+
+    port: int  # the listener that served it
+    client: str  # the client address Synapse recorded (first X-Forwarded-For entry if any)
+    # "@user:server" (for an appservice masquerading: the masqueraded user), "<admin>|<user>"
+    # when an admin puppets a user, "None" when unauthenticated
+    requester: str
+    status: str
+    method: str
+    path: str  # without the query string
+    query: str  # as Synapse logs it (access_token redacted)
+    user_agent: str
+
+
+_PROCESSED_REQUEST = re.compile(
+    r" synapse\.access\.https?\.(?P<port>\d+) (?P<client>\S+) - \S+ - \{(?P<requester>[^}]*)\}"
+    r" Processed request: .* (?P<status>\d+!?) \"(?P<method>\S+) (?P<uri>\S+) [^\"]*\""
+    r" \"(?P<ua>.*)\" \[\d+ dbevts\]$"
+)
+
+
 class Synapse(Service):
     """One Synapse process: a main listener and `n_workers` extra client listeners."""
 
@@ -220,10 +283,21 @@ class Synapse(Service):
         self.main_port, *self.worker_ports = free_ports(1 + n_workers)
         self.shared_secret = secrets.token_hex(16)
         self.passwords: dict[str, str] = {}
+        self.appservice = AppService(
+            id="e2e-bridge",
+            sender_localpart="e2e_bridge_bot",
+            user_prefix="bridge_",
+            as_token=secrets.token_urlsafe(24),
+            hs_token=secrets.token_urlsafe(24),
+        )
 
     @property
     def log(self) -> Path:
         return self.dir / "synapse.log"
+
+    @property
+    def appservice_file(self) -> Path:
+        return self.dir / "appservice.yaml"
 
     def _config(self) -> dict:
         d = self.dir
@@ -245,6 +319,7 @@ class Synapse(Service):
             "listeners": [listener(self.main_port)] + [listener(p) for p in self.worker_ports],
             "database": {"name": "sqlite3", "args": {"database": str(d / "homeserver.db")}},
             "log_config": str(d / "log.yaml"),
+            "app_service_config_files": [str(self.appservice_file)],
             "media_store_path": str(d / "media"),
             "signing_key_path": str(d / "signing.key"),
             "registration_shared_secret": self.shared_secret,
@@ -285,10 +360,13 @@ class Synapse(Service):
                         }
                     },
                     "root": {"level": "INFO", "handlers": ["file"]},
+                    # "Processed request" lines, read by processed_requests().
+                    "loggers": {"synapse.access": {"level": "INFO"}},
                     "disable_existing_loggers": False,
                 }
             )
         )
+        self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
         cfg = self.dir / "homeserver.yaml"
         cfg.write_text(yaml.safe_dump(self._config()))
         self.process = Process(
@@ -333,6 +411,62 @@ class Synapse(Service):
         data = r.json()
         self.passwords[data["user_id"]] = password
         return Device(data["user_id"], data["device_id"], data["access_token"])
+
+    def register_appservice_user(self, localpart: str) -> str:
+        """Create a user in the appservice's namespace (`m.login.application_service`, directly
+        on Synapse); returns its user ID."""
+        body = json.dumps(
+            {"type": "m.login.application_service", "username": localpart, "inhibit_login": True}
+        ).encode()
+        r = http_request(
+            self.main_port,
+            "POST",
+            "/_matrix/client/v3/register",
+            [
+                ("Content-Type", "application/json"),
+                ("Authorization", f"Bearer {self.appservice.as_token}"),
+            ],
+            body,
+        )
+        if r.status != 200:
+            raise StackError(
+                f"appservice registration of {localpart} failed: {r.status} {r.body[:300]!r}"
+            )
+        return r.json()["user_id"]
+
+    def processed_requests(self, user_agent: str | None = None) -> list[ProcessedRequest]:
+        """Synapse's "Processed request" log lines so far (only those with `user_agent`)."""
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            m = _PROCESSED_REQUEST.search(line)
+            if not m or (user_agent is not None and m["ua"] != user_agent):
+                continue
+            path, _, query = m["uri"].partition("?")
+            found.append(
+                ProcessedRequest(
+                    int(m["port"]), m["client"], m["requester"], m["status"], m["method"],
+                    path, query, m["ua"],
+                )
+            )
+        return found
+
+    def wait_for_processed(
+        self, user_agent: str, path: str, count: int = 1, timeout: float = 10.0
+    ) -> list[ProcessedRequest]:
+        """The "Processed request" lines with `user_agent`, once `count` of them are for `path`
+        (Synapse logs a request when it has answered it, so the lines of requests answered
+        before the last of those are there too)."""
+
+        def enough():
+            found = self.processed_requests(user_agent)
+            return found if sum(p.path == path for p in found) >= count else None
+
+        return self.wait_for(
+            enough,
+            timeout,
+            f"{count} requests for {path} with user agent {user_agent!r} in Synapse's log",
+            interval=0.05,
+        )
 
 
 # --------------------------------------------------------------------------------------------
