@@ -346,19 +346,19 @@ fn poll_oneoff<T: WasiView>(
     count: u32,
     out: u32,
 ) -> Option<u32> {
-    if count == 0 {
+    if count == 0 || count > 4096 {
         return Some(errno::INVAL);
     }
     let mut waits = Vec::new();
     for index in 0..count {
         let base = subs.checked_add(index.checked_mul(48)?)?;
+        let at = |offset: u32| base.checked_add(offset);
         let userdata = read_u64(caller, base)?;
-        let tag = read(caller, base + 8, 1)?[0];
+        let tag = *read(caller, at(8)?, 1)?.first()?;
         if tag == 0 {
-            let clock = read_u32(caller, base + 16)?;
-            let timeout = read_u64(caller, base + 24)?;
-            let flags = read(caller, base + 40, 2)?;
-            let absolute = flags[0] & 1 == 1;
+            let clock = read_u32(caller, at(16)?)?;
+            let timeout = read_u64(caller, at(24)?)?;
+            let absolute = read(caller, at(40)?, 1)?.first()? & 1 == 1;
             let now = caller.data_mut().clock_ns(clock).unwrap_or(0);
             let wait = if absolute {
                 timeout.saturating_sub(now)

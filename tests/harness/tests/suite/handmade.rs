@@ -2,7 +2,8 @@
 //! it, a guest trap or endless loop is a test-visible error (and fails the VM), and a host call
 //! ngx_wasm_module does not implement traps there but not in Envoy.
 
-use proxy_wasm_harness::{Filter, HarnessError, Host, HostKind, Profile};
+use proxy_wasm_harness::util::encode_map;
+use proxy_wasm_harness::{Action, Filter, HarnessError, Host, HostKind, Profile};
 
 use crate::common::TestResult;
 
@@ -17,6 +18,21 @@ fn leb(mut value: u32, out: &mut Vec<u8>) {
             return;
         }
         out.push(byte | 0x80);
+    }
+}
+
+/// `i32.const value` (signed LEB128).
+fn i32_const(value: u32) -> Vec<u8> {
+    let mut out = vec![0x41];
+    let mut value = value as i32;
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        let done = (value == 0 && byte & 0x40 == 0) || (value == -1 && byte & 0x40 != 0);
+        out.push(if done { byte } else { byte | 0x80 });
+        if done {
+            return out;
+        }
     }
 }
 
@@ -37,6 +53,7 @@ struct Wasm {
     types: Vec<(Vec<u8>, Vec<u8>)>,
     imports: Vec<(&'static str, &'static str, usize)>,
     functions: Vec<(&'static str, usize, Vec<u8>)>,
+    data: Vec<(u32, Vec<u8>)>,
 }
 
 impl Wasm {
@@ -45,6 +62,7 @@ impl Wasm {
             types: Vec::new(),
             imports: Vec::new(),
             functions: Vec::new(),
+            data: Vec::new(),
         }
     }
 
@@ -68,6 +86,12 @@ impl Wasm {
     fn export(mut self, field: &'static str, params: &[u8], results: &[u8], code: &[u8]) -> Wasm {
         let ty = self.ty(params, results);
         self.functions.push((field, ty, code.to_vec()));
+        self
+    }
+
+    /// Bytes placed in memory at `offset` when the module is instantiated.
+    fn data(mut self, offset: u32, bytes: &[u8]) -> Wasm {
+        self.data.push((offset, bytes.to_vec()));
         self
     }
 
@@ -135,6 +159,16 @@ impl Wasm {
             code.extend(function);
         }
         section(10, code, &mut out);
+        let mut data = Vec::new();
+        leb(self.data.len() as u32, &mut data);
+        for (offset, bytes) in &self.data {
+            data.push(0);
+            data.extend(i32_const(*offset));
+            data.push(0x0b);
+            leb(bytes.len() as u32, &mut data);
+            data.extend(bytes);
+        }
+        section(11, data, &mut out);
         out
     }
 
@@ -267,6 +301,150 @@ fn proxy_done_works_in_envoy_and_traps_in_ngx_wasm_module() -> TestResult {
             assert!(message.contains("not yet implemented"), "{message}")
         }
         other => return Err(format!("expected ngx to trap, got {other:?}").into()),
+    }
+    Ok(())
+}
+
+/// `proxy_http_call` arguments: `upstream` at 64, the serialized `headers` at 256, token at 8.
+fn http_call_args(upstream: &str, headers: &[(&str, &str)]) -> (Vec<u8>, Vec<u8>) {
+    let map: Vec<(Vec<u8>, Vec<u8>)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    let map = encode_map(&map);
+    let mut code = Vec::new();
+    for arg in [
+        64,
+        upstream.len() as u32,
+        256,
+        map.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        1000,
+        8,
+    ] {
+        code.extend(i32_const(arg));
+    }
+    (code, map)
+}
+
+/// A filter whose `on_request_headers` dispatches a callout to `upstream` with `headers` and
+/// returns the host's status as its action (0 = Ok, 2 = BadArgument).
+fn dispatcher(upstream: &str, headers: &[(&str, &str)]) -> Result<Filter, HarnessError> {
+    let (mut code, map) = http_call_args(upstream, headers);
+    code.extend([0x10, 0x00]);
+    Wasm::proxy()
+        .import("env", "proxy_http_call", &[I32; 10], &[I32])
+        .export("proxy_on_request_headers", &[I32, I32, I32], &[I32], &code)
+        .data(64, upstream.as_bytes())
+        .data(256, &map)
+        .load()
+}
+
+#[test]
+fn callout_validation_differs_per_host() -> TestResult {
+    let full = [
+        (":method", "GET"),
+        (":path", "/who"),
+        (":authority", "synapse"),
+    ];
+    let no_authority = [(":method", "GET"), (":path", "/who")];
+    let no_method = [(":path", "/who"), (":authority", "synapse")];
+    let envoy = Host::new(Profile::envoy().with_cluster("synapse_whoami"));
+    let action = |host: &Host, filter: Filter| -> Result<Action, HarnessError> {
+        let mut vm = host.start_vm(&filter, b"")?;
+        let stream = vm.request(&HEADERS)?;
+        Ok(vm
+            .stream(stream)?
+            .last_action()
+            .unwrap_or(Action::Other(99)))
+    };
+    // Envoy: a known cluster and all three pseudo-headers, else BadArgument at once.
+    assert_eq!(
+        action(&envoy, dispatcher("synapse_whoami", &full)?)?,
+        Action::Continue
+    );
+    assert_eq!(
+        action(&envoy, dispatcher("synapse_whoami", &no_authority)?)?,
+        Action::Other(2)
+    );
+    assert_eq!(
+        action(&envoy, dispatcher("127.0.0.1:8008", &full)?)?,
+        Action::Other(2)
+    );
+    // ngx_wasm_module: host:port, `:authority` optional; a bad upstream or no `:method` traps.
+    let ngx = Host::new(Profile::ngx("f"));
+    assert_eq!(
+        action(&ngx, dispatcher("127.0.0.1:8008", &no_authority)?)?,
+        Action::Continue
+    );
+    for (upstream, headers) in [
+        ("synapse whoami", &full[..]),
+        ("127.0.0.1:8008", &no_method[..]),
+    ] {
+        match action(&ngx, dispatcher(upstream, headers)?) {
+            Err(error) if error.is_trap() => {
+                assert!(error.to_string().contains("dispatch failed"), "{error}")
+            }
+            other => {
+                return Err(
+                    format!("ngx {upstream} {headers:?}: expected a trap, got {other:?}").into(),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn set_effective_context_resumes_another_context_in_envoy_only() -> TestResult {
+    // The request pauses; the root context's tick dispatches a callout; its response handler
+    // switches to the request's context (2) and resumes it. Envoy honours the switch;
+    // ngx_wasm_module accepts the call but ignores it, so the resume does not reach the request.
+    for (kind, upstream) in [(HostKind::Envoy, "c"), (HostKind::Ngx, "127.0.0.1:1")] {
+        let (mut tick, map) = http_call_args(
+            upstream,
+            &[(":method", "GET"), (":path", "/"), (":authority", "a")],
+        );
+        tick.extend([0x10, 0x00, 0x1a]);
+        let mut respond = i32_const(2);
+        respond.extend([0x10, 0x01, 0x1a]);
+        respond.extend(i32_const(0));
+        respond.extend([0x10, 0x02, 0x1a]);
+        let filter = Wasm::proxy()
+            .import("env", "proxy_http_call", &[I32; 10], &[I32])
+            .import("env", "proxy_set_effective_context", &[I32], &[I32])
+            .import("env", "proxy_continue_stream", &[I32], &[I32])
+            .export(
+                "proxy_on_request_headers",
+                &[I32, I32, I32],
+                &[I32],
+                &i32_const(1),
+            )
+            .export("proxy_on_tick", &[I32], &[], &tick)
+            .export("proxy_on_http_call_response", &[I32; 5], &[], &respond)
+            .data(64, upstream.as_bytes())
+            .data(256, &map)
+            .load()?;
+        let host = Host::new(match kind {
+            HostKind::Envoy => Profile::envoy().with_cluster("c"),
+            HostKind::Ngx => Profile::ngx("f"),
+        });
+        let mut vm = host.start_vm(&filter, b"")?;
+        let stream = vm.request(&HEADERS)?;
+        assert_eq!(stream, 2);
+        assert!(vm.stream(stream)?.paused);
+        vm.tick()?;
+        let call = vm
+            .pending_calls()
+            .first()
+            .map(|c| c.token)
+            .ok_or("no callout")?;
+        vm.respond(call, 200, &[("a", "b")], b"")?;
+        let resumed = !vm.stream(stream)?.paused;
+        assert_eq!(resumed, kind == HostKind::Envoy, "{kind:?}");
     }
     Ok(())
 }

@@ -94,6 +94,17 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
         );
         assert_eq!(metric(&host, "requests"), 1);
         assert_eq!(metric(&host, "cache_misses"), 1);
+        // The names the operator sees: bare in Envoy, `pw:<filter>:` in ngx_wasm_module.
+        let prefix = match kind {
+            HostKind::Envoy => "matrix_sync_router_",
+            HostKind::Ngx => "pw:matrix-sync-router:matrix_sync_router_",
+        };
+        let names: Vec<String> = host.metrics().into_iter().map(|m| m.name).collect();
+        assert_eq!(names.len(), 12, "{kind:?}: {names:?}");
+        assert!(
+            names.iter().all(|name| name.starts_with(prefix)),
+            "{kind:?}: {names:?}"
+        );
         no_anomalies(&vm)?;
     }
     Ok(())
@@ -113,6 +124,14 @@ fn whoami_answer_resumes_with_the_user_and_later_requests_hit_the_cache() -> Tes
         assert_eq!(header_values(&vm, second)?, ["@alice:example.org"]);
         assert_eq!(vm.calls().len(), 1, "{kind:?}: the hit made no callout");
         assert_eq!(metric(&host, "cache_hits"), 1);
+        // The response passes through untouched.
+        let action = vm.response_headers(
+            second,
+            &[(":status", "200"), ("content-type", "application/json")],
+            false,
+        )?;
+        assert_eq!(action, Action::Continue);
+        vm.end_stream(second)?;
         // Another device of the same user: its own token, its own whoami, the same user.
         let other = resolve(
             &mut vm,
