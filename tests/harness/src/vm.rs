@@ -873,6 +873,30 @@ impl Vm {
         }
     }
 
+    /// Fails, as timed out, every pending callout whose timeout has elapsed on the host clock
+    /// (what the host does on its own while the test moves the clock); their tokens.
+    pub fn expire_calls(&mut self) -> Result<Vec<u32>, HarnessError> {
+        let now = self.host.process.borrow().now_ns;
+        let due: Vec<u32> = self
+            .store
+            .data()
+            .pending
+            .values()
+            .filter(|call| {
+                call.timeout_ms > 0
+                    && call
+                        .dispatched_at_ns
+                        .saturating_add(u64::from(call.timeout_ms) * 1_000_000)
+                        <= now
+            })
+            .map(|call| call.token)
+            .collect();
+        for &token in &due {
+            self.fail_call(token, CallFailure::Timeout)?;
+        }
+        Ok(due)
+    }
+
     /// ABI misuse the host noticed (resume while not paused, CR/LF in a header value, ...);
     /// a correct filter leaves this empty.
     pub fn anomalies(&self) -> &[String] {

@@ -215,3 +215,23 @@ fn ngx_a_whoami_answer_without_header_lines_is_still_an_answer() -> TestResult {
     assert_eq!(header_values(&vm, stream)?, ["@ivy:example.org"]);
     Ok(())
 }
+
+#[test]
+fn whoami_timing_out_after_whoami_timeout_ms_fails_open() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"whoami_timeout_ms": 1500}))?;
+        let stream = sync(&mut vm, Some("tok_slow"))?;
+        host.advance(std::time::Duration::from_millis(1499));
+        assert!(vm.expire_calls()?.is_empty(), "{kind:?}: not due yet");
+        assert!(vm.stream(stream)?.paused);
+        host.advance(std::time::Duration::from_millis(1));
+        assert_eq!(vm.expire_calls()?.len(), 1, "{kind:?}");
+        let values = header_values(&vm, stream)?;
+        assert!(vm.stream(stream)?.resumed(), "{kind:?}");
+        assert!(
+            values.len() == 1 && is_fallback_key(&values[0]),
+            "{kind:?}: {values:?}"
+        );
+    }
+    Ok(())
+}
