@@ -32,7 +32,7 @@ venv:
 lint: rust-target
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
-    cargo clippy --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip1 -p matrix-sync-router -- -D warnings
 
 # Native unit tests of the sans-IO core.
@@ -51,3 +51,11 @@ wasm-unit: rust-target
 # End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset).
 e2e *args: build venv
     MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}
+
+# Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
+# (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.
+# Benchmark: the filter's cost in the real Envoy as ratios to no filter, interleaved rounds (~4 min).
+bench *args: build venv
+    @command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+    @command -v taskset >/dev/null || (apt-get update && apt-get install -y util-linux)
+    {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}

@@ -216,14 +216,15 @@ impl Router {
         let text = |v: Option<Vec<u8>>| v.and_then(|v| String::from_utf8(v).ok());
         let user_agent = text(host.request_header("user-agent"));
         let forwarded_for = text(host.request_header("x-forwarded-for"));
+        let forwarded_proto = text(host.request_header("x-forwarded-proto"));
         let source = text(host.property(&["source", "address"]));
-        let headers = whoami::callout_headers(
-            cfg,
-            token,
-            user_agent.as_deref(),
-            forwarded_for.as_deref(),
-            source.as_deref(),
-        );
+        let client = whoami::ClientInfo {
+            user_agent: user_agent.as_deref(),
+            forwarded_for: forwarded_for.as_deref(),
+            forwarded_proto: forwarded_proto.as_deref(),
+            source_address: source.as_deref(),
+        };
+        let headers = whoami::callout_headers(cfg, token, client);
         if host.dispatch(
             &cfg.whoami_upstream,
             &headers.as_pairs(),

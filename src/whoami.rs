@@ -17,27 +17,37 @@ impl CalloutHeaders {
     }
 }
 
+/// What the whoami request copies from the client's request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientInfo<'a> {
+    pub user_agent: Option<&'a str>,
+    pub forwarded_for: Option<&'a str>,
+    /// Without it Synapse logs "forwarded request lacks an x-forwarded-proto header" per call.
+    pub forwarded_proto: Option<&'a str>,
+    /// The `source.address` property of the connection.
+    pub source_address: Option<&'a str>,
+}
+
 /// Builds the whoami request for `token` (already checked to be visible ASCII), carrying the
 /// client's user agent and address so Synapse records the real client.
-pub fn callout_headers(
-    config: &Config,
-    token: &str,
-    user_agent: Option<&str>,
-    forwarded_for: Option<&str>,
-    source_address: Option<&str>,
-) -> CalloutHeaders {
+pub fn callout_headers(config: &Config, token: &str, client: ClientInfo<'_>) -> CalloutHeaders {
     let mut pairs = vec![
         (":method", "GET".to_string()),
         (":path", config.whoami_path.clone()),
         (":authority", config.whoami_authority.clone()),
         ("authorization", format!("Bearer {token}")),
     ];
-    if let Some(ua) = user_agent.filter(|v| is_header_text(v)) {
+    if let Some(ua) = client.user_agent.filter(|v| is_header_text(v)) {
         pairs.push(("user-agent", ua.to_string()));
     }
-    let xff = forwarded_for.filter(|v| is_header_text(v));
-    if let Some(xff) = extend_forwarded_for(xff, source_address.and_then(client_ip)) {
+    let xff = client.forwarded_for.filter(|v| is_header_text(v));
+    let ip = client.source_address.and_then(client_ip);
+    if let Some(xff) = extend_forwarded_for(xff, ip) {
         pairs.push(("x-forwarded-for", xff));
+    }
+    let proto = client.forwarded_proto.map(str::trim);
+    if let Some(proto) = proto.filter(|p| matches!(*p, "http" | "https")) {
+        pairs.push(("x-forwarded-proto", proto.to_string()));
     }
     CalloutHeaders { pairs }
 }
@@ -197,8 +207,23 @@ mod tests {
     use super::*;
 
     fn headers(ua: Option<&str>, xff: Option<&str>, src: Option<&str>) -> Vec<(String, String)> {
+        with_proto(ua, xff, src, None)
+    }
+
+    fn with_proto(
+        ua: Option<&str>,
+        xff: Option<&str>,
+        src: Option<&str>,
+        proto: Option<&str>,
+    ) -> Vec<(String, String)> {
         let cfg = Config::default();
-        callout_headers(&cfg, "syt_tok", ua, xff, src)
+        let client = ClientInfo {
+            user_agent: ua,
+            forwarded_for: xff,
+            forwarded_proto: proto,
+            source_address: src,
+        };
+        callout_headers(&cfg, "syt_tok", client)
             .as_pairs()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -234,6 +259,16 @@ mod tests {
         let h = headers(Some("a\r\nb"), Some("1.2.3.4\n"), None);
         assert_eq!(get(&h, "user-agent"), None);
         assert_eq!(get(&h, "x-forwarded-for"), None);
+    }
+
+    #[test]
+    fn forwarded_proto_is_copied_when_sane() {
+        let get_proto =
+            |p| get(&with_proto(None, None, None, p), "x-forwarded-proto").map(String::from);
+        assert_eq!(get_proto(Some("https")), Some("https".into()));
+        assert_eq!(get_proto(Some("http")), Some("http".into()));
+        assert_eq!(get_proto(Some("gopher")), None);
+        assert_eq!(get_proto(None), None);
     }
 
     #[test]
