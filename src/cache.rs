@@ -73,8 +73,9 @@ pub fn slot_key(prefix: &str, slot: u32) -> String {
 pub enum Lookup<'a> {
     /// Nothing usable: empty slot, another token's entry, expired, or unreadable.
     Miss,
-    /// Synapse said this token belongs to this user.
-    User(&'a str),
+    /// Synapse said this token belongs to this user. `refresh` is true when the entry is in its
+    /// refresh window and no one has claimed the refresh yet: this request should claim it.
+    User { user: &'a str, refresh: bool },
     /// Synapse rejected the token with this status and body.
     Denied { status: u16, body: &'a [u8] },
     /// whoami recently failed for this token: do not call again yet.
@@ -89,15 +90,33 @@ pub enum Entry<'a> {
     Backoff,
 }
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const KIND_USER: u8 = 1;
 const KIND_DENIED: u8 = 2;
 const KIND_BACKOFF: u8 = 3;
-/// version, kind, 16-byte hash, 8-byte expiry (ms since the epoch, little endian).
-const HEADER_LEN: usize = 2 + 16 + 8;
+/// version, kind, 16-byte hash, then three times in ms since the epoch (little endian): expiry,
+/// start of the refresh window, and until when a refresh is claimed.
+const HEADER_LEN: usize = 2 + 16 + 3 * 8;
+const EXPIRES: usize = 18;
+const REFRESH_AT: usize = 26;
+const CLAIMED_UNTIL: usize = 34;
 
-/// Encodes an entry for `hash`, valid until `expires_ms`.
-pub fn encode(hash: &TokenHash, expires_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
+/// When an entry written at `now_ms` for `ttl_ms` should be refreshed: in the last tenth of its
+/// life, so a token in use is renewed by one request before it expires instead of by every
+/// request that would miss at once after.
+pub fn refresh_at(now_ms: u64, ttl_ms: u64) -> u64 {
+    now_ms.saturating_add(ttl_ms - ttl_ms / 10)
+}
+
+fn time_at(header: &[u8; HEADER_LEN], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&header[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Encodes an entry for `hash`, valid until `expires_ms`; a user entry asks for a refresh from
+/// `refresh_at_ms` on (other kinds are never refreshed).
+pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
     let (kind, extra) = match entry {
         Entry::User(user) => (KIND_USER, user.len()),
         Entry::Denied { body, .. } => (KIND_DENIED, 2 + body.len()),
@@ -108,6 +127,8 @@ pub fn encode(hash: &TokenHash, expires_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
     out.push(kind);
     out.extend_from_slice(&hash.0);
     out.extend_from_slice(&expires_ms.to_le_bytes());
+    out.extend_from_slice(&refresh_at_ms.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
     match entry {
         Entry::User(user) => out.extend_from_slice(user.as_bytes()),
         Entry::Denied { status, body } => {
@@ -124,17 +145,16 @@ pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> 
     let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
         return Lookup::Miss;
     };
-    if header[0] != VERSION || header[2..18] != hash.0 {
-        return Lookup::Miss;
-    }
-    let mut exp = [0u8; 8];
-    exp.copy_from_slice(&header[18..26]);
-    if u64::from_le_bytes(exp) <= now_ms {
+    if header[0] != VERSION || header[2..18] != hash.0 || time_at(header, EXPIRES) <= now_ms {
         return Lookup::Miss;
     }
     match header[1] {
         KIND_USER => match std::str::from_utf8(rest) {
-            Ok(user) if !user.is_empty() => Lookup::User(user),
+            Ok(user) if !user.is_empty() => Lookup::User {
+                user,
+                refresh: time_at(header, REFRESH_AT) <= now_ms
+                    && time_at(header, CLAIMED_UNTIL) <= now_ms,
+            },
             _ => Lookup::Miss,
         },
         KIND_DENIED => match rest.split_first_chunk::<2>() {
@@ -149,10 +169,29 @@ pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> 
     }
 }
 
-/// Whether a slot already holds an entry at least as good as the one about to be written, so
-/// the write can be skipped (another VM resolved the same token first).
-pub fn already_holds_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
-    matches!(lookup(bytes, hash, now_ms), Lookup::User(_))
+/// A copy of a slot's entry with its refresh claimed until `until_ms` (None if unreadable).
+pub fn claim(bytes: &[u8], until_ms: u64) -> Option<Vec<u8>> {
+    if bytes.len() < HEADER_LEN || bytes[0] != VERSION {
+        return None;
+    }
+    let mut out = bytes.to_vec();
+    out[CLAIMED_UNTIL..CLAIMED_UNTIL + 8].copy_from_slice(&until_ms.to_le_bytes());
+    Some(out)
+}
+
+/// Whether a slot holds this token's user entry that is not yet due for a refresh, so a write
+/// can be skipped (another VM resolved or refreshed the same token first).
+pub fn holds_fresh_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
+    match bytes.split_first_chunk::<HEADER_LEN>() {
+        Some((header, _)) => {
+            header[0] == VERSION
+                && header[1] == KIND_USER
+                && header[2..18] == hash.0
+                && now_ms < time_at(header, REFRESH_AT)
+                && now_ms < time_at(header, EXPIRES)
+        }
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -195,13 +234,18 @@ mod tests {
         }
     }
 
+    fn user(u: &str, refresh: bool) -> Lookup<'_> {
+        Lookup::User { user: u, refresh }
+    }
+
     #[test]
     fn entries_round_trip() {
         let h = SECRET.hash(b"t");
-        let user = encode(&h, 1000, &Entry::User("@alice:example.org"));
-        assert_eq!(lookup(&user, &h, 999), Lookup::User("@alice:example.org"));
+        let alice = encode(&h, 1000, 900, &Entry::User("@alice:example.org"));
+        assert_eq!(lookup(&alice, &h, 899), user("@alice:example.org", false));
         let denied = encode(
             &h,
+            1000,
             1000,
             &Entry::Denied {
                 status: 401,
@@ -215,26 +259,43 @@ mod tests {
                 body: b"{\"errcode\":\"M_UNKNOWN_TOKEN\"}"
             }
         );
-        let backoff = encode(&h, 1000, &Entry::Backoff);
+        let backoff = encode(&h, 1000, 1000, &Entry::Backoff);
         assert_eq!(lookup(&backoff, &h, 0), Lookup::Backoff);
+    }
+
+    #[test]
+    fn refresh_window_and_claims() {
+        assert_eq!(refresh_at(1000, 3_600_000), 1000 + 3_240_000);
+        let h = SECRET.hash(b"t");
+        let alice = encode(&h, 1000, 900, &Entry::User("@a:x"));
+        assert_eq!(lookup(&alice, &h, 900), user("@a:x", true));
+        assert!(holds_fresh_user(&alice, &h, 899));
+        assert!(!holds_fresh_user(&alice, &h, 900));
+        // Claimed: still a hit, no longer asking for a refresh, until the claim lapses.
+        let claimed = claim(&alice, 950).unwrap();
+        assert_eq!(lookup(&claimed, &h, 920), user("@a:x", false));
+        assert_eq!(lookup(&claimed, &h, 950), user("@a:x", true));
+        assert_eq!(lookup(&claimed, &h, 1000), Lookup::Miss);
+        assert_eq!(claim(b"short", 1), None);
     }
 
     #[test]
     fn expired_foreign_and_garbage_entries_miss() {
         let h = SECRET.hash(b"t");
         let other = SECRET.hash(b"u");
-        let user = encode(&h, 1000, &Entry::User("@alice:example.org"));
-        assert_eq!(lookup(&user, &h, 1000), Lookup::Miss);
-        assert_eq!(lookup(&user, &other, 0), Lookup::Miss);
+        let alice = encode(&h, 1000, 900, &Entry::User("@alice:example.org"));
+        assert_eq!(lookup(&alice, &h, 1000), Lookup::Miss);
+        assert_eq!(lookup(&alice, &other, 0), Lookup::Miss);
+        assert!(!holds_fresh_user(&alice, &other, 0));
         assert_eq!(lookup(b"", &h, 0), Lookup::Miss);
-        assert_eq!(lookup(&user[..HEADER_LEN - 1], &h, 0), Lookup::Miss);
-        assert_eq!(lookup(&user[..HEADER_LEN], &h, 0), Lookup::Miss);
-        let mut bad_kind = user.clone();
+        assert_eq!(lookup(&alice[..HEADER_LEN - 1], &h, 0), Lookup::Miss);
+        assert_eq!(lookup(&alice[..HEADER_LEN], &h, 0), Lookup::Miss);
+        let mut bad_kind = alice.clone();
         bad_kind[1] = 9;
         assert_eq!(lookup(&bad_kind, &h, 0), Lookup::Miss);
-        let mut bad_version = user;
-        bad_version[0] = 2;
-        assert_eq!(lookup(&bad_version, &h, 0), Lookup::Miss);
+        let mut old_version = alice;
+        old_version[0] = 1;
+        assert_eq!(lookup(&old_version, &h, 0), Lookup::Miss);
     }
 
     #[test]

@@ -59,10 +59,11 @@ pub enum Counter {
     Fallbacks,
     Rejected,
     CacheWriteFailures,
+    Refreshes,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Requests,
         Counter::NoToken,
         Counter::CacheHits,
@@ -75,6 +76,7 @@ impl Counter {
         Counter::Fallbacks,
         Counter::Rejected,
         Counter::CacheWriteFailures,
+        Counter::Refreshes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +93,7 @@ impl Counter {
             Counter::Fallbacks => "matrix_sync_router_fallbacks",
             Counter::Rejected => "matrix_sync_router_rejected",
             Counter::CacheWriteFailures => "matrix_sync_router_cache_write_failures",
+            Counter::Refreshes => "matrix_sync_router_refreshes",
         }
     }
 }
@@ -102,6 +105,11 @@ pub enum Phase {
     #[default]
     Idle,
     AwaitingWhoami {
+        hash: TokenHash,
+        slot_key: String,
+    },
+    /// The request went on with the cached user; a whoami refresh of its entry is in flight.
+    Refreshing {
         hash: TokenHash,
         slot_key: String,
     },
@@ -164,23 +172,21 @@ impl Router {
         let now = host.now_ms();
         let mut hash = self.secret.get().hash(token);
         let mut slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
-        let mut slot = host.shared_get(&slot_key).0;
-        let mut found = slot
-            .as_deref()
-            .map_or(Lookup::Miss, |b| cache::lookup(b, &hash, now));
-        if found == Lookup::Miss && self.refresh_secret(host) {
+        let (mut slot, mut cas) = host.shared_get(&slot_key);
+
+        if lookup_slot(slot.as_deref(), &hash, now) == Lookup::Miss && self.refresh_secret(host) {
             // Another VM's secret won: look again where that VM would have written.
             hash = self.secret.get().hash(token);
             slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
-            slot = host.shared_get(&slot_key).0;
-            found = slot
-                .as_deref()
-                .map_or(Lookup::Miss, |b| cache::lookup(b, &hash, now));
+            (slot, cas) = host.shared_get(&slot_key);
         }
-        match found {
-            Lookup::User(user) => {
+        match lookup_slot(slot.as_deref(), &hash, now) {
+            Lookup::User { user, refresh } => {
                 host.count(Counter::CacheHits);
                 self.set_key(host, user.as_bytes());
+                if refresh {
+                    self.start_refresh(host, phase, token, hash, slot_key, &slot, cas, now);
+                }
                 Verdict::Continue
             }
             Lookup::Denied { status, body } => {
@@ -199,6 +205,33 @@ impl Router {
         }
     }
 
+    /// Claims the refresh of an entry in its refresh window with a CAS write; only the request
+    /// whose write wins calls whoami (without pausing), every other one just hits.
+    #[allow(clippy::too_many_arguments)]
+    fn start_refresh<H: Host>(
+        &self,
+        host: &H,
+        phase: &mut Phase,
+        token: &[u8],
+        hash: TokenHash,
+        slot_key: String,
+        slot: &Option<Vec<u8>>,
+        cas: u32,
+        now: u64,
+    ) {
+        let timeout = u64::from(self.settings.config.whoami_timeout_ms);
+        let until = now.saturating_add(timeout).saturating_add(1000);
+        let Some(claimed) = slot.as_deref().and_then(|b| cache::claim(b, until)) else {
+            return;
+        };
+        if host.shared_set(&slot_key, &claimed, cas) == SetStatus::Ok
+            && self.dispatch_whoami(host, token)
+        {
+            host.count(Counter::Refreshes);
+            *phase = Phase::Refreshing { hash, slot_key };
+        }
+    }
+
     fn call_whoami<H: Host>(
         &self,
         host: &H,
@@ -207,11 +240,30 @@ impl Router {
         hash: TokenHash,
         slot_key: String,
     ) -> Verdict {
+        if self.dispatch_whoami(host, token) {
+            *phase = Phase::AwaitingWhoami { hash, slot_key };
+            return Verdict::Pause;
+        }
+        // The host refused the call outright (unknown cluster, bad upstream): a config problem,
+        // so say it loudly but keep routing.
+        host.count(Counter::WhoamiFailed);
+        self.warn(
+            host,
+            &format!(
+                "whoami callout to `{}` was refused by the host; check whoami_upstream",
+                self.settings.config.whoami_upstream
+            ),
+        );
+        self.route_fallback(host, &hash);
+        Verdict::Continue
+    }
+
+    /// Starts the whoami callout for `token`; false when the host refused it.
+    fn dispatch_whoami<H: Host>(&self, host: &H, token: &[u8]) -> bool {
         let cfg = &self.settings.config;
         // `find_token` only lets visible ASCII through, so this never fails.
         let Ok(token) = std::str::from_utf8(token) else {
-            self.route_fallback(host, &hash);
-            return Verdict::Continue;
+            return false;
         };
         let text = |v: Option<Vec<u8>>| v.and_then(|v| String::from_utf8(v).ok());
         let user_agent = text(host.request_header("user-agent"));
@@ -225,31 +277,15 @@ impl Router {
             source_address: source.as_deref(),
         };
         let headers = whoami::callout_headers(cfg, token, client);
-        if host.dispatch(
+        host.dispatch(
             &cfg.whoami_upstream,
             &headers.as_pairs(),
             cfg.whoami_timeout_ms,
-        ) {
-            *phase = Phase::AwaitingWhoami { hash, slot_key };
-            Verdict::Pause
-        } else {
-            // The host refused the call outright (unknown cluster, bad upstream): a config
-            // problem, so say it loudly but keep routing.
-            host.count(Counter::WhoamiFailed);
-            self.warn(
-                host,
-                &format!(
-                    "whoami callout to `{}` was refused by the host; check whoami_upstream",
-                    cfg.whoami_upstream
-                ),
-            );
-            self.route_fallback(host, &hash);
-            Verdict::Continue
-        }
+        )
     }
 
-    /// Handles the whoami answer: `status` is `:status` (None when the host delivered no
-    /// headers), `body` the body when it was at most `MAX_BODY` bytes.
+    /// Handles the whoami answer: `status` is `:status` (None when the host delivered none),
+    /// `body` the body when it was at most `MAX_BODY` bytes.
     pub fn on_whoami_response<H: Host>(
         &self,
         host: &H,
@@ -257,30 +293,37 @@ impl Router {
         status: Option<&[u8]>,
         body: Option<&[u8]>,
     ) {
-        let Phase::AwaitingWhoami { hash, slot_key } = std::mem::take(phase) else {
-            return;
+        let (hash, slot_key, waiting) = match std::mem::take(phase) {
+            Phase::Idle => return,
+            Phase::AwaitingWhoami { hash, slot_key } => (hash, slot_key, true),
+            Phase::Refreshing { hash, slot_key } => (hash, slot_key, false),
         };
-        let cfg = &self.settings.config;
-        let now = host.now_ms();
         let body = body.filter(|b| b.len() <= MAX_BODY);
-        match whoami::interpret(status, body) {
+        let outcome = whoami::interpret(status, body);
+        if waiting {
+            self.answer_waiting_request(host, hash, &slot_key, outcome);
+        } else {
+            self.finish_refresh(host, hash, &slot_key, outcome);
+        }
+    }
+
+    fn answer_waiting_request<H: Host>(
+        &self,
+        host: &H,
+        hash: TokenHash,
+        slot_key: &str,
+        outcome: Outcome,
+    ) {
+        match outcome {
             Outcome::User(user) => {
                 host.count(Counter::WhoamiOk);
-                let expires = now.saturating_add(u64::from(cfg.cache_ttl_s) * 1000);
-                self.store(host, &slot_key, &hash, expires, &Entry::User(&user));
+                self.store_user(host, slot_key, &hash, &user);
                 self.set_key(host, user.as_bytes());
                 host.resume();
             }
             Outcome::Denied { status, body } => {
                 host.count(Counter::WhoamiDenied);
-                if cfg.negative_ttl_s > 0 {
-                    let expires = now.saturating_add(u64::from(cfg.negative_ttl_s) * 1000);
-                    let entry = Entry::Denied {
-                        status,
-                        body: &body,
-                    };
-                    self.store(host, &slot_key, &hash, expires, &entry);
-                }
+                self.store_denied(host, slot_key, &hash, status, &body);
                 if self.deny(host, &hash, status, &body) == Verdict::Continue {
                     host.resume();
                 }
@@ -288,12 +331,33 @@ impl Router {
             Outcome::Failed(failure) => {
                 host.count(Counter::WhoamiFailed);
                 self.warn(host, &describe(failure));
-                if cfg.failure_backoff_s > 0 {
-                    let expires = now.saturating_add(u64::from(cfg.failure_backoff_s) * 1000);
-                    self.store(host, &slot_key, &hash, expires, &Entry::Backoff);
+                let backoff_s = self.settings.config.failure_backoff_s;
+                if backoff_s > 0 {
+                    let expires = host.now_ms().saturating_add(u64::from(backoff_s) * 1000);
+                    self.store(host, slot_key, &hash, expires, expires, &Entry::Backoff);
                 }
                 self.route_fallback(host, &hash);
                 host.resume();
+            }
+        }
+    }
+
+    /// A refresh answer only updates the cache: the request already went on. A failure leaves
+    /// the entry as it is; its claim lapses and a later request tries again.
+    fn finish_refresh<H: Host>(&self, host: &H, hash: TokenHash, key: &str, outcome: Outcome) {
+        match outcome {
+            Outcome::User(user) => {
+                host.count(Counter::WhoamiOk);
+                self.store_user(host, key, &hash, &user);
+            }
+            Outcome::Denied { status, body } => {
+                // Logged out or locked since: from now on the token is treated as rejected.
+                host.count(Counter::WhoamiDenied);
+                self.store_denied(host, key, &hash, status, &body);
+            }
+            Outcome::Failed(failure) => {
+                host.count(Counter::WhoamiFailed);
+                self.warn(host, &format!("{} (cache refresh)", describe(failure)));
             }
         }
     }
@@ -345,19 +409,49 @@ impl Router {
         }
     }
 
-    /// Writes an entry with read-then-CAS, which is right on both hosts: Envoy overwrites on CAS
-    /// 0, ngx_wasm_module treats CAS 0 on an existing key as a mismatch.
-    fn store<H: Host>(&self, host: &H, key: &str, hash: &TokenHash, expires: u64, e: &Entry<'_>) {
-        let bytes = cache::encode(hash, expires, e);
+    fn store_user<H: Host>(&self, host: &H, key: &str, hash: &TokenHash, user: &str) {
         let now = host.now_ms();
+        let ttl_ms = u64::from(self.settings.config.cache_ttl_s) * 1000;
+        let expires = now.saturating_add(ttl_ms);
+        let refresh_at = cache::refresh_at(now, ttl_ms);
+        self.store(host, key, hash, expires, refresh_at, &Entry::User(user));
+    }
+
+    fn store_denied<H: Host>(
+        &self,
+        host: &H,
+        key: &str,
+        hash: &TokenHash,
+        status: u16,
+        body: &[u8],
+    ) {
+        let ttl_s = self.settings.config.negative_ttl_s;
+        if ttl_s > 0 {
+            let expires = host.now_ms().saturating_add(u64::from(ttl_s) * 1000);
+            let entry = Entry::Denied { status, body };
+            self.store(host, key, hash, expires, expires, &entry);
+        }
+    }
+
+    /// Writes an entry with read-then-CAS, which is right on both hosts: Envoy overwrites on CAS
+    /// 0, ngx_wasm_module treats CAS 0 on an existing key as a mismatch. A user entry is not
+    /// written over this token's user entry that is still fresh (another VM was first).
+    fn store<H: Host>(
+        &self,
+        host: &H,
+        key: &str,
+        hash: &TokenHash,
+        expires: u64,
+        refresh_at: u64,
+        e: &Entry<'_>,
+    ) {
+        let bytes = cache::encode(hash, expires, refresh_at, e);
+        let now = host.now_ms();
+        let is_user = matches!(e, Entry::User(_));
         for _ in 0..WRITE_ATTEMPTS {
             let (current, cas) = host.shared_get(key);
-            let is_user = matches!(e, Entry::User(_));
-            if is_user
-                && current
-                    .as_deref()
-                    .is_some_and(|c| cache::already_holds_user(c, hash, now))
-            {
+            let fresh = |c: &[u8]| cache::holds_fresh_user(c, hash, now);
+            if is_user && current.as_deref().is_some_and(fresh) {
                 return;
             }
             match host.shared_set(key, &bytes, cas) {
@@ -405,6 +499,10 @@ impl Router {
             log::warn!("{message}");
         }
     }
+}
+
+fn lookup_slot<'a>(slot: Option<&'a [u8]>, hash: &TokenHash, now: u64) -> Lookup<'a> {
+    slot.map_or(Lookup::Miss, |b| cache::lookup(b, hash, now))
 }
 
 fn describe(failure: Failure) -> String {

@@ -219,17 +219,93 @@ fn miss_calls_whoami_then_hit_uses_cache() {
     assert_eq!(host.count_of(Counter::WhoamiOk), 1);
 }
 
+/// Sends one request and returns its verdict and phase, without answering anything.
+fn send(r: &Router, host: &FakeHost, headers: &[(&str, &str)]) -> (Verdict, Phase) {
+    host.request(SYNC, headers);
+    let mut phase = Phase::Idle;
+    let v = r.on_request_headers(host, &mut phase);
+    (v, phase)
+}
+
 #[test]
-fn cache_expires_after_ttl() {
+fn cache_expires_after_ttl_when_nobody_refreshed_it() {
     let host = FakeHost::envoy();
     let r = router(&host, r#"{"cache_ttl_s":60}"#);
     let auth = [("authorization", "Bearer t")];
     run(&r, &host, &auth, Some(("200", ALICE)));
-    host.now.set(host.now.get() + 59_999);
+    // Still fresh: a plain hit.
+    host.now.set(host.now.get() + 53_999);
     assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
-    host.now.set(host.now.get() + 1);
+    assert_eq!(host.dispatched.borrow().len(), 1);
+    host.now.set(host.now.get() + 6_001);
     assert_eq!(run(&r, &host, &auth, Some(("200", ALICE))), Verdict::Pause);
     assert_eq!(host.dispatched.borrow().len(), 2);
+}
+
+#[test]
+fn an_entry_in_use_is_refreshed_once_before_it_expires() {
+    let host = FakeHost::envoy();
+    let r = router(&host, r#"{"cache_ttl_s":60}"#);
+    let vm2 = router(&host, r#"{"cache_ttl_s":60}"#);
+    let auth = [("authorization", "Bearer t"), ("user-agent", "Element")];
+    run(&r, &host, &auth, Some(("200", ALICE)));
+    // In the last tenth of the TTL: the hit goes on at once and claims the refresh.
+    host.now.set(host.now.get() + 54_000);
+    let (v, mut refreshing) = send(&r, &host, &auth);
+    assert_eq!(v, Verdict::Continue);
+    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    assert!(matches!(refreshing, Phase::Refreshing { .. }));
+    assert_eq!(host.dispatched.borrow().len(), 2);
+    // Every other request, on any VM, just hits while the refresh is in flight.
+    for vm in [&r, &vm2, &r] {
+        let (v, phase) = send(vm, &host, &auth);
+        assert_eq!(v, Verdict::Continue);
+        assert!(matches!(phase, Phase::Idle));
+    }
+    assert_eq!(host.dispatched.borrow().len(), 2);
+    assert_eq!(host.count_of(Counter::Refreshes), 1);
+    // The answer extends the entry; the request is not resumed (it never waited).
+    r.on_whoami_response(&host, &mut refreshing, Some(b"200"), Some(ALICE));
+    assert_eq!(host.resumed.get(), 1);
+    host.now.set(host.now.get() + 30_000); // past the first entry's expiry
+    assert_eq!(send(&r, &host, &auth).0, Verdict::Continue);
+    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    assert_eq!(host.dispatched.borrow().len(), 2);
+}
+
+#[test]
+fn a_failed_refresh_keeps_the_entry_and_is_retried_after_its_claim() {
+    let host = FakeHost::envoy();
+    let r = router(&host, r#"{"cache_ttl_s":60,"whoami_timeout_ms":1000}"#);
+    let auth = [("authorization", "Bearer t")];
+    run(&r, &host, &auth, Some(("200", ALICE)));
+    host.now.set(host.now.get() + 54_000);
+    let (_, mut refreshing) = send(&r, &host, &auth);
+    r.on_whoami_response(&host, &mut refreshing, Some(b"503"), Some(b""));
+    assert_eq!(host.count_of(Counter::WhoamiFailed), 1);
+    // Within the claim (timeout + 1 s): hits, no new callout.
+    host.now.set(host.now.get() + 1_999);
+    assert!(matches!(send(&r, &host, &auth).1, Phase::Idle));
+    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    // The claim lapsed: the next hit refreshes again.
+    host.now.set(host.now.get() + 1);
+    assert!(matches!(send(&r, &host, &auth).1, Phase::Refreshing { .. }));
+    assert_eq!(host.dispatched.borrow().len(), 3);
+}
+
+#[test]
+fn a_refresh_that_finds_the_token_revoked_caches_it_as_rejected() {
+    let host = FakeHost::envoy();
+    let r = router(&host, r#"{"cache_ttl_s":60}"#);
+    let auth = [("authorization", "Bearer t")];
+    run(&r, &host, &auth, Some(("200", ALICE)));
+    host.now.set(host.now.get() + 54_000);
+    let (_, mut refreshing) = send(&r, &host, &auth);
+    let body: &[u8] = br#"{"errcode":"M_UNKNOWN_TOKEN"}"#;
+    r.on_whoami_response(&host, &mut refreshing, Some(b"401"), Some(body));
+    assert_eq!(send(&r, &host, &auth).0, Verdict::Continue);
+    assert!(host.header("x-user-identifier")[0].starts_with('~'));
+    assert_eq!(host.count_of(Counter::NegativeHits), 1);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use proxy_wasm_harness::{Action, Vm};
+use proxy_wasm_harness::{Action, Host, Vm};
 use serde_json::json;
 
 use crate::common::*;
@@ -140,6 +140,81 @@ fn a_clock_that_jumps_keeps_routing_right() -> TestResult {
         let call = only_call(&vm, stream)?;
         vm.respond(call, 200, JSON, &whoami_body("@gina:example.org"))?;
         assert_eq!(header_values(&vm, stream)?, ["@gina:example.org"]);
+    }
+    Ok(())
+}
+
+/// In the last tenth of its TTL an entry in use is refreshed by one request, of any VM, without
+/// pausing it; the answer extends the entry, so a token in steady use never expires into a burst
+/// of misses (one whoami call per connection at once).
+#[test]
+fn an_entry_in_use_is_refreshed_ahead_by_one_request_of_any_vm() -> TestResult {
+    for kind in BOTH {
+        let host = Host::new(profile(kind));
+        let cfg = config(kind, json!({"cache_ttl_s": 60}));
+        let mut vm1 = host.start_vm(&filter()?, &cfg)?;
+        let mut vm2 = host.start_vm(&filter()?, &cfg)?;
+        resolve(&mut vm1, "tok_hot", "@hana:example.org")?;
+        host.advance(secs(54));
+        let first = sync(&mut vm1, Some("tok_hot"))?;
+        assert_eq!(
+            vm1.stream(first)?.last_action(),
+            Some(Action::Continue),
+            "{kind:?}"
+        );
+        assert_eq!(header_values(&vm1, first)?, ["@hana:example.org"]);
+        let refresh = only_call(&vm1, first)?;
+        for vm in [&mut vm1, &mut vm2] {
+            let (hit, stream) = served_from_cache(vm, "tok_hot")?;
+            assert!(hit, "{kind:?}: a refresh is in flight, the others just hit");
+            assert_eq!(header_values(vm, stream)?, ["@hana:example.org"]);
+        }
+        assert_eq!(
+            vm1.calls().len() + vm2.calls().len(),
+            2,
+            "{kind:?}: first miss + one refresh"
+        );
+        vm1.respond(refresh, 200, JSON, &whoami_body("@hana:example.org"))?;
+        assert!(
+            !vm1.stream(first)?.resumed(),
+            "{kind:?}: a request that never waited is not resumed"
+        );
+        no_anomalies(&vm1)?;
+        host.advance(secs(30)); // past the first entry's expiry at 60 s
+        let (hit, stream) = served_from_cache(&mut vm2, "tok_hot")?;
+        assert!(hit, "{kind:?}: the refreshed entry still answers");
+        assert_eq!(header_values(&vm2, stream)?, ["@hana:example.org"]);
+        assert_eq!(metric(&host, "refreshes"), 1);
+        assert_eq!(metric(&host, "whoami_ok"), 2);
+    }
+    Ok(())
+}
+
+/// A refresh whose request ended first is canceled by the host; its claim (whoami timeout + 1 s)
+/// lapses and a later request refreshes instead.
+#[test]
+fn a_refresh_canceled_with_its_request_is_taken_over_after_the_claim() -> TestResult {
+    for kind in BOTH {
+        let (host, mut vm) = start(kind, json!({"cache_ttl_s": 60, "whoami_timeout_ms": 1000}))?;
+        resolve(&mut vm, "tok_short", "@ida:example.org")?;
+        host.advance(secs(54));
+        let first = sync(&mut vm, Some("tok_short"))?;
+        only_call(&vm, first)?;
+        vm.end_stream(first)?;
+        assert!(vm.pending_calls().is_empty(), "{kind:?}");
+        host.advance(secs(1));
+        let (hit, _) = served_from_cache(&mut vm, "tok_short")?;
+        assert!(
+            hit && vm.pending_calls().is_empty(),
+            "{kind:?}: still claimed"
+        );
+        host.advance(secs(1));
+        let (hit, stream) = served_from_cache(&mut vm, "tok_short")?;
+        assert!(hit, "{kind:?}");
+        let call = only_call(&vm, stream)?;
+        vm.respond(call, 200, JSON, &whoami_body("@ida:example.org"))?;
+        assert_eq!(metric(&host, "refreshes"), 2);
+        no_anomalies(&vm)?;
     }
     Ok(())
 }

@@ -47,6 +47,7 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
         let (host, mut vm) = start(kind, json!({}))?;
         let mut headers = sync_headers(Some("syt_YWxpY2U_token1_0aB1cD"));
         headers.push(("x-forwarded-for".into(), "198.51.100.7".into()));
+        headers.push(("x-forwarded-proto".into(), "https".into()));
         let stream = vm.request(&pairs(&headers))?;
         assert_eq!(
             vm.stream(stream)?.last_action(),
@@ -73,7 +74,8 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
                 ":authority",
                 "authorization",
                 "user-agent",
-                "x-forwarded-for"
+                "x-forwarded-for",
+                "x-forwarded-proto"
             ],
             "{kind:?}: exactly these headers, nothing else of the client's"
         );
@@ -85,6 +87,8 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
             Some("Bearer syt_YWxpY2U_token1_0aB1cD")
         );
         assert_eq!(call.header("user-agent"), Some("Element/1.11 (test)"));
+        // Without it Synapse warns about every forwarded request.
+        assert_eq!(call.header("x-forwarded-proto"), Some("https"));
         // Envoy's source.address carries a port, nginx's $remote_addr does not: the client IP is
         // appended once either way.
         assert_eq!(
@@ -100,7 +104,7 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
             HostKind::Ngx => "pw:matrix-sync-router:matrix_sync_router_",
         };
         let names: Vec<String> = host.metrics().into_iter().map(|m| m.name).collect();
-        assert_eq!(names.len(), 12, "{kind:?}: {names:?}");
+        assert_eq!(names.len(), 13, "{kind:?}: {names:?}");
         assert!(
             names.iter().all(|name| name.starts_with(prefix)),
             "{kind:?}: {names:?}"
