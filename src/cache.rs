@@ -2,8 +2,10 @@
 //!
 //! The raw token is never stored: an entry is addressed and identified by a SipHash-2-4-128 of
 //! the token keyed with a random secret that all VMs of the process share (`<prefix>/secret`).
-//! A fixed number of slots bounds the cache; an entry carries the full 128-bit hash, so a slot
-//! collision (or ngx_wasm_module's crc32-only key comparison) is detected, never misread as a hit.
+//! A fixed number of slots bounds the cache. Each token has two candidate slots (two-choice
+//! hashing), so two busy tokens sharing one slot do not evict each other on every request. An
+//! entry carries the full 128-bit hash, so a slot collision (or ngx_wasm_module's crc32-only key
+//! comparison) is detected, never misread as a hit.
 
 use siphasher::sip128::{Hasher128, SipHasher24};
 use std::hash::Hasher;
@@ -40,11 +42,26 @@ pub struct TokenHash(pub [u8; 16]);
 pub type FallbackKey = [u8; 17];
 
 impl TokenHash {
-    /// Slot index in `0..capacity`.
-    pub fn slot(&self, capacity: u32) -> u32 {
+    fn word(&self, half: usize) -> u64 {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.0[8..16]);
-        (u64::from_le_bytes(b) % u64::from(capacity.max(1))) as u32
+        b.copy_from_slice(&self.0[half * 8..half * 8 + 8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// The token's two candidate slots in `0..capacity` (distinct unless capacity is 1).
+    pub fn slots(&self, capacity: u32) -> [u32; 2] {
+        let cap = u64::from(capacity.max(1));
+        let first = (self.word(1) % cap) as u32;
+        let mut second = (self.word(0).rotate_left(32) % cap) as u32;
+        if second == first && capacity > 1 {
+            second = (first + 1) % capacity;
+        }
+        [first, second]
+    }
+
+    /// Index into a per-VM table of `len` (a power of two) entries.
+    pub fn local_index(&self, len: usize) -> usize {
+        (self.word(1) >> 32) as usize & (len - 1)
     }
 
     pub fn fallback_key(&self) -> FallbackKey {
@@ -63,9 +80,51 @@ pub fn secret_key(prefix: &str) -> String {
     format!("{prefix}/secret")
 }
 
-/// Shared-data key of a slot.
-pub fn slot_key(prefix: &str, slot: u32) -> String {
-    format!("{prefix}/{slot}")
+/// Shared-data key of a slot, `<prefix>/<slot>`, built on the stack (the hit path allocates
+/// nothing for it). The prefix is at most 64 bytes and a slot at most 8 digits.
+#[derive(Clone, Copy)]
+pub struct SlotKey {
+    buf: [u8; 80],
+    len: u8,
+}
+
+impl SlotKey {
+    pub fn new(prefix: &str, slot: u32) -> SlotKey {
+        let mut key = SlotKey {
+            buf: [0; 80],
+            len: 0,
+        };
+        let p = prefix.as_bytes();
+        let p = &p[..p.len().min(64)];
+        key.buf[..p.len()].copy_from_slice(p);
+        key.buf[p.len()] = b'/';
+        let mut digits = [0u8; 10];
+        let mut n = slot;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let end = p.len() + 1 + digits.len() - i;
+        key.buf[p.len() + 1..end].copy_from_slice(&digits[i..]);
+        key.len = end as u8;
+        key
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built from a `&str` prefix, `/` and ASCII digits only.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for SlotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the cache says about a token.
@@ -75,7 +134,12 @@ pub enum Lookup<'a> {
     Miss,
     /// Synapse said this token belongs to this user. `refresh` is true when the entry is in its
     /// refresh window and no one has claimed the refresh yet: this request should claim it.
-    User { user: &'a str, refresh: bool },
+    /// Until `refresh_at` the answer may be kept in a VM's own memory.
+    User {
+        user: &'a str,
+        refresh: bool,
+        refresh_at: u64,
+    },
     /// Synapse rejected the token with this status and body.
     Denied { status: u16, body: &'a [u8] },
     /// whoami recently failed for this token: do not call again yet.
@@ -114,12 +178,24 @@ fn time_at(header: &[u8; HEADER_LEN], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Longest rejection body kept in a negative entry. Synapse's errors are ~100 bytes; a longer
+/// body is dropped (the edge answer then uses a standard one), which bounds the cache's memory
+/// even when a flood of bad tokens fills every slot with negative entries.
+pub const MAX_STORED_BODY: usize = 512;
+
 /// Encodes an entry for `hash`, valid until `expires_ms`; a user entry asks for a refresh from
 /// `refresh_at_ms` on (other kinds are never refreshed).
 pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
+    let kept = |body: &'_ [u8]| -> usize {
+        if body.len() <= MAX_STORED_BODY {
+            body.len()
+        } else {
+            0
+        }
+    };
     let (kind, extra) = match entry {
         Entry::User(user) => (KIND_USER, user.len()),
-        Entry::Denied { body, .. } => (KIND_DENIED, 2 + body.len()),
+        Entry::Denied { body, .. } => (KIND_DENIED, 2 + kept(body)),
         Entry::Backoff => (KIND_BACKOFF, 0),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + extra);
@@ -133,7 +209,7 @@ pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Ent
         Entry::User(user) => out.extend_from_slice(user.as_bytes()),
         Entry::Denied { status, body } => {
             out.extend_from_slice(&status.to_le_bytes());
-            out.extend_from_slice(body);
+            out.extend_from_slice(&body[..kept(body)]);
         }
         Entry::Backoff => {}
     }
@@ -154,6 +230,7 @@ pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> 
                 user,
                 refresh: time_at(header, REFRESH_AT) <= now_ms
                     && time_at(header, CLAIMED_UNTIL) <= now_ms,
+                refresh_at: time_at(header, REFRESH_AT),
             },
             _ => Lookup::Miss,
         },
@@ -166,6 +243,32 @@ pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> 
         },
         KIND_BACKOFF => Lookup::Backoff,
         _ => Lookup::Miss,
+    }
+}
+
+/// Whether a slot's bytes are an entry of this token, in any state.
+pub fn holds_token(bytes: &[u8], hash: &TokenHash) -> bool {
+    bytes.len() >= HEADER_LEN && bytes[0] == VERSION && bytes[2..18] == hash.0
+}
+
+/// Which of a token's two candidate slots a new entry goes to: the one already holding this
+/// token, else an empty, expired or unreadable one, else the one whose entry expires first.
+pub fn choose_slot(candidates: [Option<&[u8]>; 2], hash: &TokenHash, now_ms: u64) -> usize {
+    let expiry = |c: Option<&[u8]>| match c.and_then(|b| b.split_first_chunk::<HEADER_LEN>()) {
+        Some((header, _)) if header[0] == VERSION => time_at(header, EXPIRES),
+        _ => 0,
+    };
+    if let Some(i) = candidates
+        .iter()
+        .position(|c| c.is_some_and(|b| holds_token(b, hash)))
+    {
+        return i;
+    }
+    let [a, b] = candidates.map(expiry);
+    if a <= now_ms || a <= b {
+        0
+    } else {
+        1
     }
 }
 
@@ -209,15 +312,73 @@ mod tests {
     }
 
     #[test]
-    fn slots_stay_in_range_and_spread() {
+    fn slots_stay_in_range_spread_and_differ() {
         let mut seen = std::collections::HashSet::new();
         for i in 0..2000 {
-            let s = SECRET.hash(format!("tok{i}").as_bytes()).slot(16);
-            assert!(s < 16);
-            seen.insert(s);
+            let [a, b] = SECRET.hash(format!("tok{i}").as_bytes()).slots(16);
+            assert!(a < 16 && b < 16 && a != b);
+            seen.insert(a);
+            seen.insert(b);
         }
         assert_eq!(seen.len(), 16);
-        assert_eq!(SECRET.hash(b"x").slot(1), 0);
+        assert_eq!(SECRET.hash(b"x").slots(1), [0, 0]);
+        assert!(SECRET.hash(b"x").local_index(1024) < 1024);
+    }
+
+    #[test]
+    fn a_new_entry_takes_its_own_then_a_free_then_the_oldest_slot() {
+        let me = SECRET.hash(b"me");
+        let other = SECRET.hash(b"other");
+        let mine = encode(&me, 50, 40, &Entry::User("@me:x"));
+        let soon = encode(&other, 100, 90, &Entry::User("@o:x"));
+        let late = encode(&other, 200, 180, &Entry::User("@o:x"));
+        assert_eq!(choose_slot([Some(&late), Some(&mine)], &me, 10), 1);
+        assert_eq!(choose_slot([None, None], &me, 10), 0);
+        assert_eq!(choose_slot([Some(&late), None], &me, 10), 1);
+        assert_eq!(choose_slot([Some(&late), Some(b"junk")], &me, 10), 1);
+        assert_eq!(choose_slot([Some(&late), Some(&soon)], &me, 10), 1);
+        assert_eq!(choose_slot([Some(&soon), Some(&late)], &me, 10), 0);
+        // Expired counts as free.
+        assert_eq!(choose_slot([Some(&soon), Some(&late)], &me, 150), 0);
+    }
+
+    #[test]
+    fn long_rejection_bodies_are_not_stored() {
+        let h = SECRET.hash(b"t");
+        let long = vec![b'x'; MAX_STORED_BODY + 1];
+        let e = encode(
+            &h,
+            100,
+            100,
+            &Entry::Denied {
+                status: 401,
+                body: &long,
+            },
+        );
+        assert_eq!(
+            lookup(&e, &h, 0),
+            Lookup::Denied {
+                status: 401,
+                body: b""
+            }
+        );
+        let ok = vec![b'x'; MAX_STORED_BODY];
+        let e = encode(
+            &h,
+            100,
+            100,
+            &Entry::Denied {
+                status: 403,
+                body: &ok,
+            },
+        );
+        assert_eq!(
+            lookup(&e, &h, 0),
+            Lookup::Denied {
+                status: 403,
+                body: &ok
+            }
+        );
     }
 
     #[test]
@@ -235,7 +396,11 @@ mod tests {
     }
 
     fn user(u: &str, refresh: bool) -> Lookup<'_> {
-        Lookup::User { user: u, refresh }
+        Lookup::User {
+            user: u,
+            refresh,
+            refresh_at: 900,
+        }
     }
 
     #[test]
@@ -301,6 +466,12 @@ mod tests {
     #[test]
     fn keys() {
         assert_eq!(secret_key("msr"), "msr/secret");
-        assert_eq!(slot_key("msr", 42), "msr/42");
+        assert_eq!(SlotKey::new("msr", 42).as_str(), "msr/42");
+        assert_eq!(SlotKey::new("msr", 0).as_str(), "msr/0");
+        let long = "p".repeat(64);
+        assert_eq!(
+            SlotKey::new(&long, 16_777_215).as_str(),
+            format!("{long}/16777215")
+        );
     }
 }

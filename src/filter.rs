@@ -1,11 +1,11 @@
 //! The decision state machine of one request, written against the `Host` trait so that it runs
 //! natively in unit tests and, through `host.rs`, in any proxy-wasm host.
 
-use crate::cache::{self, Entry, Lookup, Secret, TokenHash};
+use crate::cache::{self, Entry, Lookup, Secret, SlotKey, TokenHash};
 use crate::config::Settings;
 use crate::request::{self, Token};
 use crate::whoami::{self, Failure, Outcome, MAX_BODY};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 /// What the filter needs from its host. `host.rs` maps each to proxy-wasm calls; every method
 /// absorbs host errors (a failed read is "absent", a failed write is reported) so no host status
@@ -106,13 +106,22 @@ pub enum Phase {
     Idle,
     AwaitingWhoami {
         hash: TokenHash,
-        slot_key: String,
     },
     /// The request went on with the cached user; a whoami refresh of its entry is in flight.
     Refreshing {
         hash: TokenHash,
-        slot_key: String,
     },
+}
+
+/// Size of each VM's own table of recent answers (a power of two).
+const LOCAL_SLOTS: usize = 4096;
+
+/// A user answer kept in a VM's own memory until the shared entry's refresh window, so a hit
+/// costs no shared-data read (each data-returning host call costs about a microsecond in Envoy).
+struct Local {
+    hash: TokenHash,
+    refresh_at: u64,
+    user: Box<str>,
 }
 
 /// How often a cache write is retried after a CAS mismatch before it is given up.
@@ -124,6 +133,7 @@ const WARN_INTERVAL_MS: u64 = 10_000;
 pub struct Router {
     pub settings: Settings,
     secret: Cell<Secret>,
+    local: RefCell<Vec<Option<Local>>>,
     last_warn_ms: Cell<u64>,
     suppressed_warnings: Cell<u32>,
 }
@@ -137,6 +147,7 @@ impl Router {
         Ok(Router {
             settings,
             secret: Cell::new(secret),
+            local: RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect()),
             last_warn_ms: Cell::new(0),
             suppressed_warnings: Cell::new(0),
         })
@@ -168,24 +179,33 @@ impl Router {
     }
 
     fn route_token<H: Host>(&self, host: &H, phase: &mut Phase, token: &[u8]) -> Verdict {
-        let cfg = &self.settings.config;
         let now = host.now_ms();
         let mut hash = self.secret.get().hash(token);
-        let mut slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
-        let (mut slot, mut cas) = host.shared_get(&slot_key);
-
-        if lookup_slot(slot.as_deref(), &hash, now) == Lookup::Miss && self.refresh_secret(host) {
+        if self.hit_local(host, &hash, now) {
+            return Verdict::Continue;
+        }
+        let mut found = self.read_slots(host, &hash, now);
+        if found.is_none() && self.refresh_secret(host) {
             // Another VM's secret won: look again where that VM would have written.
             hash = self.secret.get().hash(token);
-            slot_key = cache::slot_key(&cfg.shared_data_prefix, hash.slot(cfg.cache_capacity));
-            (slot, cas) = host.shared_get(&slot_key);
+            found = self.read_slots(host, &hash, now);
         }
-        match lookup_slot(slot.as_deref(), &hash, now) {
-            Lookup::User { user, refresh } => {
+        let Some((key, bytes, cas)) = found else {
+            host.count(Counter::CacheMisses);
+            return self.call_whoami(host, phase, token, hash);
+        };
+        match cache::lookup(&bytes, &hash, now) {
+            Lookup::User {
+                user,
+                refresh,
+                refresh_at,
+            } => {
                 host.count(Counter::CacheHits);
                 self.set_key(host, user.as_bytes());
                 if refresh {
-                    self.start_refresh(host, phase, token, hash, slot_key, &slot, cas, now);
+                    self.start_refresh(host, phase, token, hash, key, &bytes, cas, now);
+                } else {
+                    self.remember(&hash, refresh_at, user, now);
                 }
                 Verdict::Continue
             }
@@ -198,11 +218,79 @@ impl Router {
                 self.route_fallback(host, &hash);
                 Verdict::Continue
             }
+            // `read_slots` returns only usable entries.
             Lookup::Miss => {
                 host.count(Counter::CacheMisses);
-                self.call_whoami(host, phase, token, hash, slot_key)
+                self.call_whoami(host, phase, token, hash)
             }
         }
+    }
+
+    /// A hit in this VM's own table: header set, nothing read from shared data.
+    fn hit_local<H: Host>(&self, host: &H, hash: &TokenHash, now: u64) -> bool {
+        let local = self.local.borrow();
+        match local.get(hash.local_index(LOCAL_SLOTS)) {
+            Some(Some(e)) if e.hash == *hash && now < e.refresh_at => {
+                host.count(Counter::CacheHits);
+                self.set_key(host, e.user.as_bytes());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn remember(&self, hash: &TokenHash, refresh_at: u64, user: &str, now: u64) {
+        if now < refresh_at {
+            if let Some(slot) = self
+                .local
+                .borrow_mut()
+                .get_mut(hash.local_index(LOCAL_SLOTS))
+            {
+                *slot = Some(Local {
+                    hash: *hash,
+                    refresh_at,
+                    user: user.into(),
+                });
+            }
+        }
+    }
+
+    fn forget(&self, hash: &TokenHash) {
+        if let Some(slot) = self
+            .local
+            .borrow_mut()
+            .get_mut(hash.local_index(LOCAL_SLOTS))
+        {
+            if slot.as_ref().is_some_and(|e| e.hash == *hash) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn slot_keys(&self, hash: &TokenHash) -> [SlotKey; 2] {
+        let cfg = &self.settings.config;
+        hash.slots(cfg.cache_capacity)
+            .map(|slot| SlotKey::new(&cfg.shared_data_prefix, slot))
+    }
+
+    /// The token's usable entry from its first candidate slot that has one: key, bytes, CAS.
+    fn read_slots<H: Host>(
+        &self,
+        host: &H,
+        hash: &TokenHash,
+        now: u64,
+    ) -> Option<(SlotKey, Vec<u8>, u32)> {
+        let keys = self.slot_keys(hash);
+        let distinct = if keys[0].as_str() == keys[1].as_str() {
+            1
+        } else {
+            2
+        };
+        keys[..distinct].iter().find_map(|key| {
+            let (value, cas) = host.shared_get(key.as_str());
+            let bytes = value?;
+            (cache::lookup(&bytes, hash, now) != Lookup::Miss).then_some((*key, bytes, cas))
+        })
     }
 
     /// Claims the refresh of an entry in its refresh window with a CAS write; only the request
@@ -214,21 +302,21 @@ impl Router {
         phase: &mut Phase,
         token: &[u8],
         hash: TokenHash,
-        slot_key: String,
-        slot: &Option<Vec<u8>>,
+        key: SlotKey,
+        bytes: &[u8],
         cas: u32,
         now: u64,
     ) {
         let timeout = u64::from(self.settings.config.whoami_timeout_ms);
         let until = now.saturating_add(timeout).saturating_add(1000);
-        let Some(claimed) = slot.as_deref().and_then(|b| cache::claim(b, until)) else {
+        let Some(claimed) = cache::claim(bytes, until) else {
             return;
         };
-        if host.shared_set(&slot_key, &claimed, cas) == SetStatus::Ok
+        if host.shared_set(key.as_str(), &claimed, cas) == SetStatus::Ok
             && self.dispatch_whoami(host, token)
         {
             host.count(Counter::Refreshes);
-            *phase = Phase::Refreshing { hash, slot_key };
+            *phase = Phase::Refreshing { hash };
         }
     }
 
@@ -238,10 +326,9 @@ impl Router {
         phase: &mut Phase,
         token: &[u8],
         hash: TokenHash,
-        slot_key: String,
     ) -> Verdict {
         if self.dispatch_whoami(host, token) {
-            *phase = Phase::AwaitingWhoami { hash, slot_key };
+            *phase = Phase::AwaitingWhoami { hash };
             return Verdict::Pause;
         }
         // The host refused the call outright (unknown cluster, bad upstream): a config problem,
@@ -293,37 +380,31 @@ impl Router {
         status: Option<&[u8]>,
         body: Option<&[u8]>,
     ) {
-        let (hash, slot_key, waiting) = match std::mem::take(phase) {
+        let (hash, waiting) = match std::mem::take(phase) {
             Phase::Idle => return,
-            Phase::AwaitingWhoami { hash, slot_key } => (hash, slot_key, true),
-            Phase::Refreshing { hash, slot_key } => (hash, slot_key, false),
+            Phase::AwaitingWhoami { hash } => (hash, true),
+            Phase::Refreshing { hash } => (hash, false),
         };
         let body = body.filter(|b| b.len() <= MAX_BODY);
         let outcome = whoami::interpret(status, body);
         if waiting {
-            self.answer_waiting_request(host, hash, &slot_key, outcome);
+            self.answer_waiting_request(host, hash, outcome);
         } else {
-            self.finish_refresh(host, hash, &slot_key, outcome);
+            self.finish_refresh(host, hash, outcome);
         }
     }
 
-    fn answer_waiting_request<H: Host>(
-        &self,
-        host: &H,
-        hash: TokenHash,
-        slot_key: &str,
-        outcome: Outcome,
-    ) {
+    fn answer_waiting_request<H: Host>(&self, host: &H, hash: TokenHash, outcome: Outcome) {
         match outcome {
             Outcome::User(user) => {
                 host.count(Counter::WhoamiOk);
-                self.store_user(host, slot_key, &hash, &user);
+                self.store_user(host, &hash, &user);
                 self.set_key(host, user.as_bytes());
                 host.resume();
             }
             Outcome::Denied { status, body } => {
                 host.count(Counter::WhoamiDenied);
-                self.store_denied(host, slot_key, &hash, status, &body);
+                self.store_denied(host, &hash, status, &body);
                 if self.deny(host, &hash, status, &body) == Verdict::Continue {
                     host.resume();
                 }
@@ -334,7 +415,7 @@ impl Router {
                 let backoff_s = self.settings.config.failure_backoff_s;
                 if backoff_s > 0 {
                     let expires = host.now_ms().saturating_add(u64::from(backoff_s) * 1000);
-                    self.store(host, slot_key, &hash, expires, expires, &Entry::Backoff);
+                    self.store(host, &hash, expires, expires, &Entry::Backoff);
                 }
                 self.route_fallback(host, &hash);
                 host.resume();
@@ -344,16 +425,17 @@ impl Router {
 
     /// A refresh answer only updates the cache: the request already went on. A failure leaves
     /// the entry as it is; its claim lapses and a later request tries again.
-    fn finish_refresh<H: Host>(&self, host: &H, hash: TokenHash, key: &str, outcome: Outcome) {
+    fn finish_refresh<H: Host>(&self, host: &H, hash: TokenHash, outcome: Outcome) {
         match outcome {
             Outcome::User(user) => {
                 host.count(Counter::WhoamiOk);
-                self.store_user(host, key, &hash, &user);
+                self.store_user(host, &hash, &user);
             }
             Outcome::Denied { status, body } => {
                 // Logged out or locked since: from now on the token is treated as rejected.
                 host.count(Counter::WhoamiDenied);
-                self.store_denied(host, key, &hash, status, &body);
+                self.forget(&hash);
+                self.store_denied(host, &hash, status, &body);
             }
             Outcome::Failed(failure) => {
                 host.count(Counter::WhoamiFailed);
@@ -409,37 +491,31 @@ impl Router {
         }
     }
 
-    fn store_user<H: Host>(&self, host: &H, key: &str, hash: &TokenHash, user: &str) {
+    fn store_user<H: Host>(&self, host: &H, hash: &TokenHash, user: &str) {
         let now = host.now_ms();
         let ttl_ms = u64::from(self.settings.config.cache_ttl_s) * 1000;
         let expires = now.saturating_add(ttl_ms);
         let refresh_at = cache::refresh_at(now, ttl_ms);
-        self.store(host, key, hash, expires, refresh_at, &Entry::User(user));
+        self.store(host, hash, expires, refresh_at, &Entry::User(user));
+        self.remember(hash, refresh_at, user, now);
     }
 
-    fn store_denied<H: Host>(
-        &self,
-        host: &H,
-        key: &str,
-        hash: &TokenHash,
-        status: u16,
-        body: &[u8],
-    ) {
+    fn store_denied<H: Host>(&self, host: &H, hash: &TokenHash, status: u16, body: &[u8]) {
         let ttl_s = self.settings.config.negative_ttl_s;
         if ttl_s > 0 {
             let expires = host.now_ms().saturating_add(u64::from(ttl_s) * 1000);
             let entry = Entry::Denied { status, body };
-            self.store(host, key, hash, expires, expires, &entry);
+            self.store(host, hash, expires, expires, &entry);
         }
     }
 
-    /// Writes an entry with read-then-CAS, which is right on both hosts: Envoy overwrites on CAS
-    /// 0, ngx_wasm_module treats CAS 0 on an existing key as a mismatch. A user entry is not
-    /// written over this token's user entry that is still fresh (another VM was first).
+    /// Writes an entry into one of the token's two slots (`cache::choose_slot`) with
+    /// read-then-CAS, which is right on both hosts: Envoy overwrites on CAS 0, ngx_wasm_module
+    /// treats CAS 0 on an existing key as a mismatch. A user entry is not written over this
+    /// token's user entry that is still fresh (another VM was first).
     fn store<H: Host>(
         &self,
         host: &H,
-        key: &str,
         hash: &TokenHash,
         expires: u64,
         refresh_at: u64,
@@ -448,13 +524,17 @@ impl Router {
         let bytes = cache::encode(hash, expires, refresh_at, e);
         let now = host.now_ms();
         let is_user = matches!(e, Entry::User(_));
+        let keys = self.slot_keys(hash);
         for _ in 0..WRITE_ATTEMPTS {
-            let (current, cas) = host.shared_get(key);
+            let [a, b] = keys.map(|k| host.shared_get(k.as_str()));
+            let current = [a.0.as_deref(), b.0.as_deref()];
             let fresh = |c: &[u8]| cache::holds_fresh_user(c, hash, now);
-            if is_user && current.as_deref().is_some_and(fresh) {
+            if is_user && current.iter().any(|c| c.is_some_and(fresh)) {
                 return;
             }
-            match host.shared_set(key, &bytes, cas) {
+            let i = cache::choose_slot(current, hash, now);
+            let cas = if i == 0 { a.1 } else { b.1 };
+            match host.shared_set(keys[i].as_str(), &bytes, cas) {
                 SetStatus::Ok => return,
                 SetStatus::CasMismatch => continue,
                 SetStatus::Failed => break,
@@ -499,10 +579,6 @@ impl Router {
             log::warn!("{message}");
         }
     }
-}
-
-fn lookup_slot<'a>(slot: Option<&'a [u8]>, hash: &TokenHash, now: u64) -> Lookup<'a> {
-    slot.map_or(Lookup::Miss, |b| cache::lookup(b, hash, now))
 }
 
 fn describe(failure: Failure) -> String {

@@ -14,6 +14,7 @@ struct FakeHost {
     headers: RefCell<Vec<(String, Vec<u8>)>>,
     case_sensitive: bool,
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    shared_reads: Cell<u32>,
     next_cas: Cell<u32>,
     now: Cell<u64>,
     dispatched: RefCell<Vec<Call>>,
@@ -98,6 +99,7 @@ impl Host for FakeHost {
         (path == ["source", "address"]).then(|| b"192.0.2.7:4000".to_vec())
     }
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+        self.shared_reads.set(self.shared_reads.get() + 1);
         match self.shared.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), *cas),
             None => (None, 0),
@@ -618,4 +620,67 @@ fn counter_names_are_unique_and_prefixed() {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), Counter::ALL.len());
+}
+
+#[test]
+fn a_vm_answers_repeat_tokens_from_its_own_memory() {
+    let host = FakeHost::envoy();
+    let r = router(&host, "");
+    let auth = [("authorization", "Bearer t")];
+    run(&r, &host, &auth, Some(("200", ALICE)));
+    let reads = host.shared_reads.get();
+    assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
+    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    assert_eq!(
+        host.shared_reads.get(),
+        reads,
+        "a repeat hit reads no shared data"
+    );
+    assert_eq!(host.count_of(Counter::CacheHits), 1);
+    // Another VM has no such memory yet: it reads shared data once, then remembers.
+    let vm2 = router(&host, "");
+    run(&vm2, &host, &auth, None);
+    let reads = host.shared_reads.get();
+    run(&vm2, &host, &auth, None);
+    assert_eq!(host.shared_reads.get(), reads);
+}
+
+#[test]
+fn two_busy_tokens_sharing_a_first_slot_both_stay_cached() {
+    let host = FakeHost::envoy();
+    let r = router(&host, r#"{"cache_capacity":64}"#);
+    // Two tokens whose first candidate slot is the same.
+    let secret = r.secret.get();
+    let first = |t: &str| secret.hash(t.as_bytes()).slots(64)[0];
+    let tokens: Vec<String> = (0..1000).map(|i| format!("tok{i}")).collect();
+    let x = &tokens[0];
+    let y = tokens[1..].iter().find(|t| first(t) == first(x)).unwrap();
+    let bob: &[u8] = br#"{"user_id":"@bob:example.org"}"#;
+    run(
+        &r,
+        &host,
+        &[("authorization", &format!("Bearer {x}"))],
+        Some(("200", ALICE)),
+    );
+    run(
+        &r,
+        &host,
+        &[("authorization", &format!("Bearer {y}"))],
+        Some(("200", bob)),
+    );
+    // A VM without memory of either finds both in shared data: no more whoami calls.
+    let vm2 = router(&host, r#"{"cache_capacity":64}"#);
+    for _ in 0..3 {
+        for (t, user) in [(x, "@alice:example.org"), (y, "@bob:example.org")] {
+            let v = run(
+                &vm2,
+                &host,
+                &[("authorization", &format!("Bearer {t}"))],
+                None,
+            );
+            assert_eq!(v, Verdict::Continue);
+            assert_eq!(host.header("x-user-identifier"), vec![user]);
+        }
+    }
+    assert_eq!(host.dispatched.borrow().len(), 2);
 }
