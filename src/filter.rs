@@ -3,7 +3,7 @@
 
 use crate::cache::{self, Entry, Lookup, Secret, SlotKey, TokenHash};
 use crate::config::Settings;
-use crate::request::{self, Token};
+use crate::request::{self, HeaderBlock, Token};
 use crate::whoami::{self, Failure, Outcome, MAX_BODY};
 use std::cell::{Cell, RefCell};
 
@@ -11,10 +11,8 @@ use std::cell::{Cell, RefCell};
 /// absorbs host errors (a failed read is "absent", a failed write is reported) so no host status
 /// can make the filter panic.
 pub trait Host {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
-    /// Names of all request headers, as the host stores them (used only where names are
-    /// case-sensitive, see `Proxy::scrub_needs_header_scan`).
-    fn request_header_names(&self) -> Vec<String>;
+    /// All request headers, in one host call.
+    fn request_headers(&self) -> HeaderBlock;
     fn set_request_header(&self, name: &str, value: &[u8]);
     fn remove_request_header(&self, name: &str);
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
@@ -154,34 +152,40 @@ impl Router {
     }
 
     pub fn on_request_headers<H: Host>(&self, host: &H, phase: &mut Phase) -> Verdict {
-        let Some(path) = host.request_header(":path") else {
+        let headers = host.request_headers();
+        let Some(path) = headers.get(":path") else {
             return Verdict::Continue;
         };
-        let (path_only, query) = request::split_path(&path);
+        let (path_only, query) = request::split_path(path);
         if !self.settings.sync_paths.is_match(path_only) {
             return Verdict::Continue;
         }
         host.count(Counter::Requests);
-        let authorization = host.request_header("authorization");
-        match request::find_token(authorization.as_deref(), query) {
+        match request::find_token(headers.get("authorization"), query) {
             Token::Absent => {
                 host.count(Counter::NoToken);
-                self.scrub(host);
+                self.scrub(host, Some(&headers));
                 Verdict::Continue
             }
             Token::Malformed(token) => {
                 let hash = self.secret.get().hash(&token);
-                self.route_fallback(host, &hash);
+                self.route_fallback(host, Some(&headers), &hash);
                 Verdict::Continue
             }
-            Token::Valid(token) => self.route_token(host, phase, &token),
+            Token::Valid(token) => self.route_token(host, &headers, phase, &token),
         }
     }
 
-    fn route_token<H: Host>(&self, host: &H, phase: &mut Phase, token: &[u8]) -> Verdict {
+    fn route_token<H: Host>(
+        &self,
+        host: &H,
+        headers: &HeaderBlock,
+        phase: &mut Phase,
+        token: &[u8],
+    ) -> Verdict {
         let now = host.now_ms();
         let mut hash = self.secret.get().hash(token);
-        if self.hit_local(host, &hash, now) {
+        if self.hit_local(host, headers, &hash, now) {
             return Verdict::Continue;
         }
         let mut found = self.read_slots(host, &hash, now);
@@ -192,7 +196,7 @@ impl Router {
         }
         let Some((key, bytes, cas)) = found else {
             host.count(Counter::CacheMisses);
-            return self.call_whoami(host, phase, token, hash);
+            return self.call_whoami(host, headers, phase, token, hash);
         };
         match cache::lookup(&bytes, &hash, now) {
             Lookup::User {
@@ -201,9 +205,10 @@ impl Router {
                 refresh_at,
             } => {
                 host.count(Counter::CacheHits);
-                self.set_key(host, user.as_bytes());
+                self.set_key(host, Some(headers), user.as_bytes());
                 if refresh {
-                    self.start_refresh(host, phase, token, hash, key, &bytes, cas, now);
+                    let slot = (key, &bytes[..], cas);
+                    self.start_refresh(host, headers, phase, token, hash, slot, now);
                 } else {
                     self.remember(&hash, refresh_at, user, now);
                 }
@@ -211,28 +216,34 @@ impl Router {
             }
             Lookup::Denied { status, body } => {
                 host.count(Counter::NegativeHits);
-                self.deny(host, &hash, status, body)
+                self.deny(host, Some(headers), &hash, status, body)
             }
             Lookup::Backoff => {
                 host.count(Counter::BackoffHits);
-                self.route_fallback(host, &hash);
+                self.route_fallback(host, Some(headers), &hash);
                 Verdict::Continue
             }
             // `read_slots` returns only usable entries.
             Lookup::Miss => {
                 host.count(Counter::CacheMisses);
-                self.call_whoami(host, phase, token, hash)
+                self.call_whoami(host, headers, phase, token, hash)
             }
         }
     }
 
     /// A hit in this VM's own table: header set, nothing read from shared data.
-    fn hit_local<H: Host>(&self, host: &H, hash: &TokenHash, now: u64) -> bool {
+    fn hit_local<H: Host>(
+        &self,
+        host: &H,
+        headers: &HeaderBlock,
+        hash: &TokenHash,
+        now: u64,
+    ) -> bool {
         let local = self.local.borrow();
         match local.get(hash.local_index(LOCAL_SLOTS)) {
             Some(Some(e)) if e.hash == *hash && now < e.refresh_at => {
                 host.count(Counter::CacheHits);
-                self.set_key(host, e.user.as_bytes());
+                self.set_key(host, Some(headers), e.user.as_bytes());
                 true
             }
             _ => false,
@@ -299,12 +310,11 @@ impl Router {
     fn start_refresh<H: Host>(
         &self,
         host: &H,
+        headers: &HeaderBlock,
         phase: &mut Phase,
         token: &[u8],
         hash: TokenHash,
-        key: SlotKey,
-        bytes: &[u8],
-        cas: u32,
+        (key, bytes, cas): (SlotKey, &[u8], u32),
         now: u64,
     ) {
         let timeout = u64::from(self.settings.config.whoami_timeout_ms);
@@ -313,7 +323,7 @@ impl Router {
             return;
         };
         if host.shared_set(key.as_str(), &claimed, cas) == SetStatus::Ok
-            && self.dispatch_whoami(host, token)
+            && self.dispatch_whoami(host, headers, token)
         {
             host.count(Counter::Refreshes);
             *phase = Phase::Refreshing { hash };
@@ -323,11 +333,12 @@ impl Router {
     fn call_whoami<H: Host>(
         &self,
         host: &H,
+        headers: &HeaderBlock,
         phase: &mut Phase,
         token: &[u8],
         hash: TokenHash,
     ) -> Verdict {
-        if self.dispatch_whoami(host, token) {
+        if self.dispatch_whoami(host, headers, token) {
             *phase = Phase::AwaitingWhoami { hash };
             return Verdict::Pause;
         }
@@ -341,26 +352,25 @@ impl Router {
                 self.settings.config.whoami_upstream
             ),
         );
-        self.route_fallback(host, &hash);
+        self.route_fallback(host, Some(headers), &hash);
         Verdict::Continue
     }
 
     /// Starts the whoami callout for `token`; false when the host refused it.
-    fn dispatch_whoami<H: Host>(&self, host: &H, token: &[u8]) -> bool {
+    fn dispatch_whoami<H: Host>(&self, host: &H, headers: &HeaderBlock, token: &[u8]) -> bool {
         let cfg = &self.settings.config;
         // `find_token` only lets visible ASCII through, so this never fails.
         let Ok(token) = std::str::from_utf8(token) else {
             return false;
         };
-        let text = |v: Option<Vec<u8>>| v.and_then(|v| String::from_utf8(v).ok());
-        let user_agent = text(host.request_header("user-agent"));
-        let forwarded_for = text(host.request_header("x-forwarded-for"));
-        let forwarded_proto = text(host.request_header("x-forwarded-proto"));
-        let source = text(host.property(&["source", "address"]));
+        let text = |name| headers.get(name).and_then(|v| std::str::from_utf8(v).ok());
+        let source = host
+            .property(&["source", "address"])
+            .and_then(|v| String::from_utf8(v).ok());
         let client = whoami::ClientInfo {
-            user_agent: user_agent.as_deref(),
-            forwarded_for: forwarded_for.as_deref(),
-            forwarded_proto: forwarded_proto.as_deref(),
+            user_agent: text("user-agent"),
+            forwarded_for: text("x-forwarded-for"),
+            forwarded_proto: text("x-forwarded-proto"),
             source_address: source.as_deref(),
         };
         let headers = whoami::callout_headers(cfg, token, client);
@@ -399,13 +409,13 @@ impl Router {
             Outcome::User(user) => {
                 host.count(Counter::WhoamiOk);
                 self.store_user(host, &hash, &user);
-                self.set_key(host, user.as_bytes());
+                self.set_key(host, None, user.as_bytes());
                 host.resume();
             }
             Outcome::Denied { status, body } => {
                 host.count(Counter::WhoamiDenied);
                 self.store_denied(host, &hash, status, &body);
-                if self.deny(host, &hash, status, &body) == Verdict::Continue {
+                if self.deny(host, None, &hash, status, &body) == Verdict::Continue {
                     host.resume();
                 }
             }
@@ -417,7 +427,7 @@ impl Router {
                     let expires = host.now_ms().saturating_add(u64::from(backoff_s) * 1000);
                     self.store(host, &hash, expires, expires, &Entry::Backoff);
                 }
-                self.route_fallback(host, &hash);
+                self.route_fallback(host, None, &hash);
                 host.resume();
             }
         }
@@ -446,7 +456,14 @@ impl Router {
 
     /// A token Synapse rejected: answered at the edge when configured, else forwarded with the
     /// fallback key so the worker gives Synapse's own error.
-    fn deny<H: Host>(&self, host: &H, hash: &TokenHash, status: u16, body: &[u8]) -> Verdict {
+    fn deny<H: Host>(
+        &self,
+        host: &H,
+        headers: Option<&HeaderBlock>,
+        hash: &TokenHash,
+        status: u16,
+        body: &[u8],
+    ) -> Verdict {
         if self.settings.config.reject_invalid_tokens {
             host.count(Counter::Rejected);
             let body: &[u8] = if body.is_empty() {
@@ -457,37 +474,45 @@ impl Router {
             host.send_response(status, &[("content-type", "application/json")], body);
             Verdict::Pause
         } else {
-            self.route_fallback(host, hash);
+            self.route_fallback(host, headers, hash);
             Verdict::Continue
         }
     }
 
-    fn route_fallback<H: Host>(&self, host: &H, hash: &TokenHash) {
+    fn route_fallback<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>, hash: &TokenHash) {
         host.count(Counter::Fallbacks);
-        self.set_key(host, &hash.fallback_key());
+        self.set_key(host, headers, &hash.fallback_key());
     }
 
-    /// Sets the hash-key header, replacing any copy the client sent.
-    fn set_key<H: Host>(&self, host: &H, value: &[u8]) {
-        let name = &self.settings.config.header_name;
+    /// Sets the hash-key header, replacing any copy the client sent. `headers` is the request's
+    /// header block if the caller has it (read again only where the host needs a scan).
+    fn set_key<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>, value: &[u8]) {
         if self.settings.config.proxy.scrub_needs_header_scan() {
-            self.scrub(host);
+            self.scrub(host, headers);
         }
-        host.set_request_header(name, value);
+        host.set_request_header(&self.settings.config.header_name, value);
     }
 
     /// Removes every client copy of the hash-key header.
-    fn scrub<H: Host>(&self, host: &H) {
+    fn scrub<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>) {
         let name = &self.settings.config.header_name;
-        if self.settings.config.proxy.scrub_needs_header_scan() {
-            let mut names = host.request_header_names();
-            names.retain(|n| n.eq_ignore_ascii_case(name));
-            names.dedup();
-            for n in names {
-                host.remove_request_header(&n);
-            }
-        } else {
+        if !self.settings.config.proxy.scrub_needs_header_scan() {
             host.remove_request_header(name);
+            return;
+        }
+        let fresh;
+        let headers = match headers {
+            Some(h) => h,
+            None => {
+                fresh = host.request_headers();
+                &fresh
+            }
+        };
+        for spelling in headers.spellings(name) {
+            // Names come from the request; a name that is not UTF-8 cannot be this header.
+            if let Ok(spelling) = std::str::from_utf8(spelling) {
+                host.remove_request_header(spelling);
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::filter::{Counter, Host, Phase, Router, SetStatus, Verdict};
+use crate::request::HeaderBlock;
 use crate::whoami::MAX_BODY;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, StreamType};
@@ -124,52 +125,6 @@ fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
     owned(status, data, len)
 }
 
-/// Names of a serialized header map (count, then lengths, then NUL-terminated names/values),
-/// read with bounds checks so a surprising host answer yields fewer names, not a trap.
-fn map_names(bytes: &[u8]) -> Vec<String> {
-    let word = |at: usize| -> Option<usize> {
-        let b = bytes.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    let Some(count) = word(0) else {
-        return Vec::new();
-    };
-    let mut names = Vec::with_capacity(count.min(256));
-    let mut p = 4usize.saturating_add(count.saturating_mul(8));
-    for n in 0..count {
-        let (Some(klen), Some(vlen)) = (word(4 + n * 8), word(8 + n * 8)) else {
-            break;
-        };
-        let Some(key) = bytes.get(p..p.saturating_add(klen)) else {
-            break;
-        };
-        names.push(String::from_utf8_lossy(key).into_owned());
-        p = p.saturating_add(klen + 1).saturating_add(vlen + 1);
-    }
-    names
-}
-
-fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        4 + pairs
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 10)
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 /// Metric ids, defined once per VM. `None` where the host refused the definition.
 #[derive(Default)]
 struct Metrics([Option<u32>; Counter::ALL.len()]);
@@ -196,19 +151,13 @@ struct HostCalls<'a> {
 }
 
 impl Host for HostCalls<'_> {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        map_value(MapType::HttpRequestHeaders, name)
-    }
-
-    fn request_header_names(&self) -> Vec<String> {
+    fn request_headers(&self) -> HeaderBlock {
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: pointers to live locals.
         let status = unsafe {
             proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size)
         };
-        owned(status, data, size)
-            .map(|b| map_names(&b))
-            .unwrap_or_default()
+        HeaderBlock::from_bytes(owned(status, data, size).unwrap_or_default())
     }
 
     fn set_request_header(&self, name: &str, value: &[u8]) {
@@ -288,7 +237,8 @@ impl Host for HostCalls<'_> {
     }
 
     fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-        let headers = serialize_pairs(headers);
+        let headers = HeaderBlock::serialize(headers);
+        let headers = headers.as_bytes();
         // Shown as %RESPONSE_CODE_DETAILS% in Envoy's access log.
         const DETAILS: &str = "matrix_sync_router_rejected_token";
         // SAFETY: slices outlive the call.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::Config;
+use crate::request::HeaderBlock;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -69,19 +70,10 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.headers
-            .borrow()
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    }
-    fn request_header_names(&self) -> Vec<String> {
-        self.headers
-            .borrow()
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect()
+    fn request_headers(&self) -> HeaderBlock {
+        let h = self.headers.borrow();
+        let pairs: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        HeaderBlock::serialize(&pairs)
     }
     fn set_request_header(&self, name: &str, value: &[u8]) {
         let mut h = self.headers.borrow_mut();
