@@ -105,9 +105,11 @@ pub enum Phase {
     AwaitingWhoami {
         hash: TokenHash,
     },
-    /// The request went on with the cached user; a whoami refresh of its entry is in flight.
+    /// The request is routed by the cached user; a whoami refresh of its entry is in flight.
+    /// `paused`: the request waits for it (hosts without background callouts).
     Refreshing {
         hash: TokenHash,
+        paused: bool,
     },
 }
 
@@ -208,10 +210,9 @@ impl Router {
                 self.set_key(host, Some(headers), user.as_bytes());
                 if refresh {
                     let slot = (key, &bytes[..], cas);
-                    self.start_refresh(host, headers, phase, token, hash, slot, now);
-                } else {
-                    self.remember(&hash, refresh_at, user, now);
+                    return self.start_refresh(host, headers, phase, token, hash, slot, now);
                 }
+                self.remember(&hash, refresh_at, user, now);
                 Verdict::Continue
             }
             Lookup::Denied { status, body } => {
@@ -316,17 +317,24 @@ impl Router {
         hash: TokenHash,
         (key, bytes, cas): (SlotKey, &[u8], u32),
         now: u64,
-    ) {
+    ) -> Verdict {
         let timeout = u64::from(self.settings.config.whoami_timeout_ms);
         let until = now.saturating_add(timeout).saturating_add(1000);
         let Some(claimed) = cache::claim(bytes, until) else {
-            return;
+            return Verdict::Continue;
         };
-        if host.shared_set(key.as_str(), &claimed, cas) == SetStatus::Ok
-            && self.dispatch_whoami(host, headers, token)
+        if host.shared_set(key.as_str(), &claimed, cas) != SetStatus::Ok
+            || !self.dispatch_whoami(host, headers, token)
         {
-            host.count(Counter::Refreshes);
-            *phase = Phase::Refreshing { hash };
+            return Verdict::Continue;
+        }
+        host.count(Counter::Refreshes);
+        let paused = !self.settings.config.proxy.callouts_run_in_background();
+        *phase = Phase::Refreshing { hash, paused };
+        if paused {
+            Verdict::Pause
+        } else {
+            Verdict::Continue
         }
     }
 
@@ -390,17 +398,19 @@ impl Router {
         status: Option<&[u8]>,
         body: Option<&[u8]>,
     ) {
-        let (hash, waiting) = match std::mem::take(phase) {
-            Phase::Idle => return,
-            Phase::AwaitingWhoami { hash } => (hash, true),
-            Phase::Refreshing { hash } => (hash, false),
-        };
         let body = body.filter(|b| b.len() <= MAX_BODY);
-        let outcome = whoami::interpret(status, body);
-        if waiting {
-            self.answer_waiting_request(host, hash, outcome);
-        } else {
-            self.finish_refresh(host, hash, outcome);
+        match std::mem::take(phase) {
+            Phase::Idle => {}
+            Phase::AwaitingWhoami { hash } => {
+                self.answer_waiting_request(host, hash, whoami::interpret(status, body));
+            }
+            Phase::Refreshing { hash, paused } => {
+                self.finish_refresh(host, hash, whoami::interpret(status, body));
+                // Whatever the answer, the request goes on as it was routed (cached user).
+                if paused {
+                    host.resume();
+                }
+            }
         }
     }
 

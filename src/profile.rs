@@ -22,6 +22,14 @@ impl Proxy {
         matches!(self, Proxy::NgxWasmModule)
     }
 
+    /// Whether a callout may run while the request that made it goes on. Envoy delivers the
+    /// answer to the context whatever the request did meanwhile. ngx_wasm_module suspends a
+    /// request that has a call in flight and leaves waking it to the filter, so there a refresh
+    /// pauses its one request (already routed by the cached user) and resumes it on the answer.
+    pub fn callouts_run_in_background(self) -> bool {
+        matches!(self, Proxy::Envoy)
+    }
+
     /// Checks the form of the whoami upstream for this host.
     pub fn validate_upstream(self, upstream: &str) -> Result<(), &'static str> {
         if upstream.is_empty() || !upstream.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
@@ -67,8 +75,10 @@ mod tests {
     }
 
     #[test]
-    fn only_ngx_needs_a_header_scan() {
+    fn only_ngx_needs_a_header_scan_and_a_paused_refresh() {
         assert!(!Proxy::Envoy.scrub_needs_header_scan());
         assert!(Proxy::NgxWasmModule.scrub_needs_header_scan());
+        assert!(Proxy::Envoy.callouts_run_in_background());
+        assert!(!Proxy::NgxWasmModule.callouts_run_in_background());
     }
 }

@@ -676,3 +676,25 @@ fn two_busy_tokens_sharing_a_first_slot_both_stay_cached() {
     }
     assert_eq!(host.dispatched.borrow().len(), 2);
 }
+
+#[test]
+fn on_ngx_the_refreshing_request_waits_and_is_resumed_whatever_the_answer() {
+    for (status, body) in [("200", ALICE), ("503", &b""[..]), ("401", &b"{}"[..])] {
+        let host = FakeHost::envoy();
+        let cfg =
+            r#"{"proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008","cache_ttl_s":60}"#;
+        let r = router(&host, cfg);
+        let auth = [("authorization", "Bearer t")];
+        run(&r, &host, &auth, Some(("200", ALICE)));
+        host.now.set(host.now.get() + 54_000);
+        let (v, mut refreshing) = send(&r, &host, &auth);
+        assert_eq!(v, Verdict::Pause, "{status}");
+        assert!(matches!(refreshing, Phase::Refreshing { paused: true, .. }));
+        // Already routed by the cached user while it waits.
+        assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+        let resumed = host.resumed.get();
+        r.on_whoami_response(&host, &mut refreshing, Some(status.as_bytes()), Some(body));
+        assert_eq!(host.resumed.get(), resumed + 1, "{status}");
+        assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    }
+}
