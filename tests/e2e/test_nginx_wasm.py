@@ -17,8 +17,10 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,7 +123,7 @@ def render_nginx_config(
 
     text = _sub_one(rf"^(\s*proxy_wasm {FILTER} )'(.*)';", plugin, text, "proxy_wasm line")
     access_log = (
-        "    log_format msr_e2e '$http_x_test_id $upstream_addr $status \"$http_x_user_identifier\"';\n"
+        "    log_format msr_e2e '$http_x_test_id $upstream_addr $status $pid \"$http_x_user_identifier\"';\n"
         f"    access_log {workdir / 'access.log'} msr_e2e;\n"
     )
     text = _sub_one(r"^http \{\n", lambda m: m[0] + access_log, text, "http block")
@@ -181,7 +183,7 @@ class Nginx(stack.Service):
 
         def find():
             for line in self.access_log.read_text().splitlines():
-                tid, upstream, status, ident = line.split(" ", 3)
+                tid, upstream, status, _pid, ident = line.split(" ", 4)
                 if tid == test_id:
                     ident = ident.strip('"')  # nginx logs an empty variable as "-"
                     return (
@@ -192,6 +194,11 @@ class Nginx(stack.Service):
             return None
 
         return self.wait_for(find, timeout, f"access log line of {test_id}", interval=0.05)
+
+    def nginx_workers(self, test_ids: set[str]) -> set[str]:
+        """The nginx worker processes (pids) that served these requests."""
+        lines = (line.split(" ", 4) for line in self.access_log.read_text().splitlines())
+        return {fields[3] for fields in lines if fields[0] in test_ids}
 
     # Password login through nginx's `location /` (Envoy's helper only uses self.request).
     login = stack.Envoy.login
@@ -365,6 +372,60 @@ def test_the_host_matches_header_names_case_insensitively(nginx_bin, workdir, sy
         assert n.log_entry(tid)[2] == device.user_id
         r, tid = n.sync(None, [(name, "@spoof:example.test")])
         assert n.log_entry(tid)[2] == ""
+
+
+def test_one_whoami_per_token_across_nginx_workers(nginx, synapse):
+    """The cache is shared data in `shm_kv`: whichever nginx worker serves a token's next request
+    finds the first worker's answer."""
+    devices = [synapse.register(f"ngxshared{i}") for i in range(10)]
+    test_ids = set()
+    for _ in range(6):
+        for device in devices:
+            r, tid = nginx.sync(device.token)
+            assert r.status == 200, r.body[:200]
+            test_ids.add(tid)
+    for tid in test_ids:
+        nginx.log_entry(tid)  # all logged
+    whoami = collections.Counter(
+        p.requester
+        for p in synapse.processed_requests(USER_AGENT)
+        if p.path == stack.WHOAMI_PATH and p.requester.startswith("@ngxshared")
+    )
+    assert whoami == {d.user_id: 1 for d in devices}, whoami
+    served_by = nginx.nginx_workers(test_ids)
+    if len(served_by) < 2:
+        pytest.skip(f"the kernel gave every connection to one nginx worker ({served_by})")
+
+
+def test_a_whoami_timeout_fails_open(nginx_bin, workdir, synapse):
+    """A whoami upstream that accepts and never answers: the call times out after
+    whoami_timeout_ms and the request is routed with the fallback key."""
+    blackhole = socket.socket()
+    blackhole.bind((stack.HOST, 0))
+    blackhole.listen(16)
+    port = blackhole.getsockname()[1]
+    n = Nginx(
+        nginx_bin,
+        workdir / "whoami-timeout",
+        synapse,
+        WASM,
+        whoami_upstream=f"{stack.HOST}:{port}",
+        whoami_timeout_ms=500,
+    )
+    try:
+        with running(n):
+            device = synapse.register("ngxtimeout")
+            started = time.monotonic()
+            r, tid = n.sync(device.token)
+            elapsed = time.monotonic() - started
+            assert r.status == 200, r.body[:200]
+            assert n.log_entry(tid)[2].startswith("~")
+            assert 0.4 < elapsed < 5, elapsed
+            log = n.error_log.read_text()
+            assert "dispatch failed: tcp socket - timed out" in log, log[-3000:]
+            assert "whoami failed with no response" in log, log[-3000:]
+    finally:
+        blackhole.close()
 
 
 def test_counters_are_visible(nginx):
