@@ -397,6 +397,33 @@ def test_one_whoami_per_token_across_nginx_workers(nginx, synapse):
         pytest.skip(f"the kernel gave every connection to one nginx worker ({served_by})")
 
 
+def test_a_token_in_its_refresh_window_is_refreshed_without_stalling(nginx_bin, workdir, synapse):
+    """cache_ttl_s=5: the refresh window is the last 0.5 s of an entry. A request in it is routed
+    by the cached user and refreshes the entry (on ngx_wasm_module it waits for that one call and
+    is resumed); the entry then outlives its first expiry, so the next request makes no call."""
+    n = Nginx(nginx_bin, workdir / "refresh", synapse, WASM, cache_ttl_s=5)
+    with running(n):
+        device = synapse.register("ngxrefresh")
+        r, _ = n.sync(device.token)
+        assert r.status == 200, r.body[:200]
+        written = time.monotonic()  # the entry was written just before this answer
+        time.sleep(max(0.0, 4.65 - (time.monotonic() - written)))
+        started = time.monotonic()
+        r, tid = n.sync(device.token)
+        assert r.status == 200, r.body[:200]
+        assert time.monotonic() - started < 3, "the refreshing request stalled"
+        assert n.log_entry(tid)[2] == device.user_id
+        time.sleep(max(0.0, 5.6 - (time.monotonic() - written)))  # past the first expiry
+        r, tid = n.sync(device.token)
+        assert r.status == 200 and n.log_entry(tid)[2] == device.user_id
+        whoami = [
+            p
+            for p in synapse.processed_requests(USER_AGENT)
+            if p.path == stack.WHOAMI_PATH and p.requester == device.user_id
+        ]
+        assert len(whoami) == 2, f"expected the first call and one refresh, got {len(whoami)}"
+
+
 def test_a_whoami_timeout_fails_open(nginx_bin, workdir, synapse):
     """A whoami upstream that accepts and never answers: the call times out after
     whoami_timeout_ms and the request is routed with the fallback key."""
