@@ -14,18 +14,19 @@ pub enum Proxy {
 }
 
 impl Proxy {
-    /// ngx_wasm_module removes and replaces request headers by exact name, so a client's
-    /// `X-User-Identifier` survives removing `x-user-identifier`. There every case variant present
-    /// in the request must be found and removed; Envoy lower-cases all names, so removing or
-    /// replacing the lower-case name is enough (and saves reading the whole header map).
+    /// Some ngx_wasm_module builds were seen to remove and replace request headers by exact name,
+    /// so a client's `X-User-Identifier` would survive removing `x-user-identifier` (the 0.6.0
+    /// prerelease verified here matches case-insensitively). There every case variant present is
+    /// removed, to be safe with any build; Envoy lower-cases all names, so removing or replacing
+    /// the lower-case name is enough.
     pub fn scrub_needs_header_scan(self) -> bool {
         matches!(self, Proxy::NgxWasmModule)
     }
 
     /// Whether a callout may run while the request that made it goes on. Envoy delivers the
-    /// answer to the context whatever the request did meanwhile. ngx_wasm_module suspends a
-    /// request that has a call in flight and leaves waking it to the filter, so there a refresh
-    /// pauses its one request (already routed by the cached user) and resumes it on the answer.
+    /// answer to the context whatever the request did meanwhile. A real nginx + ngx_wasm_module
+    /// dropped such a call ("ResponseHeaders returned PAUSE: local response expected"), so there
+    /// a refresh pauses its one request (already routed by the cached user) until the answer.
     pub fn callouts_run_in_background(self) -> bool {
         matches!(self, Proxy::Envoy)
     }
