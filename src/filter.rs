@@ -443,8 +443,8 @@ impl Router {
         }
     }
 
-    /// A refresh answer only updates the cache: the request already went on. A failure leaves
-    /// the entry as it is; its claim lapses and a later request tries again.
+    /// A refresh answer only updates the cache: its request is already routed by the cached user.
+    /// A failure leaves the entry as it is; its claim lapses and a later request tries again.
     fn finish_refresh<H: Host>(&self, host: &H, hash: TokenHash, outcome: Outcome) {
         match outcome {
             Outcome::User(user) => {
