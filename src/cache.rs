@@ -216,12 +216,24 @@ pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Ent
     out
 }
 
+/// The header and payload of an entry of this codec version (None: empty, short or foreign).
+fn split(bytes: &[u8]) -> Option<(&[u8; HEADER_LEN], &[u8])> {
+    bytes
+        .split_first_chunk::<HEADER_LEN>()
+        .filter(|(header, _)| header[0] == VERSION)
+}
+
+/// The header of this token's entry, if the bytes are one.
+fn header_for<'a>(bytes: &'a [u8], hash: &TokenHash) -> Option<(&'a [u8; HEADER_LEN], &'a [u8])> {
+    split(bytes).filter(|(header, _)| header[2..18] == hash.0)
+}
+
 /// Reads a slot's bytes for `hash` at time `now_ms`.
 pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> {
-    let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+    let Some((header, rest)) = header_for(bytes, hash) else {
         return Lookup::Miss;
     };
-    if header[0] != VERSION || header[2..18] != hash.0 || time_at(header, EXPIRES) <= now_ms {
+    if time_at(header, EXPIRES) <= now_ms {
         return Lookup::Miss;
     }
     match header[1] {
@@ -248,16 +260,13 @@ pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> 
 
 /// Whether a slot's bytes are an entry of this token, in any state.
 pub fn holds_token(bytes: &[u8], hash: &TokenHash) -> bool {
-    bytes.len() >= HEADER_LEN && bytes[0] == VERSION && bytes[2..18] == hash.0
+    header_for(bytes, hash).is_some()
 }
 
 /// Which of a token's two candidate slots a new entry goes to: the one already holding this
 /// token, else an empty, expired or unreadable one, else the one whose entry expires first.
 pub fn choose_slot(candidates: [Option<&[u8]>; 2], hash: &TokenHash, now_ms: u64) -> usize {
-    let expiry = |c: Option<&[u8]>| match c.and_then(|b| b.split_first_chunk::<HEADER_LEN>()) {
-        Some((header, _)) if header[0] == VERSION => time_at(header, EXPIRES),
-        _ => 0,
-    };
+    let expiry = |c: Option<&[u8]>| c.and_then(split).map_or(0, |(h, _)| time_at(h, EXPIRES));
     if let Some(i) = candidates
         .iter()
         .position(|c| c.is_some_and(|b| holds_token(b, hash)))
@@ -274,9 +283,7 @@ pub fn choose_slot(candidates: [Option<&[u8]>; 2], hash: &TokenHash, now_ms: u64
 
 /// A copy of a slot's entry with its refresh claimed until `until_ms` (None if unreadable).
 pub fn claim(bytes: &[u8], until_ms: u64) -> Option<Vec<u8>> {
-    if bytes.len() < HEADER_LEN || bytes[0] != VERSION {
-        return None;
-    }
+    split(bytes)?;
     let mut out = bytes.to_vec();
     out[CLAIMED_UNTIL..CLAIMED_UNTIL + 8].copy_from_slice(&until_ms.to_le_bytes());
     Some(out)
@@ -285,16 +292,11 @@ pub fn claim(bytes: &[u8], until_ms: u64) -> Option<Vec<u8>> {
 /// Whether a slot holds this token's user entry that is not yet due for a refresh, so a write
 /// can be skipped (another VM resolved or refreshed the same token first).
 pub fn holds_fresh_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
-    match bytes.split_first_chunk::<HEADER_LEN>() {
-        Some((header, _)) => {
-            header[0] == VERSION
-                && header[1] == KIND_USER
-                && header[2..18] == hash.0
-                && now_ms < time_at(header, REFRESH_AT)
-                && now_ms < time_at(header, EXPIRES)
-        }
-        None => false,
-    }
+    header_for(bytes, hash).is_some_and(|(header, _)| {
+        header[1] == KIND_USER
+            && now_ms < time_at(header, REFRESH_AT)
+            && now_ms < time_at(header, EXPIRES)
+    })
 }
 
 #[cfg(test)]

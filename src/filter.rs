@@ -133,6 +133,8 @@ const WARN_INTERVAL_MS: u64 = 10_000;
 pub struct Router {
     pub settings: Settings,
     secret: Cell<Secret>,
+    /// Shared-data key of the secret (`<prefix>/secret`), re-read on every miss.
+    secret_key: String,
     local: RefCell<Vec<Option<Local>>>,
     last_warn_ms: Cell<u64>,
     suppressed_warnings: Cell<u32>,
@@ -142,11 +144,12 @@ impl Router {
     /// Builds the router, fetching the process's secret from shared data or creating it. Fails
     /// when shared data cannot hold it (for ngx_wasm_module: the `shm_kv` zone is missing).
     pub fn new<H: Host>(settings: Settings, host: &H) -> Result<Router, String> {
-        let key = cache::secret_key(&settings.config.shared_data_prefix);
-        let secret = load_or_create_secret(host, &key)?;
+        let secret_key = cache::secret_key(&settings.config.shared_data_prefix);
+        let secret = load_or_create_secret(host, &secret_key)?;
         Ok(Router {
             settings,
             secret: Cell::new(secret),
+            secret_key,
             local: RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect()),
             last_warn_ms: Cell::new(0),
             suppressed_warnings: Cell::new(0),
@@ -581,8 +584,8 @@ impl Router {
     /// Re-reads the shared secret; true when it differs from this VM's (another VM won the race
     /// to create it, or it was evicted and re-created).
     fn refresh_secret<H: Host>(&self, host: &H) -> bool {
-        let key = cache::secret_key(&self.settings.config.shared_data_prefix);
-        let (value, cas) = host.shared_get(&key);
+        let key = &self.secret_key;
+        let (value, cas) = host.shared_get(key);
         match value.as_deref().and_then(Secret::from_bytes) {
             Some(shared) if shared != self.secret.get() => {
                 self.secret.set(shared);
@@ -591,7 +594,7 @@ impl Router {
             Some(_) => false,
             None => {
                 // Evicted (ngx_wasm_module zones evict): put ours back so the others converge.
-                let _ = host.shared_set(&key, self.secret.get().as_bytes(), cas);
+                let _ = host.shared_set(key, self.secret.get().as_bytes(), cas);
                 false
             }
         }
