@@ -18,8 +18,6 @@ use std::time::Duration;
 
 const STATUS_OK: u32 = 0;
 const STATUS_CAS_MISMATCH: u32 = 8;
-/// proxy-wasm log levels (trace..critical = 0..5).
-const LOG_LEVELS: [u32; 5] = [0, 1, 2, 3, 4];
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -281,12 +279,13 @@ impl log::Log for HostLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let level = match record.level() {
-            log::Level::Trace => LOG_LEVELS[0],
-            log::Level::Debug => LOG_LEVELS[1],
-            log::Level::Info => LOG_LEVELS[2],
-            log::Level::Warn => LOG_LEVELS[3],
-            log::Level::Error => LOG_LEVELS[4],
+        // proxy-wasm log levels: trace 0, debug 1, info 2, warn 3, error 4 (critical 5).
+        let level: u32 = match record.level() {
+            log::Level::Trace => 0,
+            log::Level::Debug => 1,
+            log::Level::Info => 2,
+            log::Level::Warn => 3,
+            log::Level::Error => 4,
         };
         let message = format!("matrix-sync-router: {}", record.args());
         // SAFETY: the message outlives the call.
