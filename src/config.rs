@@ -1,16 +1,21 @@
 //! The plugin configuration: one serde type with defaults, unknown fields refused, and
 //! validation that names the offending field.
 
+use crate::paths::PathSet;
 use crate::profile::Proxy;
-use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 use std::fmt;
 
-/// Default sync path family (Synapse's worker docs plus sliding sync).
-pub const DEFAULT_SYNC_PATHS: [&str; 2] = [
-    r"^/_matrix/client/(api/v1|r0|v3|unstable)/(sync|events|initialSync|rooms/[^/]+/initialSync)$",
-    r"^/_matrix/client/unstable/org\.matrix\.simplified_msc3575/sync$",
+/// Default sync path family (Synapse's worker docs plus sliding sync), as path templates
+/// (`paths.rs` documents the language).
+pub const DEFAULT_SYNC_PATHS: [&str; 3] = [
+    "/_matrix/client/{api/v1|r0|v3|unstable}/{sync|events|initialSync}",
+    "/_matrix/client/{api/v1|r0|v3|unstable}/rooms/*/initialSync",
+    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
 ];
+
+/// Upper bound of `max_whoami_in_flight`.
+pub const MAX_IN_FLIGHT: u32 = 4096;
 
 /// Upper bound of `cache_capacity`: 16 Mi slots is far beyond any homeserver's active tokens.
 pub const MAX_CACHE_CAPACITY: u32 = 1 << 24;
@@ -31,6 +36,8 @@ pub struct Config {
     pub failure_backoff_s: u32,
     pub reject_invalid_tokens: bool,
     pub shared_data_prefix: String,
+    pub max_whoami_in_flight: u32,
+    pub nginx_variable: String,
 }
 
 impl Default for Config {
@@ -49,6 +56,8 @@ impl Default for Config {
             failure_backoff_s: 10,
             reject_invalid_tokens: false,
             shared_data_prefix: "msr".into(),
+            max_whoami_in_flight: 32,
+            nginx_variable: String::new(),
         }
     }
 }
@@ -77,7 +86,7 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
 #[derive(Debug)]
 pub struct Settings {
     pub config: Config,
-    pub sync_paths: Regex,
+    pub sync_paths: PathSet,
 }
 
 impl Config {
@@ -118,17 +127,8 @@ impl Config {
         if self.sync_paths.is_empty() {
             return Err(err("sync_paths", "must list at least one pattern"));
         }
-        for (i, p) in self.sync_paths.iter().enumerate() {
-            compile(p).map_err(|e| err(&format!("sync_paths[{i}]"), e.to_string()))?;
-        }
-        // One alternation: a single pass over the path however many patterns there are.
-        let joined = self
-            .sync_paths
-            .iter()
-            .map(|p| format!("(?:{p})"))
-            .collect::<Vec<_>>()
-            .join("|");
-        let sync_paths = compile(&joined).map_err(|e| err("sync_paths", e.to_string()))?;
+        let sync_paths = PathSet::compile(&self.sync_paths)
+            .map_err(|(i, m)| err(&format!("sync_paths[{i}]"), m))?;
         if !(1..=MAX_CACHE_CAPACITY).contains(&self.cache_capacity) {
             return Err(err(
                 "cache_capacity",
@@ -150,6 +150,15 @@ impl Config {
                 "must be 1-64 characters of [A-Za-z0-9_-]",
             ));
         }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.max_whoami_in_flight) {
+            return Err(err(
+                "max_whoami_in_flight",
+                format!("must be between 1 and {MAX_IN_FLIGHT}"),
+            ));
+        }
+        self.proxy
+            .validate_variable(&self.nginx_variable)
+            .map_err(|m| err("nginx_variable", m))?;
         Ok(Settings {
             config: self,
             sync_paths,
@@ -175,15 +184,6 @@ fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
     de.end()
         .map_err(|e| err("(root)", format!("unexpected data after the object: {e}")))?;
     Ok(config)
-}
-
-/// Paths are matched as bytes with ASCII semantics (`.` and `[^/]` match any byte): no Unicode
-/// tables in the module, and a path that is not UTF-8 can still be matched.
-fn compile(pattern: &str) -> Result<Regex, regex::Error> {
-    RegexBuilder::new(pattern)
-        .unicode(false)
-        .size_limit(1 << 20)
-        .build()
 }
 
 fn unknown_field_name(message: &str) -> Option<String> {
@@ -271,7 +271,22 @@ mod tests {
             "header_name"
         );
         assert_eq!(field_of(r#"{"sync_paths":[]}"#), "sync_paths");
-        assert_eq!(field_of(r#"{"sync_paths":["ok","(bad"]}"#), "sync_paths[1]");
+        assert_eq!(
+            field_of(r#"{"sync_paths":["/ok","(bad"]}"#),
+            "sync_paths[1]"
+        );
+        assert_eq!(field_of(r#"{"sync_paths":["^/sync$"]}"#), "sync_paths[0]");
+        assert_eq!(
+            field_of(r#"{"max_whoami_in_flight":0}"#),
+            "max_whoami_in_flight"
+        );
+        assert_eq!(field_of(r#"{"nginx_variable":"msr"}"#), "nginx_variable");
+        assert_eq!(
+            field_of(
+                r#"{"proxy":"ngx_wasm_module","whoami_upstream":"h:1","nginx_variable":"a-b"}"#
+            ),
+            "nginx_variable"
+        );
         assert_eq!(field_of(r#"{"proxy":"haproxy"}"#), "proxy");
         assert_eq!(
             field_of(r#"{"shared_data_prefix":"a/b"}"#),
@@ -318,7 +333,7 @@ mod tests {
             "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
         ] {
-            assert!(s.sync_paths.is_match(p.as_bytes()), "{p}");
+            assert!(s.sync_paths.matches(p.as_bytes()), "{p}");
         }
         for p in [
             "/_matrix/client/v3/sync/extra",
@@ -328,7 +343,7 @@ mod tests {
             "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
             "/x/_matrix/client/v3/sync",
         ] {
-            assert!(!s.sync_paths.is_match(p.as_bytes()), "{p}");
+            assert!(!s.sync_paths.matches(p.as_bytes()), "{p}");
         }
     }
 }

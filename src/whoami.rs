@@ -100,10 +100,125 @@ fn is_header_text(v: &str) -> bool {
 pub enum Outcome {
     /// The token belongs to this user.
     User(String),
-    /// Synapse rejected the token (401/403): its status and body, for `reject_invalid_tokens`.
-    Denied { status: u16, body: Vec<u8> },
+    /// Synapse rejected the token (401/403).
+    Denied(Rejection),
     /// No usable answer.
     Failed(Failure),
+}
+
+/// The Matrix error codes whoami answers a rejected token with. Only the code is kept, never
+/// Synapse's body (which could echo the token): the edge answer is rebuilt from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errcode {
+    UnknownToken,
+    MissingToken,
+    UserLocked,
+    UserDeactivated,
+    ExpiredAccount,
+    Forbidden,
+}
+
+impl Errcode {
+    const ALL: [Errcode; 6] = [
+        Errcode::UnknownToken,
+        Errcode::MissingToken,
+        Errcode::UserLocked,
+        Errcode::UserDeactivated,
+        Errcode::ExpiredAccount,
+        Errcode::Forbidden,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Errcode::UnknownToken => "M_UNKNOWN_TOKEN",
+            Errcode::MissingToken => "M_MISSING_TOKEN",
+            Errcode::UserLocked => "M_USER_LOCKED",
+            Errcode::UserDeactivated => "M_USER_DEACTIVATED",
+            Errcode::ExpiredAccount => "M_EXPIRED_ACCOUNT",
+            Errcode::Forbidden => "M_FORBIDDEN",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Errcode::UnknownToken => "Invalid access token passed.",
+            Errcode::MissingToken => "Missing access token.",
+            Errcode::UserLocked => "User account has been locked",
+            Errcode::UserDeactivated => "User account has been deactivated",
+            Errcode::ExpiredAccount => "User account has expired",
+            Errcode::Forbidden => "Forbidden",
+        }
+    }
+
+    /// The code of a stored byte (unknown bytes read as `M_UNKNOWN_TOKEN`).
+    pub fn from_byte(b: u8) -> Errcode {
+        Errcode::ALL
+            .get(usize::from(b))
+            .copied()
+            .unwrap_or(Errcode::UnknownToken)
+    }
+
+    pub fn to_byte(self) -> u8 {
+        self as u8
+    }
+
+    fn parse(code: &str) -> Option<Errcode> {
+        Errcode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+}
+
+/// A rejected token: what the edge answer (`reject_invalid_tokens`) needs, nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// 401 or 403.
+    pub status: u16,
+    pub errcode: Errcode,
+    /// Synapse's `soft_logout` (an expired token whose device may log in again).
+    pub soft_logout: bool,
+}
+
+impl Rejection {
+    /// The JSON body of the edge answer: the same bytes every time for the same rejection.
+    pub fn body(&self) -> String {
+        let soft = if self.soft_logout {
+            ",\"soft_logout\":true"
+        } else {
+            ""
+        };
+        format!(
+            "{{\"errcode\":\"{}\",\"error\":\"{}\"{soft}}}",
+            self.errcode.as_str(),
+            self.errcode.message()
+        )
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorBody<'a> {
+    #[serde(borrow)]
+    errcode: Option<std::borrow::Cow<'a, str>>,
+    soft_logout: bool,
+}
+
+fn rejection(status: u16, body: Option<&[u8]>) -> Rejection {
+    let parsed: ErrorBody<'_> = body
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    let fallback = if status == 403 {
+        Errcode::Forbidden
+    } else {
+        Errcode::UnknownToken
+    };
+    Rejection {
+        status,
+        errcode: parsed
+            .errcode
+            .as_deref()
+            .and_then(Errcode::parse)
+            .unwrap_or(fallback),
+        soft_logout: parsed.soft_logout,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -145,10 +260,7 @@ pub fn interpret(status: Option<&[u8]>, body: Option<&[u8]>) -> Outcome {
                 Err(_) => Outcome::Failed(Failure::Malformed),
             }
         }
-        401 | 403 => Outcome::Denied {
-            status,
-            body: body.unwrap_or_default().to_vec(),
-        },
+        401 | 403 => Outcome::Denied(rejection(status, body)),
         other => Outcome::Failed(Failure::Status(other)),
     }
 }
@@ -294,17 +406,42 @@ mod tests {
             Outcome::User("@bridge:example.org".into())
         );
         let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"x","soft_logout":true}"#;
+        let soft = Rejection {
+            status: 401,
+            errcode: Errcode::UnknownToken,
+            soft_logout: true,
+        };
+        assert_eq!(interpret(Some(b"401"), Some(body)), Outcome::Denied(soft));
         assert_eq!(
-            interpret(Some(b"401"), Some(body)),
-            Outcome::Denied {
-                status: 401,
-                body: body.to_vec()
-            }
+            soft.body(),
+            r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed.","soft_logout":true}"#
         );
-        assert!(matches!(
+        let locked = br#"{"errcode":"M_USER_LOCKED","error":"echo syt_secret"}"#;
+        let Outcome::Denied(r) = interpret(Some(b"401"), Some(locked)) else {
+            panic!("not denied");
+        };
+        assert_eq!(r.errcode, Errcode::UserLocked);
+        assert!(!r.body().contains("syt_"));
+        assert_eq!(
             interpret(Some(b"403"), None),
-            Outcome::Denied { status: 403, .. }
-        ));
+            Outcome::Denied(Rejection {
+                status: 403,
+                errcode: Errcode::Forbidden,
+                soft_logout: false
+            })
+        );
+        assert_eq!(
+            interpret(Some(b"401"), Some(b"<html>")),
+            Outcome::Denied(Rejection {
+                status: 401,
+                errcode: Errcode::UnknownToken,
+                soft_logout: false
+            })
+        );
+        for code in Errcode::ALL {
+            assert_eq!(Errcode::from_byte(code.to_byte()), code);
+        }
+        assert_eq!(Errcode::from_byte(200), Errcode::UnknownToken);
         assert_eq!(interpret(None, None), Outcome::Failed(Failure::NoResponse));
         assert_eq!(
             interpret(Some(b"503"), Some(b"upstream connect error")),
