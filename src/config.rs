@@ -167,28 +167,9 @@ impl Config {
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let config: Config = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // serde names an unknown field in its message; the path then stops at its parent.
-        let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
-        let field = if field == "." || field == "?" || field.starts_with('[') {
-            "(root)".to_string()
-        } else {
-            field
-        };
-        err(&field, inner.to_string())
-    })?;
     // Bytes after the object (a templating slip such as two objects) are an error, not ignored.
-    de.end()
-        .map_err(|e| err("(root)", format!("unexpected data after the object: {e}")))?;
-    Ok(config)
-}
-
-fn unknown_field_name(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_string())
+    crate::json::from_slice::<Config>(bytes)
+        .map_err(|e| err(e.field.as_deref().unwrap_or("(root)"), e.message))
 }
 
 fn is_header_value(s: &str) -> bool {

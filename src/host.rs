@@ -434,14 +434,17 @@ struct Vm {
     parents: [Cell<(ContextId, ContextId)>; PARENTS],
 }
 
-thread_local! {
-    static VM: Vm = const {
-        Vm {
-            plugins: RefCell::new(Vec::new()),
-            parents: [const { Cell::new((0, 0)) }; PARENTS],
-        }
-    };
-}
+/// The VM's state. A plain static rather than `thread_local!`: a wasm32 VM runs one thread,
+/// and the thread-local machinery cost ~3 KB of module.
+struct VmCell(Vm);
+
+// SAFETY: a wasm32 VM runs one thread; the state is never touched concurrently.
+unsafe impl Sync for VmCell {}
+
+static VM: VmCell = VmCell(Vm {
+    plugins: RefCell::new(Vec::new()),
+    parents: [const { Cell::new((0, 0)) }; PARENTS],
+});
 
 impl Vm {
     /// Runs `f` with the plugin of `context` (a root, or a request created under one).
@@ -468,18 +471,16 @@ impl Vm {
 }
 
 fn with_router<R>(context: ContextId, f: impl FnOnce(&Router, &HostCalls<'_>) -> R) -> Option<R> {
-    VM.with(|vm| {
-        vm.with_plugin(context, |plugin| {
-            let router = plugin.router.as_ref()?;
-            Some(f(
-                router,
-                &HostCalls {
-                    metrics: &plugin.metrics,
-                },
-            ))
-        })
-        .flatten()
+    VM.0.with_plugin(context, |plugin| {
+        let router = plugin.router.as_ref()?;
+        Some(f(
+            router,
+            &HostCalls {
+                metrics: &plugin.metrics,
+            },
+        ))
     })
+    .flatten()
 }
 
 #[no_mangle]
@@ -488,21 +489,20 @@ pub extern "C" fn proxy_abi_version_0_2_1() {}
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context: ContextId, parent: ContextId) {
     callback(|| {
-        VM.with(|vm| {
-            if parent == 0 {
-                if let Ok(mut plugins) = vm.plugins.try_borrow_mut() {
-                    if !plugins.iter().any(|p| p.root == context) {
-                        plugins.push(Plugin {
-                            root: context,
-                            metrics: Metrics::define(),
-                            router: None,
-                        });
-                    }
+        let vm = &VM.0;
+        if parent == 0 {
+            if let Ok(mut plugins) = vm.plugins.try_borrow_mut() {
+                if !plugins.iter().any(|p| p.root == context) {
+                    plugins.push(Plugin {
+                        root: context,
+                        metrics: Metrics::define(),
+                        router: None,
+                    });
                 }
-            } else if let Some(slot) = vm.parents.get(context as usize % PARENTS) {
-                slot.set((context, parent));
             }
-        })
+        } else if let Some(slot) = vm.parents.get(context as usize % PARENTS) {
+            slot.set((context, parent));
+        }
     })
 }
 
@@ -524,7 +524,8 @@ pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
             .map(|b| b.to_vec())
             .unwrap_or_default()
         };
-        VM.with(|vm| {
+        {
+            let vm = &VM.0;
             let Ok(mut plugins) = vm.plugins.try_borrow_mut() else {
                 return 0;
             };
@@ -565,7 +566,7 @@ pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
                     0
                 }
             }
-        })
+        }
     })
 }
 

@@ -116,8 +116,7 @@ fn expand(template: &str) -> Result<Vec<String>, String> {
         .find(|b| !(0x21..=0x7e).contains(b) || matches!(b, b'?' | b'#' | b'\\'))
     {
         return Err(format!(
-            "contains {:?}, which a path template cannot hold",
-            char::from(b)
+            "contains byte 0x{b:02x}, which a path template cannot hold"
         ));
     }
     let mut done = vec![String::new()];

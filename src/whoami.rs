@@ -203,7 +203,7 @@ struct ErrorBody<'a> {
 
 fn rejection(status: u16, body: Option<&[u8]>) -> Rejection {
     let parsed: ErrorBody<'_> = body
-        .and_then(|b| serde_json::from_slice(b).ok())
+        .and_then(|b| crate::json::from_slice(b).ok())
         .unwrap_or_default();
     let fallback = if status == 403 {
         Errcode::Forbidden
@@ -254,7 +254,7 @@ pub fn interpret(status: Option<&[u8]>, body: Option<&[u8]>) -> Outcome {
             let Some(body) = body else {
                 return Outcome::Failed(Failure::Oversized);
             };
-            match serde_json::from_slice::<WhoamiBody>(body) {
+            match crate::json::from_slice::<WhoamiBody>(body) {
                 Ok(b) if is_user_id(&b.user_id) => Outcome::User(b.user_id),
                 Ok(_) => Outcome::Failed(Failure::InvalidUserId),
                 Err(_) => Outcome::Failed(Failure::Malformed),

@@ -107,7 +107,7 @@ fn bad_answers_fail_open() -> TestResult {
         (100, Vec::new()),
     ];
     for kind in BOTH {
-        let (_host, mut vm) = start(kind, json!({}))?;
+        let (host, mut vm) = start(kind, json!({}))?;
         for (index, (status, body)) in cases.iter().enumerate() {
             let token = format!("tok_bad_{index}");
             fails_open(&mut vm, &token, |vm, call| {
@@ -161,7 +161,7 @@ fn a_body_of_exactly_4096_bytes_is_read_and_one_more_is_refused() -> TestResult 
 #[test]
 fn the_fallback_key_is_stable_per_token_across_vms_and_differs_between_tokens() -> TestResult {
     for kind in BOTH {
-        let (_host, mut vm) = start(kind, json!({}))?;
+        let (host, mut vm) = start(kind, json!({}))?;
         let first = fails_open(&mut vm, "tok_k1", |vm, call| {
             vm.fail_call(call, CallFailure::Timeout)
         })?;
@@ -219,7 +219,7 @@ fn ngx_a_whoami_answer_without_header_lines_is_still_an_answer() -> TestResult {
 #[test]
 fn whoami_timing_out_after_whoami_timeout_ms_fails_open() -> TestResult {
     for kind in BOTH {
-        let (_host, mut vm) = start(kind, json!({"whoami_timeout_ms": 1500}))?;
+        let (host, mut vm) = start(kind, json!({"whoami_timeout_ms": 1500}))?;
         let stream = sync(&mut vm, Some("tok_slow"))?;
         host.advance(std::time::Duration::from_millis(1499));
         assert!(vm.expire_calls()?.is_empty(), "{kind:?}: not due yet");

@@ -44,7 +44,7 @@ fn non_sync_requests_pass_untouched() -> TestResult {
 #[test]
 fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResult {
     for kind in BOTH {
-        let (_host, mut vm) = start(kind, json!({}))?;
+        let (host, mut vm) = start(kind, json!({}))?;
         let mut headers = sync_headers(Some("syt_YWxpY2U_token1_0aB1cD"));
         headers.push(("x-forwarded-for".into(), "198.51.100.7".into()));
         headers.push(("x-forwarded-proto".into(), "https".into()));
@@ -350,7 +350,7 @@ fn reject_invalid_tokens_answers_at_the_edge_with_synapses_error() -> TestResult
 #[test]
 fn a_client_that_leaves_mid_callout_leaves_nothing_behind() -> TestResult {
     for kind in BOTH {
-        let (_host, mut vm) = start(kind, json!({}))?;
+        let (host, mut vm) = start(kind, json!({}))?;
         let stream = sync(&mut vm, Some("tok_gone"))?;
         vm.end_stream(stream)?;
         match kind {
