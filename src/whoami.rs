@@ -180,10 +180,11 @@ pub struct Rejection {
 impl Rejection {
     /// The JSON body of the edge answer: the same bytes every time for the same rejection.
     pub fn body(&self) -> String {
-        let soft = if self.soft_logout {
-            ",\"soft_logout\":true"
-        } else {
-            ""
+        // Synapse includes `soft_logout` with these two codes (as clients expect), not others.
+        let soft = match (self.errcode, self.soft_logout) {
+            (Errcode::UnknownToken | Errcode::UserLocked, true) => ",\"soft_logout\":true",
+            (Errcode::UnknownToken | Errcode::UserLocked, false) => ",\"soft_logout\":false",
+            _ => "",
         };
         format!(
             "{{\"errcode\":\"{}\",\"error\":\"{}\"{soft}}}",
