@@ -54,6 +54,10 @@ unit:
 harness: build
     MSR_WASM="$PWD/{{wasm}}" cargo test -p proxy-wasm-harness
 
+# The harness's long runs (a million distinct tokens under both profiles; a few minutes).
+harness-long: build
+    MSR_WASM="$PWD/{{wasm}}" cargo test --release -p proxy-wasm-harness --test suite -- --ignored
+
 # The core's unit tests compiled to wasm32-wasip1 and run by the harness's WASI runner (32-bit and wasm-only differences).
 wasm-unit: rust-target
     cargo build -p proxy-wasm-harness --bin wasi-run

@@ -941,6 +941,14 @@ impl Vm {
     pub fn done_calls(&self) -> u32 {
         self.store.data().done_calls
     }
+
+    /// Size of the guest's linear memory in bytes (it only grows: a leak shows as growth).
+    pub fn memory_bytes(&mut self) -> usize {
+        match self.instance.get_memory(&mut self.store, "memory") {
+            Some(memory) => memory.data_size(&self.store),
+            None => 0,
+        }
+    }
 }
 
 pub(crate) fn set_outcome(data: &mut VmData, token: u32, outcome: CallOutcome) {

@@ -331,3 +331,13 @@ fn vms_that_raced_to_create_the_secret_converge() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "a few minutes: `just harness-long` (CI runs the 100k versions above)"]
+fn a_million_tokens_stay_within_capacity_and_never_get_another_users_key() -> TestResult {
+    for kind in BOTH {
+        let host = Host::new(profile(kind));
+        bounded_and_never_wrong(&host, kind, 4096, 1_000_000)?;
+    }
+    Ok(())
+}
