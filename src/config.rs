@@ -14,6 +14,13 @@ pub const DEFAULT_SYNC_PATHS: [&str; 3] = [
     "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
 ];
 
+/// Default room endpoints for `room_paths`: the room-scoped client endpoints Synapse's worker
+/// docs let a deployment shard by room (the first `*` is the room ID).
+pub const DEFAULT_ROOM_PATHS: [&str; 2] = [
+    "/_matrix/client/{api/v1|r0|v3|unstable}/rooms/*/{messages|context|members|joined_members|state|event|send|redact|relations|threads|typing|receipt|read_markers|timestamp_to_event}/**",
+    "/_matrix/client/v1/rooms/*/{relations|threads|hierarchy|timestamp_to_event}/**",
+];
+
 /// Upper bound of `max_whoami_in_flight`.
 pub const MAX_IN_FLIGHT: u32 = 4096;
 
@@ -38,6 +45,12 @@ pub struct Config {
     pub shared_data_prefix: String,
     pub max_whoami_in_flight: u32,
     pub nginx_variable: String,
+    pub sync_kind_header: String,
+    pub nginx_sync_kind_variable: String,
+    pub room_header_name: String,
+    pub nginx_room_variable: String,
+    pub room_paths: Vec<String>,
+    pub filter_state: bool,
 }
 
 impl Default for Config {
@@ -58,6 +71,12 @@ impl Default for Config {
             shared_data_prefix: "msr".into(),
             max_whoami_in_flight: 32,
             nginx_variable: String::new(),
+            sync_kind_header: String::new(),
+            nginx_sync_kind_variable: String::new(),
+            room_header_name: String::new(),
+            nginx_room_variable: String::new(),
+            room_paths: DEFAULT_ROOM_PATHS.iter().map(|s| s.to_string()).collect(),
+            filter_state: false,
         }
     }
 }
@@ -87,6 +106,20 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
 pub struct Settings {
     pub config: Config,
     pub sync_paths: PathSet,
+    /// Compiled `room_paths`, empty unless room keys are on.
+    pub room_paths: PathSet,
+}
+
+impl Settings {
+    /// Whether room requests get a room key (header or nginx variable).
+    pub fn room_keys(&self) -> bool {
+        !self.config.room_header_name.is_empty() || !self.config.nginx_room_variable.is_empty()
+    }
+
+    /// Whether handled requests carry their sync kind (header or nginx variable).
+    pub fn sync_kinds(&self) -> bool {
+        !self.config.sync_kind_header.is_empty() || !self.config.nginx_sync_kind_variable.is_empty()
+    }
 }
 
 impl Config {
@@ -159,9 +192,38 @@ impl Config {
         self.proxy
             .validate_variable(&self.nginx_variable)
             .map_err(|m| err("nginx_variable", m))?;
+        for (field, name) in [
+            ("nginx_sync_kind_variable", &self.nginx_sync_kind_variable),
+            ("nginx_room_variable", &self.nginx_room_variable),
+        ] {
+            self.proxy
+                .validate_variable(name)
+                .map_err(|m| err(field, m))?;
+        }
+        for (field, name) in [
+            ("sync_kind_header", &self.sync_kind_header),
+            ("room_header_name", &self.room_header_name),
+        ] {
+            if name.is_empty() {
+                continue;
+            }
+            validate_header_name(name).map_err(|m| err(field, m))?;
+            if *name == self.header_name {
+                return Err(err(field, "must differ from header_name"));
+            }
+        }
+        if !self.sync_kind_header.is_empty() && self.sync_kind_header == self.room_header_name {
+            return Err(err("room_header_name", "must differ from sync_kind_header"));
+        }
+        if self.filter_state && self.proxy != Proxy::Envoy {
+            return Err(err("filter_state", "is only for `\"proxy\": \"envoy\"`"));
+        }
+        let room_paths = PathSet::compile(&self.room_paths)
+            .map_err(|(i, m)| err(&format!("room_paths[{i}]"), m))?;
         Ok(Settings {
             config: self,
             sync_paths,
+            room_paths,
         })
     }
 }

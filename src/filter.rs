@@ -13,6 +13,7 @@ use crate::memory::Memory;
 use crate::metrics::{Counter, Tally};
 use crate::port::{ContextId, Host, Level, Verdict};
 use crate::request::{self, Token};
+use crate::route::{self, Source, SyncKind};
 use crate::slots::{Cached, Claim, Read, Slots};
 use crate::whoami::{self, Failure, Outcome, Rejection, MAX_BODY};
 use std::cell::{Cell, RefCell};
@@ -37,7 +38,7 @@ const WARN_INTERVAL_MS: u64 = 10_000;
 
 /// The routing key of a request.
 enum Key<'a> {
-    User(&'a str),
+    User(&'a str, Source),
     /// `~<16 hex>` of the token's keyed hash: one device's requests stay together.
     Fallback(&'a TokenHash),
 }
@@ -134,9 +135,15 @@ impl Router {
         };
         let (path_only, query) = request::split_path(&path);
         if !self.settings.sync_paths.matches(path_only) {
+            if self.settings.room_keys() {
+                self.room_key(host, path_only);
+            }
             return Verdict::Continue;
         }
         self.count(host, Counter::Requests);
+        if self.settings.sync_kinds() || self.settings.config.filter_state {
+            self.mark_kind(host, route::sync_kind(path_only, query));
+        }
         let authorization = host.request_header("authorization");
         match request::find_token(authorization.as_deref(), query) {
             Token::Absent => {
@@ -165,7 +172,7 @@ impl Router {
     fn resolve<H: Host>(&self, host: &H, mut req: Req<'_>) -> Verdict {
         let hit = self.memory.with_user(&req.hash, req.now, |user| {
             self.count(host, Counter::CacheHits);
-            self.route(host, Key::User(user));
+            self.route(host, Key::User(user, Source::Cache));
         });
         if hit.is_some() {
             return Verdict::Continue;
@@ -218,7 +225,7 @@ impl Router {
                 refresh_at,
             } => {
                 self.count(host, Counter::CacheHits);
-                self.route(host, Key::User(user));
+                self.route(host, Key::User(user, Source::Cache));
                 if *refresh {
                     return self.refresh(host, req, &read);
                 }
@@ -461,7 +468,7 @@ impl Router {
             }
             let verdict = match how {
                 Settle::User(user) => {
-                    self.route(host, Key::User(user));
+                    self.route(host, Key::User(user, Source::Whoami));
                     Verdict::Continue
                 }
                 Settle::Denied(rejection) => self.deny(host, hash, rejection),
@@ -576,6 +583,44 @@ impl Router {
 
     // ---- routing keys and edge answers ---------------------------------------------------
 
+    /// Puts the sync kind where the proxy routes on it, before the route is chosen: a header
+    /// (then Envoy must match the route again: `clear_route_cache`), an nginx variable, and
+    /// Envoy filter state for the access log.
+    fn mark_kind<H: Host>(&self, host: &H, kind: SyncKind) {
+        let cfg = &self.settings.config;
+        let value = kind.as_str().as_bytes();
+        if !cfg.sync_kind_header.is_empty() {
+            host.set_request_header(&cfg.sync_kind_header, value);
+            if cfg.proxy.clears_route_cache() {
+                host.call_foreign("clear_route_cache");
+            }
+        }
+        if !cfg.nginx_sync_kind_variable.is_empty() {
+            host.set_property(&["ngx", &cfg.nginx_sync_kind_variable], value);
+        }
+        if cfg.filter_state {
+            host.set_property(&["msr_sync_kind"], value);
+        }
+    }
+
+    /// A room request's key: its room ID, from the path, without any callout. A request whose
+    /// path holds no room ID carries none (the client's copies go).
+    fn room_key<H: Host>(&self, host: &H, path: &[u8]) {
+        let cfg = &self.settings.config;
+        let Some(room) = route::room_id(&self.settings.room_paths, path) else {
+            if !cfg.room_header_name.is_empty() && self.settings.room_paths.matches(path) {
+                host.remove_request_header(&cfg.room_header_name);
+            }
+            return;
+        };
+        if !cfg.room_header_name.is_empty() {
+            host.set_request_header(&cfg.room_header_name, &room);
+        }
+        if !cfg.nginx_room_variable.is_empty() {
+            host.set_property(&["ngx", &cfg.nginx_room_variable], &room);
+        }
+    }
+
     /// A token Synapse rejected: answered at the edge when configured, else forwarded with the
     /// fallback key so the worker gives Synapse's own error.
     fn deny<H: Host>(&self, host: &H, hash: &TokenHash, rejection: &Rejection) -> Verdict {
@@ -598,15 +643,18 @@ impl Router {
     /// hash-key header (replacing every client copy).
     fn route<H: Host>(&self, host: &H, key: Key<'_>) {
         let fallback;
-        let value: &[u8] = match key {
-            Key::User(user) => user.as_bytes(),
+        let (value, source): (&[u8], Source) = match key {
+            Key::User(user, source) => (user.as_bytes(), source),
             Key::Fallback(hash) => {
                 self.count(host, Counter::Fallbacks);
                 fallback = hash.fallback_key();
-                &fallback
+                (&fallback, Source::Fallback)
             }
         };
         let cfg = &self.settings.config;
+        if cfg.filter_state {
+            host.set_property(&["msr_source"], source.as_str().as_bytes());
+        }
         if !cfg.nginx_variable.is_empty() {
             // nginx hashes on the variable and sets the upstream header from it; the client's
             // headers are left alone so `proxy_set_header` replaces them all.
@@ -622,6 +670,9 @@ impl Router {
     /// A request without a token carries no key: any client copy of the header goes.
     fn clear_key<H: Host>(&self, host: &H) {
         let cfg = &self.settings.config;
+        if cfg.filter_state {
+            host.set_property(&["msr_source"], Source::None.as_str().as_bytes());
+        }
         if !cfg.nginx_variable.is_empty() {
             return; // the variable starts empty and no client can set it
         }

@@ -117,6 +117,14 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_call_foreign_function(
+        name_data: *const u8,
+        name_size: usize,
+        args_data: *const u8,
+        args_size: usize,
+        return_results_data: *mut *mut u8,
+        return_results_size: *mut usize,
+    ) -> u32;
 }
 
 // ---- memory the host writes into -------------------------------------------------------------
@@ -395,6 +403,24 @@ impl Host for HostCalls<'_> {
     fn set_tick_period(&self, ms: u32) {
         // SAFETY: no pointers.
         unsafe { proxy_set_tick_period_milliseconds(ms) };
+    }
+
+    fn call_foreign(&self, name: &str) -> bool {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: the name outlives the call; out-pointers to live locals.
+        let status = unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                null_mut(),
+                0,
+                &mut data,
+                &mut size,
+            )
+        };
+        // Whatever the host returned is freed with it.
+        drop(HostBytes::take(status, data, size));
+        status == STATUS_OK
     }
 
     fn add_to_counter(&self, counter: Counter, delta: u64) {

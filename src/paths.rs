@@ -2,6 +2,8 @@
 //!
 //! A template is a path that starts with `/`. Within it:
 //! - `*` as a whole segment matches exactly one non-empty segment (any bytes but `/`);
+//! - `**` as the last segment matches whatever follows, including nothing (`/a/**` matches `/a`,
+//!   `/a/b` and `/a/b/c`);
 //! - `{a|b|c}` matches one of the literal alternatives, which may contain `/`
 //!   (`{api/v1|r0|v3}`); alternations are expanded when the configuration is read;
 //! - everything else matches itself, byte for byte; the template covers the whole path.
@@ -20,6 +22,8 @@ enum Piece {
     Literal(Box<[u8]>),
     /// One whole segment.
     Segment,
+    /// Nothing more, or `/` and anything.
+    Rest,
 }
 
 /// The compiled `sync_paths`: every template with its alternations expanded.
@@ -48,28 +52,37 @@ impl PathSet {
 
     /// Whether `path` (without its query) matches any template.
     pub fn matches(&self, path: &[u8]) -> bool {
-        self.templates.iter().any(|t| matches(t, path))
+        self.templates.iter().any(|t| capture(t, path).is_some())
+    }
+
+    /// The segment the first `*` of the first matching template matched (None: no template
+    /// matches; Some(None): one matches without a `*`).
+    pub fn capture<'p>(&self, path: &'p [u8]) -> Option<Option<&'p [u8]>> {
+        self.templates.iter().find_map(|t| capture(t, path))
     }
 }
 
-fn matches(template: &[Piece], path: &[u8]) -> bool {
+fn capture<'p>(template: &[Piece], path: &'p [u8]) -> Option<Option<&'p [u8]>> {
     let mut rest = path;
+    let mut first = None;
     for piece in template {
         match piece {
-            Piece::Literal(lit) => match rest.strip_prefix(&lit[..]) {
-                Some(r) => rest = r,
-                None => return false,
-            },
+            Piece::Literal(lit) => rest = rest.strip_prefix(&lit[..])?,
             Piece::Segment => {
                 let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
                 if end == 0 {
-                    return false;
+                    return None;
                 }
-                rest = rest.get(end..).unwrap_or_default();
+                let (segment, after) = rest.split_at(end);
+                first = first.or(Some(segment));
+                rest = after;
+            }
+            Piece::Rest => {
+                return (rest.is_empty() || rest.starts_with(b"/")).then_some(first);
             }
         }
     }
-    rest.is_empty()
+    rest.is_empty().then_some(first)
 }
 
 /// Splits an expanded template into literals and whole-segment wildcards.
@@ -80,13 +93,20 @@ fn pieces(template: &str) -> Vec<Piece> {
         if i > 0 {
             literal.push('/');
         }
-        if segment == "*" {
+        if segment == "*" || segment == "**" {
+            if segment == "**" {
+                literal.pop(); // the `/` before it belongs to what `**` matches
+            }
             if !literal.is_empty() {
                 out.push(Piece::Literal(
                     std::mem::take(&mut literal).into_bytes().into(),
                 ));
             }
-            out.push(Piece::Segment);
+            out.push(if segment == "*" {
+                Piece::Segment
+            } else {
+                Piece::Rest
+            });
         } else {
             literal.push_str(segment);
         }
@@ -161,7 +181,10 @@ fn expand(template: &str) -> Result<Vec<String>, String> {
             if segment.is_empty() && !d.ends_with('/') {
                 return Err("has an empty segment (`//`)".into());
             }
-            if segment.contains('*') && segment != "*" {
+            if segment == "**" && !d.ends_with("/**") {
+                return Err("uses `**` before the end; `**` must be the last segment".into());
+            }
+            if segment.contains('*') && segment != "*" && segment != "**" {
                 return Err("uses `*` inside a segment; `*` must be a whole segment".into());
             }
         }
@@ -191,6 +214,24 @@ mod tests {
         assert!(s.matches(b"/a/b"));
         assert!(!s.matches(b"/a/"));
         assert!(!s.matches(b"/a/b/c"));
+    }
+
+    #[test]
+    fn rest_and_captures() {
+        let s = set(&["/r/{v3|r0}/rooms/*/{messages|send}/**", "/x"]);
+        assert_eq!(
+            s.capture(b"/r/v3/rooms/!a:b/messages"),
+            Some(Some(&b"!a:b"[..]))
+        );
+        assert_eq!(
+            s.capture(b"/r/r0/rooms/%21a%3Ab/send/m.room.message/txn1"),
+            Some(Some(&b"%21a%3Ab"[..]))
+        );
+        assert_eq!(s.capture(b"/r/v3/rooms/!a:b/messagesX"), None);
+        assert_eq!(s.capture(b"/r/v3/rooms//messages"), None);
+        assert_eq!(s.capture(b"/x"), Some(None));
+        assert!(PathSet::compile(&["/a/**/b"]).is_err());
+        assert!(set(&["/**"]).matches(b"/anything/at/all"));
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub trait Host {
     /// Resumes the current context's paused request.
     fn resume(&self);
     fn set_tick_period(&self, ms: u32);
+    /// Calls a host's foreign function without arguments; false when it has none by that name.
+    fn call_foreign(&self, name: &str) -> bool;
     /// Adds `delta` to a counter of the host (the engine counts in VM memory and flushes).
     fn add_to_counter(&self, counter: Counter, delta: u64);
     fn log(&self, level: Level, message: &str);

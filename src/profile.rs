@@ -39,6 +39,13 @@ impl Proxy {
         matches!(self, Proxy::Envoy)
     }
 
+    /// Whether a header the filter sets can take part in route matching only after the route
+    /// cache is cleared (Envoy's `clear_route_cache` foreign function; since 2024-10 header
+    /// changes from Wasm no longer clear it). nginx matches locations before the filter runs.
+    pub fn clears_route_cache(self) -> bool {
+        matches!(self, Proxy::Envoy)
+    }
+
     /// Checks `nginx_variable`: empty (the key goes into the header), or for ngx_wasm_module an
     /// nginx variable name (written through the `ngx.<name>` property).
     pub fn validate_variable(self, name: &str) -> Result<(), &'static str> {

@@ -44,6 +44,9 @@ struct FakeHost {
     tick_ms: Cell<u32>,
     counters: RefCell<HashMap<&'static str, u64>>,
     logs: RefCell<Vec<String>>,
+    foreign: RefCell<Vec<String>>,
+    /// Properties set on each stream (path joined by `.`).
+    props: RefCell<Vec<(ContextId, String, Vec<u8>)>>,
 }
 
 impl FakeHost {
@@ -63,6 +66,8 @@ impl FakeHost {
             tick_ms: Cell::new(0),
             counters: RefCell::default(),
             logs: RefCell::default(),
+            foreign: RefCell::default(),
+            props: RefCell::default(),
         }
     }
 
@@ -173,11 +178,15 @@ impl Host for FakeHost {
     }
 
     fn set_property(&self, path: &[&str], value: &[u8]) -> bool {
+        self.props
+            .borrow_mut()
+            .push((self.current.get(), path.join("."), value.to_vec()));
         match path {
             ["ngx", name] => self.current(|s| {
                 s.vars.insert(name.to_string(), value.to_vec());
                 true
             }),
+            ["msr_source" | "msr_sync_kind"] => !self.ngx,
             _ => false,
         }
     }
@@ -255,6 +264,11 @@ impl Host for FakeHost {
 
     fn set_tick_period(&self, ms: u32) {
         self.tick_ms.set(ms);
+    }
+
+    fn call_foreign(&self, name: &str) -> bool {
+        self.foreign.borrow_mut().push(name.to_string());
+        !self.ngx
     }
 
     fn add_to_counter(&self, counter: Counter, delta: u64) {
@@ -785,4 +799,154 @@ fn shared_data_never_holds_a_token() {
         }
     }
     assert!(host.shared.borrow().len() <= 65);
+}
+
+fn prop(host: &FakeHost, id: ContextId, name: &str) -> Option<String> {
+    host.props
+        .borrow()
+        .iter()
+        .rev()
+        .find(|(c, n, _)| *c == id && n == name)
+        .map(|(_, _, v)| String::from_utf8(v.clone()).unwrap())
+}
+
+fn header_of(host: &FakeHost, id: ContextId, name: &str) -> Vec<String> {
+    host.with_stream(id, |s| {
+        s.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .collect()
+    })
+}
+
+#[test]
+fn the_sync_kind_is_set_before_routing_and_envoy_rematches_the_route() {
+    let host = FakeHost::new(false);
+    let r = router(
+        &host,
+        r#""sync_kind_header":"x-msr-sync-kind","filter_state":true"#,
+    );
+    for (id, path, kind) in [
+        (1, "/_matrix/client/v3/sync?timeout=0", "initial"),
+        (
+            2,
+            "/_matrix/client/v3/sync?since=s1&timeout=0",
+            "incremental",
+        ),
+        (
+            3,
+            "/_matrix/client/v3/sync?since=s1&full_state=true",
+            "initial",
+        ),
+        (
+            4,
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            "sliding",
+        ),
+    ] {
+        send(
+            &r,
+            &host,
+            id,
+            path,
+            &[
+                ("authorization", "Bearer syt_k"),
+                ("x-msr-sync-kind", "sliding"),
+            ],
+        );
+        assert_eq!(
+            header_of(&host, id, "x-msr-sync-kind"),
+            vec![kind],
+            "{path}"
+        );
+        assert_eq!(prop(&host, id, "msr_sync_kind").as_deref(), Some(kind));
+    }
+    assert_eq!(host.foreign.borrow().len(), 4);
+    assert!(host
+        .foreign
+        .borrow()
+        .iter()
+        .all(|f| f == "clear_route_cache"));
+    // The key's source: whoami for the first, then the cache; none without a token.
+    answer(&r, &host, host.last_call(), 200, &ok("@k:x"));
+    assert_eq!(prop(&host, 1, "msr_source").as_deref(), Some("whoami"));
+    sync(&r, &host, 9, "syt_k");
+    assert_eq!(prop(&host, 9, "msr_source").as_deref(), Some("cache"));
+    send(&r, &host, 10, SYNC, &[]);
+    assert_eq!(prop(&host, 10, "msr_source").as_deref(), Some("none"));
+}
+
+#[test]
+fn with_every_option_off_no_metadata_call_is_made() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    resolve(&r, &host, 1, "syt_o", "@o:x");
+    sync(&r, &host, 2, "syt_o");
+    send(
+        &r,
+        &host,
+        3,
+        "/_matrix/client/v3/rooms/!r:x/messages",
+        &[("authorization", "Bearer syt_o")],
+    );
+    assert!(host.foreign.borrow().is_empty());
+    assert!(host.props.borrow().is_empty());
+    assert!(header_of(&host, 3, "x-room-identifier").is_empty());
+}
+
+#[test]
+fn room_requests_get_the_room_id_as_key_without_a_callout() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""room_header_name":"x-room-identifier""#);
+    send(
+        &r,
+        &host,
+        1,
+        "/_matrix/client/v3/rooms/%21abc%3Aexample.org/messages?dir=b",
+        &[
+            ("authorization", "Bearer syt_room"),
+            ("x-room-identifier", "!spoof:x"),
+        ],
+    );
+    assert_eq!(
+        header_of(&host, 1, "x-room-identifier"),
+        vec!["!abc:example.org"]
+    );
+    send(
+        &r,
+        &host,
+        2,
+        "/_matrix/client/v3/rooms/%23alias%3Ax/messages",
+        &[("x-room-identifier", "!spoof:x")],
+    );
+    assert!(header_of(&host, 2, "x-room-identifier").is_empty());
+    send(
+        &r,
+        &host,
+        3,
+        "/_matrix/client/v3/profile/@a:x",
+        &[("x-room-identifier", "!spoof:x")],
+    );
+    assert_eq!(
+        header_of(&host, 3, "x-room-identifier"),
+        vec!["!spoof:x"],
+        "not a room path: untouched"
+    );
+    assert_eq!(host.calls_made(), 0);
+    // On nginx the room goes into a variable.
+    let ngx = FakeHost::new(true);
+    let r = router(&ngx, r#""nginx_room_variable":"msr_room""#);
+    send(
+        &r,
+        &ngx,
+        1,
+        "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
+        &[],
+    );
+    assert_eq!(
+        ngx.with_stream(1, |s| s.vars.get("msr_room").cloned())
+            .as_deref(),
+        Some(&b"!r:x"[..])
+    );
 }
