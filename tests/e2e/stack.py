@@ -334,6 +334,7 @@ class Synapse(Service):
             "max_upload_size": "200M",
             "bcrypt_rounds": 4,  # fast password logins (test users only)
             "rc_message": lenient,
+            "rc_room_creation": lenient,
             "rc_registration": lenient,
             "rc_login": {"address": lenient, "account": lenient, "failed_attempts": lenient},
             "rc_joins": {"local": lenient, "remote": lenient},
@@ -495,7 +496,12 @@ def render_envoy_config(
     access_log: Path,
     plugin_overrides: dict | None = None,
     source: Path = ENVOY_YAML,
+    initial_sync_ports: list[int] | None = None,
+    room_ports: list[int] | None = None,
 ) -> dict:
+    """envoy.yaml with addresses, ports and paths substituted. The initial-sync pool is empty
+    unless `initial_sync_ports` is given (initial syncs then go to the sync workers, as with an
+    operator who runs no such pool); room workers default to the sync workers' listeners."""
     cfg = yaml.safe_load(source.read_text())
     cfg["admin"]["address"]["socket_address"] = {"address": HOST, "port_value": admin_port}
 
@@ -524,13 +530,15 @@ def render_envoy_config(
     clusters = cfg["static_resources"]["clusters"]
     for name, ports in (
         ("synapse_sync_workers", worker_ports),
+        ("synapse_initial_sync_workers", initial_sync_ports or []),
+        ("synapse_room_workers", worker_ports if room_ports is None else room_ports),
         ("synapse_main", [main_port]),
         ("synapse_whoami", [whoami_port]),
     ):
         cluster = _find_one(clusters, "cluster", name=name)
-        cluster["load_assignment"]["endpoints"] = [
-            {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
-        ]
+        cluster["load_assignment"]["endpoints"] = (
+            [{"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}] if ports else []
+        )
     return cfg
 
 
@@ -554,6 +562,9 @@ class Envoy(Service):
         wasm: Path,
         plugin_overrides: dict | None = None,
         whoami_port: int | None = None,
+        initial_sync_ports: list[int] | None = None,
+        room_ports: list[int] | None = None,
+        sync_ports: list[int] | None = None,
     ):
         wasm = Path(wasm).resolve()
         if not wasm.is_file():
@@ -568,17 +579,22 @@ class Envoy(Service):
             listener_port=self.port,
             admin_port=self.admin_port,
             main_port=synapse.main_port,
-            worker_ports=synapse.worker_ports,
+            worker_ports=synapse.worker_ports if sync_ports is None else sync_ports,
             whoami_port=synapse.main_port if whoami_port is None else whoami_port,
             wasm=wasm,
             access_log=self.access_log,
             plugin_overrides=plugin_overrides,
+            initial_sync_ports=initial_sync_ports,
+            room_ports=room_ports,
         )
         self._log_offset = 0
         self._log_partial = b""
         self._entries: dict[str, dict] = {}
         # upstream host "127.0.0.1:port" → worker name
+        self.sync_ports = synapse.worker_ports if sync_ports is None else sync_ports
         self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(synapse.worker_ports)}
+        for i, p in enumerate(initial_sync_ports or []):
+            self.workers.setdefault(f"{HOST}:{p}", f"initial-{i + 1}")
 
     @property
     def url(self) -> str:
@@ -616,7 +632,7 @@ class Envoy(Service):
         )
         # Every sync worker healthy (first health checks done), so spreading is not skewed.
         self.wait_for(
-            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.workers),
+            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.sync_ports),
             timeout,
             f"Envoy {self.name}: all sync workers healthy",
         )
