@@ -28,8 +28,18 @@ impl Secret {
     }
 
     pub fn hash(&self, token: &[u8]) -> TokenHash {
+        self.hash_as(token, None)
+    }
+
+    /// The hash of `token` used as appservice user `masquerade` (`?user_id=`): a different
+    /// entry per masqueraded user. `0xff` never occurs in a token, so the parts cannot blur.
+    pub fn hash_as(&self, token: &[u8], masquerade: Option<&str>) -> TokenHash {
         let mut h = SipHasher24::new_with_key(&self.0);
         h.write(token);
+        if let Some(user) = masquerade {
+            h.write(&[0xff]);
+            h.write(user.as_bytes());
+        }
         TokenHash(h.finish128().as_bytes())
     }
 }

@@ -51,6 +51,9 @@ pub struct Config {
     pub nginx_room_variable: String,
     pub room_paths: Vec<String>,
     pub filter_state: bool,
+    pub appservice_masquerading: bool,
+    pub native_token_server_name: String,
+    pub refuse_bad_mas_tokens: bool,
 }
 
 impl Default for Config {
@@ -77,6 +80,9 @@ impl Default for Config {
             nginx_room_variable: String::new(),
             room_paths: DEFAULT_ROOM_PATHS.iter().map(|s| s.to_string()).collect(),
             filter_state: false,
+            appservice_masquerading: true,
+            native_token_server_name: String::new(),
+            refuse_bad_mas_tokens: false,
         }
     }
 }
@@ -217,6 +223,14 @@ impl Config {
         }
         if self.filter_state && self.proxy != Proxy::Envoy {
             return Err(err("filter_state", "is only for `\"proxy\": \"envoy\"`"));
+        }
+        if !self.native_token_server_name.is_empty()
+            && !crate::whoami::is_user_id(&format!("@a:{}", self.native_token_server_name))
+        {
+            return Err(err(
+                "native_token_server_name",
+                "must be a server name (`example.org`, with an optional port)",
+            ));
         }
         let room_paths = PathSet::compile(&self.room_paths)
             .map_err(|(i, m)| err(&format!("room_paths[{i}]"), m))?;

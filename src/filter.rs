@@ -15,6 +15,7 @@ use crate::port::{ContextId, Host, Level, Verdict};
 use crate::request::{self, Token};
 use crate::route::{self, Source, SyncKind};
 use crate::slots::{Cached, Claim, Read, Slots};
+use crate::tokens;
 use crate::whoami::{self, Failure, Outcome, Rejection, MAX_BODY};
 use std::cell::{Cell, RefCell};
 
@@ -48,6 +49,8 @@ enum Key<'a> {
 struct Req<'a> {
     id: ContextId,
     token: &'a [u8],
+    /// The appservice user it masquerades as (`?user_id=`), part of its cache key.
+    masquerade: Option<&'a str>,
     hash: TokenHash,
     now: u64,
 }
@@ -157,11 +160,31 @@ impl Router {
                 Verdict::Continue
             }
             Token::Valid(token) => {
+                let cfg = &self.settings.config;
+                if !cfg.native_token_server_name.is_empty() {
+                    if let Some(verdict) = self.decode_locally(host, &token) {
+                        return verdict;
+                    }
+                }
+                if cfg.refuse_bad_mas_tokens && tokens::mas_checksum_ok(&token) == Some(false) {
+                    // Garbage shaped like a MAS token costs Synapse nothing.
+                    let hash = self.secret.get().hash(&token);
+                    self.route(host, Key::Fallback(&hash));
+                    return Verdict::Continue;
+                }
+                let masquerade = query
+                    .filter(|_| cfg.appservice_masquerading)
+                    .and_then(|q| route::param(q, b"user_id"));
+                let masquerade = masquerade
+                    .as_deref()
+                    .and_then(|u| std::str::from_utf8(u).ok())
+                    .filter(|u| whoami::is_user_id(u));
                 let now = self.coarse_now(host);
                 let req = Req {
                     id,
                     token: &token,
-                    hash: self.secret.get().hash(&token),
+                    masquerade,
+                    hash: self.secret.get().hash_as(&token, masquerade),
                     now,
                 };
                 self.resolve(host, req)
@@ -186,7 +209,7 @@ impl Router {
             if let Some(newer) = self.slots.newer_secret(host, self.secret.get()) {
                 // Another VM's secret won: look where that VM would have written.
                 self.secret.set(newer);
-                req.hash = newer.hash(req.token);
+                req.hash = newer.hash_as(req.token, req.masquerade);
                 found = self.slots.read(host, &req.hash, req.now);
             }
         }
@@ -383,6 +406,7 @@ impl Router {
             forwarded_for: text(&xff),
             forwarded_proto: text(&proto),
             source_address: source.as_deref(),
+            masquerade: req.masquerade,
         };
         let headers = whoami::callout_headers(cfg, token, client);
         host.dispatch(
@@ -582,6 +606,27 @@ impl Router {
     }
 
     // ---- routing keys and edge answers ---------------------------------------------------
+
+    /// Routes a native Synapse token by the user it names, without any callout; None when the
+    /// token is not one (ask whoami). A token shaped like one whose checksum fails is junk:
+    /// the fallback key.
+    fn decode_locally<H: Host>(&self, host: &H, token: &[u8]) -> Option<Verdict> {
+        match tokens::native(token) {
+            tokens::Native::Other => return None,
+            tokens::Native::Localpart(local) => {
+                let user = format!("@{local}:{}", self.settings.config.native_token_server_name);
+                if whoami::is_user_id(&user) {
+                    self.count(host, Counter::CacheHits);
+                    self.route(host, Key::User(&user, Source::Local));
+                    return Some(Verdict::Continue);
+                }
+            }
+            tokens::Native::Broken => {}
+        }
+        let hash = self.secret.get().hash(token);
+        self.route(host, Key::Fallback(&hash));
+        Some(Verdict::Continue)
+    }
 
     /// Puts the sync kind where the proxy routes on it, before the route is chosen: a header
     /// (then Envoy must match the route again: `clear_route_cache`), an nginx variable, and

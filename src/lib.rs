@@ -3,7 +3,7 @@
 //!
 //! Pure parsers and codecs plus a decision engine written against the `Host` port, unit tested
 //! natively: `config` (the plugin configuration), `json` (its reader), `paths` (sync-path templates), `profile` (host
-//! differences), `request` (which token), `route` (sync kind, room key, key source), `cache` (keyed token hashes, slot keys, entry codec),
+//! differences), `request` (which token), `route` (sync kind, room key, key source), `tokens` (what a token says by itself), `cache` (keyed token hashes, slot keys, entry codec),
 //! `slots` (the shared-data protocol), `memory` (each VM's recent answers), `metrics` (the
 //! counters), `whoami` (the callout and what its answer means), `port` (the `Host` trait) and
 //! `filter` (the decision engine). `host` is the proxy-wasm ABI adapter, the only unsafe code.
@@ -32,6 +32,7 @@ pub mod profile;
 pub mod request;
 pub mod route;
 pub mod slots;
+pub mod tokens;
 pub mod whoami;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]

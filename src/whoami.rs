@@ -26,14 +26,25 @@ pub struct ClientInfo<'a> {
     pub forwarded_proto: Option<&'a str>,
     /// The `source.address` property of the connection.
     pub source_address: Option<&'a str>,
+    /// The appservice user the request masquerades as (`?user_id=`).
+    pub masquerade: Option<&'a str>,
 }
 
 /// Builds the whoami request for `token` (already checked to be visible ASCII), carrying the
 /// client's user agent and address so Synapse records the real client.
 pub fn callout_headers(config: &Config, token: &str, client: ClientInfo<'_>) -> CalloutHeaders {
+    let path = match client.masquerade {
+        // Synapse honours `user_id` for appservice tokens (and ignores it for others).
+        Some(user) => format!(
+            "{}?user_id={}",
+            config.whoami_path,
+            percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
+        ),
+        None => config.whoami_path.clone(),
+    };
     let mut pairs = vec![
         (":method", "GET".to_string()),
-        (":path", config.whoami_path.clone()),
+        (":path", path),
         (":authority", config.whoami_authority.clone()),
         ("authorization", format!("Bearer {token}")),
     ];
@@ -335,6 +346,7 @@ mod tests {
             forwarded_for: xff,
             forwarded_proto: proto,
             source_address: src,
+            masquerade: None,
         };
         callout_headers(&cfg, "syt_tok", client)
             .as_pairs()
@@ -382,6 +394,24 @@ mod tests {
         assert_eq!(get_proto(Some("http")), Some("http".into()));
         assert_eq!(get_proto(Some("gopher")), None);
         assert_eq!(get_proto(None), None);
+    }
+
+    #[test]
+    fn a_masquerading_appservice_asks_whoami_as_that_user() {
+        let client = ClientInfo {
+            masquerade: Some("@irc_bob:example.org"),
+            ..ClientInfo::default()
+        };
+        let h = callout_headers(&Config::default(), "as_tok", client);
+        let path = h
+            .as_pairs()
+            .iter()
+            .find(|(k, _)| *k == ":path")
+            .map(|(_, v)| v.to_string());
+        assert_eq!(
+            path.as_deref(),
+            Some("/_matrix/client/v3/account/whoami?user_id=%40irc%5Fbob%3Aexample%2Eorg")
+        );
     }
 
     #[test]

@@ -950,3 +950,109 @@ fn room_requests_get_the_room_id_as_key_without_a_callout() {
         Some(&b"!r:x"[..])
     );
 }
+
+#[test]
+fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    let path = |u: &str| format!("/_matrix/client/v3/sync?user_id={u}&since=s1");
+    send(
+        &r,
+        &host,
+        1,
+        &path("%40irc_a%3Ax"),
+        &[("authorization", "Bearer as_token")],
+    );
+    let whoami_path = host.calls.borrow()[0]
+        .2
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        whoami_path.as_deref(),
+        Some("/_matrix/client/v3/account/whoami?user_id=%40irc%5Fa%3Ax")
+    );
+    answer(&r, &host, host.last_call(), 200, &ok("@irc_a:x"));
+    assert_eq!(host.key(1).as_deref(), Some("@irc_a:x"));
+    // Another masqueraded user of the same token is another entry; the first one is cached.
+    assert_eq!(
+        send(
+            &r,
+            &host,
+            2,
+            &path("%40irc_b%3Ax"),
+            &[("authorization", "Bearer as_token")]
+        ),
+        Verdict::Pause
+    );
+    answer(&r, &host, host.last_call(), 200, &ok("@irc_b:x"));
+    assert_eq!(host.key(2).as_deref(), Some("@irc_b:x"));
+    assert_eq!(
+        send(
+            &r,
+            &host,
+            3,
+            &path("%40irc_a%3Ax"),
+            &[("authorization", "Bearer as_token")]
+        ),
+        Verdict::Continue
+    );
+    assert_eq!(host.key(3).as_deref(), Some("@irc_a:x"));
+    // Without user_id: the appservice's own user; a user_id that is no user ID is ignored.
+    assert_eq!(sync(&r, &host, 4, "as_token"), Verdict::Pause);
+    let bad = send(
+        &r,
+        &host,
+        5,
+        "/_matrix/client/v3/sync?user_id=nobody",
+        &[("authorization", "Bearer as_token")],
+    );
+    assert_eq!(bad, Verdict::Pause, "joins the plain token's call");
+    assert_eq!(host.calls_made(), 3);
+}
+
+#[test]
+fn native_tokens_are_routed_without_a_callout_and_junk_never_trusted() {
+    use base64::Engine;
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""native_token_server_name":"example.org""#);
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode("alice");
+    let base = format!("syt_{b64}_AbCdEfGhIjKlMnOpQrSt");
+    let crc = crate::tokens::crc32(base.as_bytes());
+    let digits = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = crc;
+    let mut crc_text = Vec::new();
+    for _ in 0..6 {
+        crc_text.push(digits[(n % 62) as usize]);
+        n /= 62;
+    }
+    crc_text.reverse();
+    let token = format!("{base}_{}", String::from_utf8(crc_text).unwrap());
+    assert_eq!(sync(&r, &host, 1, &token), Verdict::Continue);
+    assert_eq!(host.key(1).as_deref(), Some("@alice:example.org"));
+    let junk = format!("{}X", &token[..token.len() - 1]);
+    assert_eq!(sync(&r, &host, 2, &junk), Verdict::Continue);
+    assert!(is_fallback(&host.key(2)));
+    assert_eq!(host.calls_made(), 0);
+    // Other tokens still ask whoami.
+    assert_eq!(
+        sync(&r, &host, 3, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        Verdict::Pause
+    );
+}
+
+#[test]
+fn mas_tokens_with_a_broken_checksum_cost_no_callout_when_asked() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""refuse_bad_mas_tokens":true"#);
+    assert_eq!(
+        sync(&r, &host, 1, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yX"),
+        Verdict::Continue
+    );
+    assert!(is_fallback(&host.key(1)));
+    assert_eq!(
+        sync(&r, &host, 2, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        Verdict::Pause
+    );
+    assert_eq!(host.calls_made(), 1);
+}
