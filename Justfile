@@ -56,6 +56,7 @@ e2e *args: build venv check-config
     MSR_WASM={{wasm}} MSR_JUST="{{just_executable()}}" {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e {{args}}
 
 # Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.
+[no-exit-message]
 validate file="envoy.yaml": build venv check-config
     @{{venv}}/bin/python tests/e2e/validate.py --wasm {{wasm}} --check-config target/debug/check-config "{{file}}"
 

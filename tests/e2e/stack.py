@@ -83,6 +83,11 @@ def venv_bin(name: str) -> str:
     return found
 
 
+def just_executable() -> str | None:
+    """The `just` running this session (`just e2e` passes it as $MSR_JUST), else one on PATH."""
+    return os.environ.get("MSR_JUST") or shutil.which("just")
+
+
 @dataclasses.dataclass
 class Response:
     status: int

@@ -275,8 +275,7 @@ def assert_demo_stopped_cleanly(run: Run, code: int, snap: Snapshot, folder: Pat
 
 @pytest.fixture
 def just_bin() -> str:
-    """The `just` running this test session (`just e2e` passes it), else one on PATH."""
-    found = os.environ.get("MSR_JUST") or shutil.which("just")
+    found = stack.just_executable()
     if not found:
         pytest.skip("`just` not found: run through `just e2e`, or put just on PATH")
     return found

@@ -42,7 +42,12 @@ fn parse_args() -> Result<Args, String> {
             "--name" => name = value("--name")?,
             "--zones" => {
                 let list = value("--zones")?;
-                zones = Some(list.split(',').filter(|z| !z.is_empty()).map(String::from).collect());
+                zones = Some(
+                    list.split(',')
+                        .filter(|z| !z.is_empty())
+                        .map(String::from)
+                        .collect(),
+                );
             }
             "-h" | "--help" => return Err(USAGE.to_string()),
             _ => positional.push(arg),
@@ -130,11 +135,18 @@ fn run() -> Result<u8, String> {
     }
     match outcome {
         Ok((true, true)) => {
-            println!("check-config: accepted by {} ({kind} host profile)", args.module);
+            println!(
+                "check-config: accepted by {} ({kind} host profile)",
+                args.module
+            );
             Ok(0)
         }
         Ok((started, _)) => {
-            let step = if started { "on_configure" } else { "on_vm_start" };
+            let step = if started {
+                "on_configure"
+            } else {
+                "on_vm_start"
+            };
             eprintln!("check-config: refused by the filter ({step} returned false)");
             // The filter's own error line last: it is the one naming the field.
             if let Some(line) = host.logs_at_least(LogLevel::Error).last() {
@@ -147,7 +159,11 @@ fn run() -> Result<u8, String> {
             callback, message, ..
         }) => {
             // The cause is the last line; the wasm backtrace before it names no source.
-            let cause = message.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let cause = message
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             eprintln!("check-config: the filter trapped in {callback} ({kind} host profile)");
             if kind == "ngx" && cause.contains("shm") {
                 eprintln!(
