@@ -28,7 +28,7 @@ venv:
     @test -x {{venv}}/bin/python || { echo "creating {{venv}} (python3 -m venv)"; python3 -m venv {{venv}}; }
     @cmp -s tests/e2e/requirements.txt {{venv}}/.requirements 2>/dev/null || { \
         echo "installing into {{venv}}: $(grep -v '^#' tests/e2e/requirements.txt | tr '\n' ' ')(first time: about a minute)"; \
-        {{venv}}/bin/pip install --disable-pip-version-check --progress-bar on -r tests/e2e/requirements.txt && \
+        {{venv}}/bin/pip install --disable-pip-version-check -r tests/e2e/requirements.txt && \
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
 
 # cargo fmt --check and clippy (native and wasm) with warnings as errors.

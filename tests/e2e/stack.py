@@ -745,12 +745,30 @@ class Envoy(Service):
             f"Envoy {self.name} /ready",
         )
         # Every sync worker healthy (first health checks done), so spreading is not skewed.
-        self.wait_for(
-            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.workers),
-            timeout,
-            f"Envoy {self.name}: all sync workers healthy",
-        )
+        try:
+            self.wait_for(
+                lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.workers),
+                timeout,
+                f"Envoy {self.name}: all sync workers healthy",
+            )
+        except StackError as exc:
+            raise StackError(f"{exc}; Envoy's view: {self._health_report()}") from None
         return self
+
+    def _health_report(self) -> str:
+        """Each sync worker's health flags and health-check stats, for a start-up that failed."""
+        try:
+            data = self.admin("/clusters?format=json").json()
+            stats = self.stats()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return f"(admin unreachable: {exc})"
+        hosts = [
+            f"{h['address']['socket_address']['port_value']}: {h.get('health_status')}"
+            for c in data.get("cluster_statuses", []) if c.get("name") == "synapse_sync_workers"
+            for h in c.get("host_statuses", [])
+        ]
+        hc = {k: v for k, v in stats.items() if k.startswith("cluster.synapse_sync_workers.health_check.")}
+        return f"hosts {hosts}; {hc}"
 
     # --- admin -------------------------------------------------------------------------------
 

@@ -293,8 +293,15 @@ def test_just_demo_at_a_terminal_stops_on_ctrl_c(just_bin, presses):
     assert len(snap.ports) >= 6, snap  # Synapse main + 3 workers, Envoy listener + admin
     run.ctrl_c(presses, interval=0.15)
     code = run.wait()
+    after = run.output.split(DEMO_READY)[-1]
+    if presses > 1 and code == 130:
+        # A press typed after the demo had exited (and handed the terminal back) reaches just,
+        # which then says so; the demo itself must have finished first.
+        assert re.search(r"stopped; demo-\S+ removed\n(\^C)*\S*error\S*: \S*interrupted", after), after
+        code = 0
+    else:
+        assert "error" not in after.lower(), run.output[-3000:]
     assert_demo_stopped_cleanly(run, code, snap, folder)
-    assert "error" not in run.output.split(DEMO_READY)[-1].lower(), run.output[-3000:]
 
 
 @pytest.mark.parametrize(
