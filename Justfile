@@ -7,7 +7,7 @@ venv := ".venv"
 
 # Build the filter (release, size-tuned) into target/wasm32-wasip1/release/matrix_sync_router.wasm
 build: rust-target
-    @echo "compiling the filter (cargo build --release --target wasm32-wasip1; the first build fetches crates and takes about a minute) ..."
+    @echo "building the filter (cargo build --release --target wasm32-wasip1; a first build compiles ~30 crates: about a minute) ..."
     cargo build --release --target wasm32-wasip1 -p matrix-sync-router
     @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
 

@@ -86,6 +86,8 @@ def own_terminal_group():
     previous = os.tcgetpgrp(fd)
     # A process not in the foreground group that calls tcsetpgrp gets SIGTTOU (which stops it).
     ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    # Ctrl-Z would stop only this group while the shell keeps waiting for just: ignore it.
+    tstp = signal.signal(signal.SIGTSTP, signal.SIG_IGN)
     try:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
@@ -95,6 +97,7 @@ def own_terminal_group():
         with contextlib.suppress(OSError):
             os.tcsetpgrp(fd, previous)
         signal.signal(signal.SIGTTOU, ttou)
+        signal.signal(signal.SIGTSTP, tstp)
 
 
 def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
