@@ -767,7 +767,8 @@ class Envoy(Service):
             for c in data.get("cluster_statuses", []) if c.get("name") == "synapse_sync_workers"
             for h in c.get("host_statuses", [])
         ]
-        hc = {k: v for k, v in stats.items() if k.startswith("cluster.synapse_sync_workers.health_check.")}
+        prefix = "cluster.synapse_sync_workers.health_check."
+        hc = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
         return f"hosts {hosts}; {hc}"
 
     # --- admin -------------------------------------------------------------------------------

@@ -117,3 +117,15 @@ def test_just_validate_is_the_one_command(tmp_path):
     assert proc.returncode != 0
     assert "field `cache_ttl_s`" in proc.stdout.splitlines()[-1], proc.stdout
     assert "error: recipe" not in proc.stderr, proc.stderr
+
+
+def test_nginx_conf_must_say_proxy_ngx_wasm_module(tmp_path):
+    """Without `"proxy": "ngx_wasm_module"` the filter accepts the configuration but would
+    dispatch whoami like Envoy does; validate says so."""
+    path = tmp_path / "nginx.conf"
+    text = NGINX_CONF.read_text()
+    assert '"proxy":"ngx_wasm_module",' in text
+    path.write_text(text.replace('"proxy":"ngx_wasm_module",', ""))
+    code, lines = validate(path)
+    assert code == 1, lines
+    assert any('set "proxy": "ngx_wasm_module"' in line for line in lines), lines

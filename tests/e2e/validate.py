@@ -64,9 +64,21 @@ class Report:
         return 1
 
 
+PROXY_FIELD = {"envoy": "envoy", "ngx": "ngx_wasm_module"}
+
+
 def check_config(args, report: Report, where: str, config: str, host: str,
                  zones: list[str] | None = None) -> None:
-    """Runs one plugin configuration through the filter's parser (tests/harness check-config)."""
+    """Runs one plugin configuration through the filter's parser (tests/harness check-config),
+    and checks that its `proxy` field names the host it is for: the filter accepts either value
+    anywhere, but the other host's behaviour fails at run time (a cluster name is no host:port)."""
+    try:
+        proxy = json.loads(config or "{}").get("proxy", "envoy")
+    except (ValueError, AttributeError):
+        proxy = None  # not a JSON object: check-config reports it
+    if proxy is not None and proxy != PROXY_FIELD[host]:
+        report.fail(f'{where}: "proxy" is {json.dumps(proxy)}, but this file is for '
+                    f'{"Envoy" if host == "envoy" else "nginx"}: set "proxy": "{PROXY_FIELD[host]}"')
     argv = [str(args.check_config), "--host", host]
     if zones is not None:
         argv += ["--zones", ",".join(zones)]
