@@ -163,7 +163,10 @@ class Run:
         if terminal:
             # A new session whose controlling terminal is a pty: Ctrl-C is written to it as a
             # user types it, and the terminal driver signals the foreground process group.
-            self.master, slave = pty.openpty()
+            try:
+                self.master, slave = pty.openpty()
+            except OSError as exc:
+                pytest.skip(f"no pseudo-terminal to run it at: {exc}")
             self.proc = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
                 start_new_session=True,
