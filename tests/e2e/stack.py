@@ -14,6 +14,9 @@ the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_res
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import hmac
@@ -28,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -77,6 +81,11 @@ def venv_bin(name: str) -> str:
     if not found:
         raise StackError(f"{name} not found next to {sys.executable} nor on PATH (run `just venv`)")
     return found
+
+
+def just_executable() -> str | None:
+    """The `just` running this session (`just e2e` passes it as $MSR_JUST), else one on PATH."""
+    return os.environ.get("MSR_JUST") or shutil.which("just")
 
 
 @dataclasses.dataclass
@@ -146,43 +155,158 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+# --------------------------------------------------------------------------------------------
+# process lifecycle: no exit path (Ctrl-C once or many times, SIGTERM, SIGHUP, an exception, the
+# parent being killed) leaves a process, a port or a work directory behind
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Runs in the child between fork and exec: the kernel sends it SIGTERM when the parent dies,
+    even by SIGKILL (PR_SET_PDEATHSIG survives exec). SIGTERM rather than SIGKILL so that a
+    child with children of its own (an nginx master) stops them. If the parent is already gone,
+    the child exits at once."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGINT, SIGTERM and SIGHUP while the block runs, then delivers them.
+
+    Why: a signal landing inside a start (after the fork, before the child is recorded) or a
+    shutdown (inside `proc.wait()`) abandons a child: a second Ctrl-C used to leave Synapse
+    running. Signals reach only the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in STOP_SIGNALS:
+        previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (where nobody handles them yet) raise KeyboardInterrupt like Ctrl-C, so
+    pytest, the demo and any script using a Stack clean up on them too, instead of dying on the
+    spot (their children would then be stopped only by the parent-death signal, and the work
+    directory left behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_interrupt)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (tells a live owner from a reused PID), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def processes_under(folder: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose working directory is `folder` or below it (the
+    stack starts each child in its run's folder)."""
+    folder = folder.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd == folder or folder in cwd.parents:
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def remove_stale_runs(e2e_dir: Path = E2E_DIR) -> list[Path]:
+    """Removes the run folders under .e2e whose owner process is gone (it was killed, so it
+    could not clean up), after killing anything still running in them. Folders kept on purpose
+    (failed runs, $MSR_E2E_KEEP) have no owner file and stay."""
+    removed = []
+    for owner in e2e_dir.glob("*/owner"):
+        try:
+            pid, started = owner.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _start_time(int(pid)) == started:
+            continue  # still running
+        for stray, _ in processes_under(owner.parent):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
+        shutil.rmtree(owner.parent, ignore_errors=True)
+        removed.append(owner.parent)
+    return removed
+
+
 class Process:
-    """A child process in its own session, killed with its whole group on stop()."""
+    """A child process in its own session (a terminal's Ctrl-C reaches only its parent, which
+    stops it in order), killed with its whole group on stop(), and sent SIGTERM by the kernel if
+    the parent dies first. stop() may be called any number of times."""
 
     def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, env: dict | None = None):
         self.name = name
         self.log = log
         self._log_file = open(log, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        parent = os.getpid()
+        with signals_deferred():
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: _die_with(parent),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def check_alive(self) -> None:
         code = self.proc.poll()
         if code is not None:
             raise StackError(f"{self.name} exited with {code}; last log lines:\n{tail(self.log)}")
 
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+        """SIGTERM to the group, SIGKILL after `timeout` s; signals are held until it is done."""
+        with signals_deferred():
+            if self.proc.poll() is None:
+                self._signal_group(signal.SIGTERM)
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout)
-        self._log_file.close()
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(signal.SIGKILL)
+                    self.proc.wait(timeout)
+            self._signal_group(signal.SIGKILL)  # anything the leader left in its group
+            self._log_file.close()
 
 
 class Service:
@@ -190,14 +314,20 @@ class Service:
 
     process: Process | None = None
 
+    def spawn(self, name: str, argv: list[str], log: Path, cwd: Path) -> None:
+        """Starts the child and records it in one step no signal can split."""
+        with signals_deferred():
+            self.process = Process(name, argv, log, cwd)
+
     def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.1):
         assert self.process is not None
         return wait_until(predicate, timeout, what, interval, check=self.process.check_alive)
 
     def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-            self.process = None
+        with signals_deferred():
+            if self.process:
+                self.process.stop()
+                self.process = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +500,7 @@ class Synapse(Service):
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
         cfg = self.dir / "homeserver.yaml"
         cfg.write_text(yaml.safe_dump(self._config()))
-        self.process = Process(
+        self.spawn(
             "synapse",
             [sys.executable, "-m", "synapse.app.homeserver", "-c", str(cfg)],
             log=self.dir / "synapse.out",
@@ -612,7 +742,7 @@ class Envoy(Service):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.dump(self.cfg, Dumper=_NoAliasDumper, sort_keys=False))
         self.access_log.touch()
-        self.process = Process(
+        self.spawn(
             f"envoy {self.name}",
             [
                 venv_bin("envoy"),
@@ -631,12 +761,31 @@ class Envoy(Service):
             f"Envoy {self.name} /ready",
         )
         # Every sync worker healthy (first health checks done), so spreading is not skewed.
-        self.wait_for(
-            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.sync_ports),
-            timeout,
-            f"Envoy {self.name}: all sync workers healthy",
-        )
+        try:
+            self.wait_for(
+                lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.sync_ports),
+                timeout,
+                f"Envoy {self.name}: all sync workers healthy",
+            )
+        except StackError as exc:
+            raise StackError(f"{exc}; Envoy's view: {self._health_report()}") from None
         return self
+
+    def _health_report(self) -> str:
+        """Each sync worker's health flags and health-check stats, for a start-up that failed."""
+        try:
+            data = self.admin("/clusters?format=json").json()
+            stats = self.stats()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return f"(admin unreachable: {exc})"
+        hosts = [
+            f"{h['address']['socket_address']['port_value']}: {h.get('health_status')}"
+            for c in data.get("cluster_statuses", []) if c.get("name") == "synapse_sync_workers"
+            for h in c.get("host_statuses", [])
+        ]
+        prefix = "cluster.synapse_sync_workers.health_check."
+        hc = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+        return f"hosts {hosts}; {hc}"
 
     # --- admin -------------------------------------------------------------------------------
 
@@ -763,22 +912,34 @@ class Envoy(Service):
 
 
 class Stack:
-    """Synapse plus any number of Envoys in one work directory under .e2e/."""
+    """Synapse plus any number of Envoys in one work directory under .e2e/.
+
+    The folder holds an `owner` file (PID and start time of this process) until close(): a run
+    whose owner was killed is removed by the next Stack (`remove_stale_runs`). close() stops
+    everything even when signals keep arriving, may be called more than once, and runs at
+    interpreter exit if nobody called it."""
 
     def __init__(self, wasm: Path = DEFAULT_WASM, n_workers: int = 3, prefix: str = "stack-"):
         self.wasm = Path(wasm).resolve()
         if not self.wasm.is_file():
             raise StackError(f"filter not built: {self.wasm} is missing (run `just build`)")
+        stop_on_termination()
         E2E_DIR.mkdir(exist_ok=True)
+        remove_stale_runs()
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=E2E_DIR))
+        (self.dir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         self.synapse = Synapse(self.dir / "synapse", n_workers)
         self.envoys: list[Envoy] = []
+        self.closed = False
+        # If the owner's own cleanup was cut short (pytest's teardown skipped by a second
+        # Ctrl-C), the interpreter's exit still stops everything.
+        atexit.register(self.close)
 
     def start(self) -> "Stack":
         try:
             self.synapse.start()
         except BaseException:
-            self.close()
+            self.close(keep_dir=False)
             raise
         return self
 
@@ -794,16 +955,36 @@ class Stack:
         password = self.synapse.passwords[first.user_id]
         return [envoy.login(first.user_id, password, f"{localpart}-dev{i + 1}") for i in range(n_devices)]
 
+    def pids(self) -> list[int]:
+        """The PIDs of the running children (Synapse, Envoys)."""
+        services = [self.synapse, *self.envoys]
+        return [s.process.pid for s in services if s.process]
+
+    def ports(self) -> list[int]:
+        """Every port the stack's children listen on."""
+        ports = [self.synapse.main_port, *self.synapse.worker_ports]
+        for envoy in self.envoys:
+            ports += [envoy.port, envoy.admin_port]
+        return ports
+
     def close(self, keep_dir: bool = False) -> None:
-        """Stop every process; remove the work directory unless keep_dir (or $MSR_E2E_KEEP)."""
-        for envoy in reversed(self.envoys):
-            envoy.stop()
-        self.synapse.stop()
-        if not keep_dir and not os.environ.get("MSR_E2E_KEEP"):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop every process; remove the work directory unless keep_dir (or $MSR_E2E_KEEP).
+        Signals arriving meanwhile are delivered once everything is stopped."""
+        with signals_deferred():
+            if self.closed:
+                return
+            for envoy in reversed(self.envoys):
+                envoy.stop()
+            self.synapse.stop()
+            if keep_dir or os.environ.get("MSR_E2E_KEEP"):
+                (self.dir / "owner").unlink(missing_ok=True)  # kept on purpose: not stale
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            self.closed = True
 
     def __enter__(self) -> "Stack":
         return self.start()
 
     def __exit__(self, exc_type, *_) -> None:
-        self.close(keep_dir=exc_type is not None)
+        # Keep the logs of a failure; an interrupt (Ctrl-C, SIGTERM) is no failure.
+        self.close(keep_dir=exc_type is not None and issubclass(exc_type, Exception))
