@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import itertools
+import json
 import re
 import secrets
 import threading
@@ -226,3 +227,45 @@ def place_users(envoy: stack.Envoy, users, rounds: int = 2, threads: int = 8) ->
     by_user = {o.device.user_id: o.routing_key for o in outcomes}
     assert all(k == u for u, k in by_user.items()), "a user was not routed by its user ID"
     return {u: w.pop() for u, w in placed.items()}
+
+
+def record_figures(test: str, **figures) -> None:
+    """Append one test's measured figures to .e2e/figures.jsonl (and print them): the numbers
+    the README's "Reliability and security" section quotes come from these lines."""
+    stack.E2E_DIR.mkdir(exist_ok=True)
+    line = json.dumps({"test": test, **figures}, sort_keys=True)
+    with open(stack.E2E_DIR / "figures.jsonl", "a") as f:
+        f.write(line + "\n")
+    print(f"figures: {line}")
+
+
+# Envoy's RESPONSE_CODE_DETAILS when it answers for an upstream that failed (connect refused,
+# connection reset, no healthy host): the upstream's fault, not the filter's.
+_UPSTREAM_FAILURE_DETAILS = ("upstream_reset_before_response_started", "no_healthy_upstream")
+
+
+def is_upstream_failure(o: Outcome) -> bool:
+    """Envoy's own 503 for a dead upstream (as opposed to anything the filter did)."""
+    return (
+        o.status == 503
+        and o.entry is not None
+        and str(o.entry.get("details", "")).startswith(_UPSTREAM_FAILURE_DETAILS)
+    )
+
+
+def user_routing_back(outcomes: Iterable[Outcome], devices: Iterable[stack.Device], since: float):
+    """Seconds from `since` (time.monotonic()) until every device's syncs were routed by its
+    user ID for good: for each device, the start of its first request after which none of its
+    requests used anything else; the slowest device. None if some device is not back by the
+    end of `outcomes`."""
+    outcomes = sorted((o for o in outcomes if o.started >= since), key=lambda o: o.started)
+    slowest = 0.0
+    for device in devices:
+        mine = [o for o in outcomes if o.device.device_id == device.device_id]
+        if not mine or mine[-1].routing_key != device.user_id:
+            return None
+        first_good = len(mine) - 1
+        while first_good > 0 and mine[first_good - 1].routing_key == device.user_id:
+            first_good -= 1
+        slowest = max(slowest, mine[first_good].started - since)
+    return slowest

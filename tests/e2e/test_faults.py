@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fault_whoami import FaultWhoami
-from load import FALLBACK_KEY, SyncLoad, assert_answered_in_time, place_users
+from load import FALLBACK_KEY, SyncLoad, assert_answered_in_time, place_users, record_figures
 
 TIMEOUT_S = 1.0
 BACKOFF_S = 2
@@ -116,3 +116,11 @@ def test_whoami_fault_under_load(mode, fault_server, fault_envoy, warm_users, ma
     workers = {fault_envoy.workers[o.upstream_host] for o in routed}
     r = envoy.sync(cold.devices[0].token)
     assert workers == {envoy.worker_of(r)}, workers
+    record_figures(
+        f"whoami fault {mode}",
+        syncs=len(outcomes),
+        new_token_syncs=cold_syncs,
+        max_latency_s=round(max(o.elapsed for o in outcomes), 3),
+        whoami_calls=calls,
+        user_routing_back_after_s=round(took, 2),
+    )
