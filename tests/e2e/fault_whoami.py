@@ -9,7 +9,7 @@ answer names the token's real user — the filter must still refuse it.
 
 from __future__ import annotations
 
-import http.client
+import hashlib
 import http.server
 import json
 import threading
@@ -39,6 +39,8 @@ class FaultWhoami:
         "nul": "user_id with a NUL inside",
         "slow_under": "the real answer after `slow_under_s`",
         "slow_over": "the real answer after `slow_over_s`",
+        # Not a fault: a user per token without Synapse, to measure placement over many keys.
+        "synthetic": "200 with user_id @k<16 hex of SHA-256(token)>:example.test",
     }
 
     def __init__(self, synapse_port: int, slow_under_s: float = 0.5, slow_over_s: float = 2.0):
@@ -59,8 +61,11 @@ class FaultWhoami:
             def log_message(self, *args):  # quiet
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer((stack.HOST, 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256  # Envoy opens many callout connections at once
+            daemon_threads = True
+
+        self.httpd = Server((stack.HOST, 0), Handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -104,6 +109,10 @@ class FaultWhoami:
             return self._send(h, status, body)
         if mode == "401":
             return self._send(h, 401, _error("M_UNKNOWN_TOKEN", "Unknown access token"))
+        if mode == "synthetic":
+            token = (h.headers["Authorization"] or "").partition(" ")[2]
+            user_id = f"@k{hashlib.sha256(token.encode()).hexdigest()[:16]}:{stack.SERVER_NAME}"
+            return self._send(h, 200, json.dumps({"user_id": user_id}).encode())
         if mode == "500":
             return self._send(h, 500, _error("M_UNKNOWN", "Internal server error"))
         if mode == "429":

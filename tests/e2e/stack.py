@@ -858,7 +858,7 @@ class Stack:
 
 def set_cluster_ports(cfg: dict, cluster: str, ports: list[int]) -> None:
     """Point one cluster of a rendered config at 127.0.0.1:`ports`."""
-    c = _find_one(cfg["static_resources"]["clusters"], "cluster", name=cluster)
+    c = cluster_config(cfg, cluster)
     c["load_assignment"]["endpoints"] = [
         {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
     ]
@@ -870,7 +870,7 @@ def tune_health_checks(
     """Run envoy.yaml's own active health check of `cluster` faster (every `interval_s`, also
     before any traffic), so a test sees a host leave and rejoin the ring within seconds. The
     check itself (HTTP GET /health, its timeout) is the operator's; only its pace changes."""
-    c = _find_one(cfg["static_resources"]["clusters"], "cluster", name=cluster)
+    c = cluster_config(cfg, cluster)
     if len(c.get("health_checks", [])) != 1:
         raise StackError(f"envoy.yaml: expected one health check on {cluster}")
     hc = c["health_checks"][0]
@@ -962,3 +962,8 @@ class HotRestartEnvoy(Envoy):
             mine = _find_one(self.cfg["static_resources"]["clusters"], "cluster", name=name)
             mine["load_assignment"] = _find_one(workers, "cluster", name=name)["load_assignment"]
         self.workers = dict(other.workers)
+
+
+def cluster_config(cfg: dict, cluster: str) -> dict:
+    """The (mutable) definition of one cluster in a rendered config."""
+    return _find_one(cfg["static_resources"]["clusters"], "cluster", name=cluster)

@@ -30,7 +30,7 @@ OVERRIDES = {
 MARGIN_S = 1.5
 FAULT_S = 3.0  # how long each fault lasts under load
 RECOVERY_SLACK_S = 3.0
-FAULTS = [m for m in FaultWhoami.MODES if m != "proxy"]
+FAULTS = [m for m in FaultWhoami.MODES if m not in ("proxy", "synthetic")]
 
 
 @pytest.fixture(scope="module")
