@@ -52,6 +52,12 @@ wasm-unit: rust-target
 e2e *args: build venv
     MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}
 
+# Not part of `test` (which runs its short version). MSR_SOAK_SECONDS (default 180) and
+# MSR_SOAK_USERS (default 200, 3 devices each) size it; figures go to .e2e/figures.jsonl.
+# Soak: many users syncing concurrently through the real Envoy + filter to real Synapse, for minutes.
+soak *args: build venv
+    MSR_SOAK=long MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -s -p no:cacheprovider tests/e2e/test_soak.py {{args}}
+
 # Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
 # (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.
 # Benchmark: the filter's cost in the real Envoy as ratios to no filter, interleaved rounds (~4 min).
