@@ -367,11 +367,14 @@ class Synapse(Service):
             )
         )
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
-        cfg = self.dir / "homeserver.yaml"
-        cfg.write_text(yaml.safe_dump(self._config()))
+        (self.dir / "homeserver.yaml").write_text(yaml.safe_dump(self._config()))
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "Synapse":
+        """Run Synapse on the written homeserver.yaml; wait until every listener is healthy."""
         self.process = Process(
             "synapse",
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(cfg)],
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.dir / "homeserver.yaml")],
             log=self.dir / "synapse.out",
             cwd=self.dir,
         )
@@ -477,22 +480,8 @@ class Synapse(Service):
         """Start Synapse again on its existing configuration, database and ports (after it was
         killed): the same users and tokens, the same listeners."""
         if self.process is not None:
-            self.process.proc.wait(10)
-            self.process.stop()
-        self.process = Process(
-            "synapse",
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.dir / "homeserver.yaml")],
-            log=self.dir / "synapse.out",
-            cwd=self.dir,
-        )
-        for port in [self.main_port, *self.worker_ports]:
-            self.wait_for(
-                lambda port=port: http_request(port, "GET", "/health", timeout=2).status == 200,
-                timeout,
-                f"relaunched Synapse /health on port {port}",
-                interval=0.25,
-            )
-        return self
+            self.process.stop()  # reaps a killed process (or stops a running one)
+        return self._launch(timeout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ LATENCY_LIMIT_S = LONG_POLL_MS / 1000 + 5.0  # generous: 2 loaded cores
 # RSS may grow while Envoy warms up (connection pools, buffers, the filter's per-VM memory of
 # recent users); after the first full round it must stay within this much.
 RSS_SLACK_KIB = 16 * 1024
+# The long run renews every token ahead of expiry at least once: each device syncs every ~6 s,
+# well inside the refresh window (the last tenth of cache_ttl_s, 12 s), so no token ever
+# expires into a miss. The short run is too short for any refresh (envoy.yaml's 3600 s).
+OVERRIDES = {"cache_ttl_s": 120} if LONG else None
 COUNTERS = ["whoami_ok", "cache_misses", "fallbacks", "whoami_failed", "refreshes", "requests"]
 
 
@@ -43,7 +47,7 @@ def filter_counters(envoy) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def soak_envoy(e2e_stack):
     """A fresh Envoy: its counters start at 0, so whoami calls can be compared to tokens."""
-    return e2e_stack.add_envoy("soak")
+    return e2e_stack.add_envoy("soak", plugin_overrides=OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +93,10 @@ def test_soak(e2e_stack, soak_envoy, soak_users):
     assert not split, f"{len(split)} users on several workers: {list(split.items())[:3]}"
     assert len(placed) == USERS
     assert delta["whoami_calls"] == len(tokens) + delta["refreshes"], delta
-    assert delta["whoami_ok"] == len(tokens) + delta["refreshes"], delta
+    assert delta["whoami_ok"] == delta["whoami_calls"], delta
     assert delta["cache_misses"] == len(tokens) and delta["fallbacks"] == 0, delta
+    if LONG and elapsed > 0.9 * 120:
+        assert delta["refreshes"] >= len(tokens), f"not every token was refreshed ahead: {delta}"
     assert delta["requests"] == len(outcomes), delta
     growth = max(rss[1:] or rss) - rss[0]
     assert growth <= RSS_SLACK_KIB, f"Envoy RSS grew {growth} KiB after warm-up: {rss}"
@@ -114,6 +120,7 @@ def test_soak(e2e_stack, soak_envoy, soak_users):
         seconds=round(elapsed, 1),
         syncs_per_s=round(len(outcomes) / elapsed, 1),
         long_poll_ms=LONG_POLL_MS,
+        cache_ttl_s=(OVERRIDES or {}).get("cache_ttl_s", 3600),
         threads=THREADS,
         failed=0,
         users_split=0,
