@@ -131,8 +131,8 @@ def remap_envoy(s: stack.Stack, relay: Relay, name: str, lb_policy: str | None =
     envoy = s.prepare_envoy(name, **kwargs)
     envoy.use_worker_ports([*s.synapse.worker_ports[:3], relay.port])
     stack.tune_health_checks(envoy.cfg, "synapse_sync_workers", HEALTH_INTERVAL_S)
-    if lb_policy:
-        cluster = stack.cluster_config(envoy.cfg, "synapse_sync_workers")
+    cluster = stack.cluster_config(envoy.cfg, "synapse_sync_workers")
+    if lb_policy and lb_policy != cluster["lb_policy"]:
         cluster["lb_policy"] = lb_policy
         cluster.pop("ring_hash_lb_config", None)
     return envoy.start()
@@ -140,7 +140,8 @@ def remap_envoy(s: stack.Stack, relay: Relay, name: str, lb_policy: str | None =
 
 @pytest.fixture(scope="module")
 def remap(request):
-    """(stack, relay, {name: Envoy}, whoami server) with the fourth worker behind the relay."""
+    """(stack, relay, {name: Envoy}) with the fourth worker behind the relay: two replicas of
+    envoy.yaml with Synapse's whoami, and one Envoy per compared balancer with made-up users."""
     s = stack.Stack(WASM, n_workers=4, prefix="remap-").start()
     relay = Relay(s.synapse.worker_ports[3])
     keys = FaultWhoami(s.synapse.main_port).start()
