@@ -34,6 +34,9 @@ N_KEYS = 1000
 # Upper bounds on the share of users on the healthy workers that move too (measured with 2000
 # keys: RING_HASH 11.6 %, MAGLEV 0.13 %); the bounds leave room for the ring's randomness.
 MAX_COLLATERAL = {"RING_HASH": 0.30, "MAGLEV": 0.02}
+# The same bound for the 100 real users is wider: with ~78 users on healthy workers one run
+# saw 26 % of them move (others 4-16 %). A ring that re-shuffled everybody would move 2/3.
+MAX_COLLATERAL_USERS = 0.45
 # Expected share of moved users: 1/4. With 100 users the binomial spread alone is ±4.3 users
 # (1 sd), plus the ring's unevenness (1024 entries); 10–45 % leaves > 3.5 sd either side.
 MOVED_SHARE = (0.10, 0.45)
@@ -230,7 +233,7 @@ def test_one_of_four_workers_fails_and_returns(remap):
     assert MOVED_SHARE[0] <= share <= MOVED_SHARE[1], f"{share:.0%} of users were on {FAILED}"
     others = N_USERS - len(on_failed)
     collateral = moved - on_failed
-    assert len(collateral) <= MAX_COLLATERAL["RING_HASH"] * others, sorted(collateral)
+    assert len(collateral) <= MAX_COLLATERAL_USERS * others, sorted(collateral)
     assert not not_back, f"users not back on their worker: {sorted(not_back)}"
     record_figures(
         "remove 1 of 4 workers and bring it back (real users, 2 replicas, RING_HASH)",
