@@ -6,7 +6,8 @@ application service registered (`Synapse.appservice`), and its "Processed reques
 (listener port, recorded client address, requester, path, user agent) are read with
 `Synapse.processed_requests`. Envoy runs the repository's own envoy.yaml; `render_envoy_config`
 only substitutes addresses, ports, the .wasm path, the access log path and (optionally) plugin
-configuration fields.
+configuration fields. The helpers at the end (`tune_health_checks`, `HotRestartEnvoy`,
+`Envoy.use_worker_ports`) are for the fault, restart and remap tests, which say what they change.
 
 Which worker served a request is read from Envoy's access log (`upstream_host`), correlated by
 the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_response`).
