@@ -82,6 +82,12 @@ check-config:
     else echo "compiling check-config (the proxy-wasm harness with wasmtime; the first time takes minutes) ..."; \
         cargo build -p proxy-wasm-harness --bin check-config; fi
 
+# Not part of `test` (which runs its short version). MSR_SOAK_SECONDS (default 180) and
+# MSR_SOAK_USERS (default 200, 3 devices each) size it; figures go to .e2e/figures.jsonl.
+# Soak: many users syncing concurrently through the real Envoy + filter to real Synapse, for minutes.
+soak *args: build venv
+    MSR_SOAK=long MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -s -p no:cacheprovider tests/e2e/test_soak.py {{args}}
+
 # Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
 # (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.
 # Benchmark: the filter's cost in the real Envoy as ratios to no filter, interleaved rounds (~4 min).

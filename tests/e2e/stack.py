@@ -6,7 +6,8 @@ application service registered (`Synapse.appservice`), and its "Processed reques
 (listener port, recorded client address, requester, path, user agent) are read with
 `Synapse.processed_requests`. Envoy runs the repository's own envoy.yaml; `render_envoy_config`
 only substitutes addresses, ports, the .wasm path, the access log path and (optionally) plugin
-configuration fields.
+configuration fields. The helpers at the end (`tune_health_checks`, `HotRestartEnvoy`,
+`Envoy.use_worker_ports`) are for the fault, restart and remap tests, which say what they change.
 
 Which worker served a request is read from Envoy's access log (`upstream_host`), correlated by
 the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_response`).
@@ -498,11 +499,14 @@ class Synapse(Service):
             )
         )
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
-        cfg = self.dir / "homeserver.yaml"
-        cfg.write_text(yaml.safe_dump(self._config()))
+        (self.dir / "homeserver.yaml").write_text(yaml.safe_dump(self._config()))
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "Synapse":
+        """Run Synapse on the written homeserver.yaml; wait until every listener is healthy."""
         self.spawn(
             "synapse",
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(cfg)],
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.dir / "homeserver.yaml")],
             log=self.dir / "synapse.out",
             cwd=self.dir,
         )
@@ -599,6 +603,18 @@ class Synapse(Service):
             interval=0.05,
         )
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the Synapse process (SIGKILL, SIGSTOP, SIGCONT: the fault tests)."""
+        assert self.process is not None
+        self.process.proc.send_signal(sig)
+
+    def relaunch(self, timeout: float = 120.0) -> "Synapse":
+        """Start Synapse again on its existing configuration, database and ports (after it was
+        killed): the same users and tokens, the same listeners."""
+        if self.process is not None:
+            self.process.stop()  # reaps a killed process (or stops a running one)
+        return self._launch(timeout)
+
 
 # --------------------------------------------------------------------------------------------
 # Envoy configuration: the repository's envoy.yaml with only addresses/ports/paths substituted
@@ -684,6 +700,9 @@ class _NoAliasDumper(yaml.SafeDumper):
 class Envoy(Service):
     """An Envoy running the substituted envoy.yaml in front of `synapse`."""
 
+    # Hot-restart flags; HotRestartEnvoy replaces them with --base-id/--restart-epoch.
+    restart_args: tuple[str, ...] = ("--disable-hot-restart",)
+
     def __init__(
         self,
         workdir: Path,
@@ -748,7 +767,7 @@ class Envoy(Service):
                 venv_bin("envoy"),
                 "-c", str(self.config_path),
                 "--concurrency", "2",
-                "--disable-hot-restart",
+                *self.restart_args,
                 "--file-flush-interval-msec", "20",
                 "--log-level", "info",
             ],
@@ -906,6 +925,28 @@ class Envoy(Service):
             raise StackError(f"request {response.request_id} was not served by a sync worker: {host}")
         return self.workers[host]
 
+    def entries_by_user_agent(self) -> dict[str, dict]:
+        """Access log entries keyed by User-Agent: the load generator (load.py) gives every
+        request its own, so requests that never got an answer (no x-request-id) are found too."""
+        return {e["user_agent"]: e for e in self.log_entries() if e.get("user_agent")}
+
+    # --- process -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.proc.pid
+
+    def rss_kib(self) -> int:
+        """Resident memory of the Envoy process (VmRSS from /proc), in KiB."""
+        return process_rss_kib(self.pid)
+
+    def use_worker_ports(self, ports: list[int]) -> None:
+        """Before start(): send the sync worker cluster to `ports` instead of Synapse's own
+        listeners (e.g. a relay the test can break); worker names stay sync-1..N by position."""
+        set_cluster_ports(self.cfg, "synapse_sync_workers", ports)
+        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(ports)}
+
 
 # --------------------------------------------------------------------------------------------
 # the whole stack
@@ -949,6 +990,13 @@ class Stack:
         envoy.start()
         return envoy
 
+    def prepare_envoy(self, name: str, cls: type[Envoy] | None = None, **kwargs) -> Envoy:
+        """An Envoy (of class `cls`) that the test may still change (its `cfg`, its worker
+        ports) before calling start(); it is stopped with the stack."""
+        envoy = (cls or Envoy)(self.dir, name, self.synapse, self.wasm, **kwargs)
+        self.envoys.append(envoy)
+        return envoy
+
     def user_with_devices(self, envoy: Envoy, localpart: str, n_devices: int) -> list[Device]:
         """Register `localpart` and log in `n_devices` devices through `envoy`."""
         first = self.synapse.register(localpart)
@@ -988,3 +1036,121 @@ class Stack:
     def __exit__(self, exc_type, *_) -> None:
         # Keep the logs of a failure; an interrupt (Ctrl-C, SIGTERM) is no failure.
         self.close(keep_dir=exc_type is not None and issubclass(exc_type, Exception))
+
+
+# --------------------------------------------------------------------------------------------
+# faults, restarts, load: helpers for test_faults, test_synapse_down, test_hot_restart,
+# test_remap and test_soak
+
+
+def set_cluster_ports(cfg: dict, cluster: str, ports: list[int]) -> None:
+    """Point one cluster of a rendered config at 127.0.0.1:`ports`."""
+    c = cluster_config(cfg, cluster)
+    c["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
+    ]
+
+
+def tune_health_checks(
+    cfg: dict, cluster: str, interval_s: float = 0.5, unhealthy: int = 2, healthy: int = 1
+) -> None:
+    """Run envoy.yaml's own active health check of `cluster` faster (every `interval_s`, also
+    before any traffic), so a test sees a host leave and rejoin the ring within seconds. The
+    check itself (HTTP GET /health, its timeout) is the operator's; only its pace changes."""
+    c = cluster_config(cfg, cluster)
+    if len(c.get("health_checks", [])) != 1:
+        raise StackError(f"envoy.yaml: expected one health check on {cluster}")
+    hc = c["health_checks"][0]
+    interval = f"{interval_s}s"
+    hc.update(
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_interval=interval,
+        interval_jitter="0s",
+        unhealthy_threshold=unhealthy,
+        healthy_threshold=healthy,
+        timeout="1s",
+    )
+
+
+def process_rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise StackError(f"no VmRSS for pid {pid}")
+
+
+class HotRestartEnvoy(Envoy):
+    """An Envoy started for hot restart (`--base-id`, `--restart-epoch`) instead of with
+    --disable-hot-restart. `next_epoch()` makes the process that takes over its listener
+    (same ports, same base id), possibly with another plugin configuration; the old process
+    drains for `drain_s` and exits by itself after `parent_shutdown_s`."""
+
+    drain_s = 2
+    parent_shutdown_s = 5
+
+    def __init__(self, *args, epoch: int = 0, base_id: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = epoch
+        self.base_id = base_id
+        self.base_id_path = self.dir / f"{self.name}.base-id"
+
+    @property
+    def restart_args(self) -> tuple[str, ...]:  # type: ignore[override]
+        base = (
+            ("--use-dynamic-base-id", "--base-id-path", str(self.base_id_path))
+            if self.base_id is None
+            else ("--base-id", str(self.base_id))
+        )
+        return (
+            *base,
+            "--restart-epoch", str(self.epoch),
+            "--drain-time-s", str(self.drain_s),
+            "--parent-shutdown-time-s", str(self.parent_shutdown_s),
+        )
+
+    def start(self, timeout: float = 60.0) -> "HotRestartEnvoy":
+        super().start(timeout)
+        # /ready may still be the parent's answer: wait until the admin port is this epoch's.
+        self.wait_for(
+            lambda: self.admin("/server_info").json()["command_line_options"]["restart_epoch"]
+            == self.epoch,
+            timeout,
+            f"Envoy {self.name} (epoch {self.epoch}) serving its admin port",
+        )
+        if self.base_id is None:
+            self.base_id = int(self.base_id_path.read_text().strip())
+        return self
+
+    def next_epoch(self, stack: "Stack", plugin_overrides: dict | None = None) -> "HotRestartEnvoy":
+        """Hot-restart: a new Envoy process (epoch + 1) on the same ports; started."""
+        child = stack.prepare_envoy(
+            f"{self.name}-epoch{self.epoch + 1}",
+            cls=HotRestartEnvoy,
+            plugin_overrides=plugin_overrides,
+            epoch=self.epoch + 1,
+            base_id=self.base_id,
+        )
+        assert isinstance(child, HotRestartEnvoy)
+        child.take_ports_of(self)
+        return child.start()
+
+    def take_ports_of(self, other: Envoy) -> None:
+        """Listen (and serve admin) where `other` does, with the same sync worker endpoints."""
+        self.port, self.admin_port = other.port, other.admin_port
+        self.cfg["admin"]["address"]["socket_address"]["port_value"] = other.admin_port
+        listener = _find_one(
+            self.cfg["static_resources"]["listeners"], "listener", name="matrix_client"
+        )
+        listener["address"]["socket_address"]["port_value"] = other.port
+        workers = other.cfg["static_resources"]["clusters"]
+        for name in ("synapse_sync_workers", "synapse_whoami"):
+            mine = _find_one(self.cfg["static_resources"]["clusters"], "cluster", name=name)
+            mine["load_assignment"] = _find_one(workers, "cluster", name=name)["load_assignment"]
+        self.workers = dict(other.workers)
+
+
+def cluster_config(cfg: dict, cluster: str) -> dict:
+    """The (mutable) definition of one cluster in a rendered config."""
+    return _find_one(cfg["static_resources"]["clusters"], "cluster", name=cluster)
