@@ -122,6 +122,17 @@ pub fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Error
     Ok(value)
 }
 
+/// The start of a value.
+enum Tok<'de> {
+    Map,
+    Seq,
+    Str(Cow<'de, str>),
+    Bool(bool),
+    Null,
+    Unsigned(u64),
+    Signed(i64),
+}
+
 struct Deserializer<'de> {
     input: &'de [u8],
     pos: usize,
@@ -264,7 +275,7 @@ impl<'de> Deserializer<'de> {
     }
 
     /// An integer; fractions and exponents are refused.
-    fn integer<V: Visitor<'de>>(&mut self, visitor: V) -> Result<V::Value, Error> {
+    fn integer(&mut self) -> Result<Tok<'de>, Error> {
         let negative = self.peek() == Some(b'-');
         if negative {
             self.pos += 1;
@@ -279,27 +290,52 @@ impl<'de> Deserializer<'de> {
         }
         if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
             return Err(<Error as de::Error>::custom(
-                "invalid type: a number with a fraction or exponent, \
-                 expected an integer",
+                "invalid type: a number with a fraction or exponent, expected an integer",
             ));
         }
         let magnitude = digits.iter().try_fold(0u64, |n, &d| {
             n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
         });
-        let Some(magnitude) = magnitude else {
-            return Err(<Error as de::Error>::custom(
-                "invalid value: an integer out of range",
-            ));
-        };
+        let out_of_range =
+            || <Error as de::Error>::custom("invalid value: an integer out of range");
+        let magnitude = magnitude.ok_or_else(out_of_range)?;
         if !negative {
-            return visitor.visit_u64(magnitude);
+            return Ok(Tok::Unsigned(magnitude));
         }
-        match i64::try_from(magnitude) {
-            Ok(n) => visitor.visit_i64(-n),
-            Err(_) => Err(<Error as de::Error>::custom(
-                "invalid value: an integer out of range",
-            )),
-        }
+        i64::try_from(magnitude)
+            .map(|n| Tok::Signed(-n))
+            .map_err(|_| out_of_range())
+    }
+
+    /// The next value's first token (one non-generic function, so each visitor type adds only
+    /// a small dispatch to the module). `{` and `[` are consumed and entered.
+    fn token(&mut self) -> Result<Tok<'de>, Error> {
+        self.skip_ws();
+        let tok = match self.peek() {
+            Some(b'{') => Tok::Map,
+            Some(b'[') => Tok::Seq,
+            Some(b'"') => {
+                self.pos += 1;
+                return Ok(Tok::Str(self.string()?));
+            }
+            Some(b't') => {
+                self.literal(b"true")?;
+                return Ok(Tok::Bool(true));
+            }
+            Some(b'f') => {
+                self.literal(b"false")?;
+                return Ok(Tok::Bool(false));
+            }
+            Some(b'n') => {
+                self.literal(b"null")?;
+                return Ok(Tok::Null);
+            }
+            Some(b'-' | b'0'..=b'9') => return self.integer(),
+            _ => return Err(Error::syntax("expected a value")),
+        };
+        self.pos += 1;
+        self.enter()?;
+        Ok(tok)
     }
 
     /// Skips one value without building it.
@@ -368,51 +404,27 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
     type Error = Error;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
-        self.skip_ws();
-        match self.peek() {
-            Some(b'{') => {
-                self.pos += 1;
-                self.enter()?;
-                let value = visitor.visit_map(Entries {
+        match self.token()? {
+            tok @ (Tok::Map | Tok::Seq) => {
+                let entries = Entries {
                     de: &mut *self,
                     first: true,
                     key: None,
-                })?;
+                };
+                let value = if matches!(tok, Tok::Map) {
+                    visitor.visit_map(entries)?
+                } else {
+                    visitor.visit_seq(entries)?
+                };
                 self.depth -= 1;
                 Ok(value)
             }
-            Some(b'[') => {
-                self.pos += 1;
-                self.enter()?;
-                let value = visitor.visit_seq(Entries {
-                    de: &mut *self,
-                    first: true,
-                    key: None,
-                })?;
-                self.depth -= 1;
-                Ok(value)
-            }
-            Some(b'"') => {
-                self.pos += 1;
-                match self.string()? {
-                    Cow::Borrowed(s) => visitor.visit_borrowed_str(s),
-                    Cow::Owned(s) => visitor.visit_string(s),
-                }
-            }
-            Some(b't') => {
-                self.literal(b"true")?;
-                visitor.visit_bool(true)
-            }
-            Some(b'f') => {
-                self.literal(b"false")?;
-                visitor.visit_bool(false)
-            }
-            Some(b'n') => {
-                self.literal(b"null")?;
-                visitor.visit_unit()
-            }
-            Some(b'-' | b'0'..=b'9') => self.integer(visitor),
-            _ => Err(Error::syntax("expected a value")),
+            Tok::Str(Cow::Borrowed(s)) => visitor.visit_borrowed_str(s),
+            Tok::Str(Cow::Owned(s)) => visitor.visit_string(s),
+            Tok::Bool(b) => visitor.visit_bool(b),
+            Tok::Null => visitor.visit_unit(),
+            Tok::Unsigned(n) => visitor.visit_u64(n),
+            Tok::Signed(n) => visitor.visit_i64(n),
         }
     }
 

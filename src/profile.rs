@@ -14,11 +14,11 @@ pub enum Proxy {
 }
 
 impl Proxy {
-    /// Some ngx_wasm_module builds were seen to remove and replace request headers by exact name,
-    /// so a client's `X-User-Identifier` would survive removing `x-user-identifier` (the 0.6.0
-    /// prerelease verified here matches case-insensitively). There every case variant present is
-    /// removed, to be safe with any build; Envoy lower-cases all names, so removing or replacing
-    /// the lower-case name is enough.
+    /// ngx_wasm_module keeps the client's spelling of header names. The 0.6.0 prerelease verified
+    /// here removes and replaces them case-insensitively, but the filter does not rely on it:
+    /// there every spelling present is removed by its own name. Envoy lower-cases all names, so
+    /// removing or replacing the lower-case name is enough. (With `nginx_variable` set no header
+    /// is touched at all.)
     pub fn scrub_needs_header_scan(self) -> bool {
         matches!(self, Proxy::NgxWasmModule)
     }
