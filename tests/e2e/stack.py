@@ -273,12 +273,54 @@ _PROCESSED_REQUEST = re.compile(
 )
 
 
+def write_log_config(path: Path, log: Path) -> None:
+    """A Python logging config for one Synapse process: INFO to `log`, including the
+    synapse.access "Processed request" lines that read_processed_requests() parses."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "formatters": {"f": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+                "handlers": {
+                    "file": {"class": "logging.FileHandler", "formatter": "f", "filename": str(log)}
+                },
+                "root": {"level": "INFO", "handlers": ["file"]},
+                "loggers": {"synapse.access": {"level": "INFO"}},
+                "disable_existing_loggers": False,
+            }
+        )
+    )
+
+
+def read_processed_requests(log: Path, user_agent: str | None = None) -> list[ProcessedRequest]:
+    """The "Processed request" lines of one Synapse process's log (only those with
+    `user_agent`, if given); a missing log reads as no requests yet."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in text.splitlines():
+        m = _PROCESSED_REQUEST.search(line)
+        if not m or (user_agent is not None and m["ua"] != user_agent):
+            continue
+        path, _, query = m["uri"].partition("?")
+        found.append(
+            ProcessedRequest(
+                int(m["port"]), m["client"], m["requester"], m["status"], m["method"],
+                path, query, m["ua"],
+            )
+        )
+    return found
+
+
 class Synapse(Service):
-    """One Synapse process: a main listener and `n_workers` extra client listeners."""
+    """One Synapse process: a main listener and `n_workers` extra client listeners (0 when real
+    generic_workers play the sync workers: workers.py)."""
 
     def __init__(self, workdir: Path, n_workers: int = 3):
-        if n_workers < 1:
-            raise ValueError("n_workers must be >= 1")
+        if n_workers < 0:
+            raise ValueError("n_workers must be >= 0")
         self.dir = workdir
         self.main_port, *self.worker_ports = free_ports(1 + n_workers)
         self.shared_secret = secrets.token_hex(16)
@@ -347,25 +389,7 @@ class Synapse(Service):
         key = signedjson.key.generate_signing_key("a_e2e")
         with open(self.dir / "signing.key", "w") as f:
             signedjson.key.write_signing_keys(f, [key])
-        (self.dir / "log.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "version": 1,
-                    "formatters": {"f": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-                    "handlers": {
-                        "file": {
-                            "class": "logging.FileHandler",
-                            "formatter": "f",
-                            "filename": str(self.log),
-                        }
-                    },
-                    "root": {"level": "INFO", "handlers": ["file"]},
-                    # "Processed request" lines, read by processed_requests().
-                    "loggers": {"synapse.access": {"level": "INFO"}},
-                    "disable_existing_loggers": False,
-                }
-            )
-        )
+        write_log_config(self.dir / "log.yaml", self.log)
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
         cfg = self.dir / "homeserver.yaml"
         cfg.write_text(yaml.safe_dump(self._config()))
@@ -436,19 +460,7 @@ class Synapse(Service):
 
     def processed_requests(self, user_agent: str | None = None) -> list[ProcessedRequest]:
         """Synapse's "Processed request" log lines so far (only those with `user_agent`)."""
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            m = _PROCESSED_REQUEST.search(line)
-            if not m or (user_agent is not None and m["ua"] != user_agent):
-                continue
-            path, _, query = m["uri"].partition("?")
-            found.append(
-                ProcessedRequest(
-                    int(m["port"]), m["client"], m["requester"], m["status"], m["method"],
-                    path, query, m["ua"],
-                )
-            )
-        return found
+        return read_processed_requests(self.log, user_agent)
 
     def wait_for_processed(
         self, user_agent: str, path: str, count: int = 1, timeout: float = 10.0
@@ -494,8 +506,12 @@ def render_envoy_config(
     wasm: Path,
     access_log: Path,
     plugin_overrides: dict | None = None,
+    optional_clusters: dict[str, list[int]] | None = None,
     source: Path = ENVOY_YAML,
 ) -> dict:
+    """envoy.yaml with addresses, ports and paths substituted. `optional_clusters` gives the
+    endpoints of clusters envoy.yaml may or may not define (e.g. a pool of initial-sync or room
+    workers): one that is present gets those endpoints, one that is absent is left out."""
     cfg = yaml.safe_load(source.read_text())
     cfg["admin"]["address"]["socket_address"] = {"address": HOST, "port_value": admin_port}
 
@@ -527,11 +543,18 @@ def render_envoy_config(
         ("synapse_main", [main_port]),
         ("synapse_whoami", [whoami_port]),
     ):
-        cluster = _find_one(clusters, "cluster", name=name)
-        cluster["load_assignment"]["endpoints"] = [
-            {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
-        ]
+        _set_endpoints(_find_one(clusters, "cluster", name=name), ports)
+    for name, ports in (optional_clusters or {}).items():
+        present = [c for c in clusters if c.get("name") == name]
+        if present:
+            _set_endpoints(_find_one(present, "cluster", name=name), ports)
     return cfg
+
+
+def _set_endpoints(cluster: dict, ports: list[int]) -> None:
+    cluster["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
+    ]
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -554,7 +577,11 @@ class Envoy(Service):
         wasm: Path,
         plugin_overrides: dict | None = None,
         whoami_port: int | None = None,
+        sync_ports: list[int] | None = None,
+        optional_clusters: dict[str, list[int]] | None = None,
     ):
+        """`sync_ports`: the sync workers' client listeners when they are not `synapse`'s own
+        extra listeners (real generic_workers); `optional_clusters`: see render_envoy_config."""
         wasm = Path(wasm).resolve()
         if not wasm.is_file():
             raise StackError(f"filter not built: {wasm} is missing (run `just build`)")
@@ -564,21 +591,23 @@ class Envoy(Service):
         self.port, self.admin_port = free_ports(2)
         self.access_log = workdir / f"{name}.access.log"
         self.config_path = workdir / f"{name}.envoy.yaml"
+        sync_ports = synapse.worker_ports if sync_ports is None else sync_ports
         self.cfg = render_envoy_config(
             listener_port=self.port,
             admin_port=self.admin_port,
             main_port=synapse.main_port,
-            worker_ports=synapse.worker_ports,
+            worker_ports=sync_ports,
             whoami_port=synapse.main_port if whoami_port is None else whoami_port,
             wasm=wasm,
             access_log=self.access_log,
             plugin_overrides=plugin_overrides,
+            optional_clusters=optional_clusters,
         )
         self._log_offset = 0
         self._log_partial = b""
         self._entries: dict[str, dict] = {}
         # upstream host "127.0.0.1:port" → worker name
-        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(synapse.worker_ports)}
+        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(sync_ports)}
 
     @property
     def url(self) -> str:
