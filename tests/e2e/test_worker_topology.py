@@ -72,14 +72,25 @@ def topology(request):
     except BaseException:
         topo.close(keep_dir=True)
         raise
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"\nworker topology start-up (s): {topo.timings}")
+    _report(request, f"worker topology start-up (s): {topo.timings}")
     yield topo, envoy
     failed = request.session.testsfailed > 0
     topo.close(keep_dir=failed)
-    if failed and reporter is not None:
-        reporter.write_line(f"worker topology logs kept in {topo.dir}")
+    if failed:
+        _report(request, f"worker topology logs kept in {topo.dir}")
+
+
+def _report(request, line: str) -> None:
+    """A line on the terminal even while pytest captures output (timings for the CI log)."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(f"\n{line}")
 
 
 async def _sync(client: nio.AsyncClient, run: UserRun, **kwargs) -> nio.SyncResponse:
@@ -166,12 +177,18 @@ def conversation(topology, request):
         users.append((device.user_id, topo.main.passwords[device.user_id]))
     started = time.monotonic()
     runs = asyncio.run(_all_users(envoy.url, users))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            f"\n{N_USERS} users x 2 devices: {time.monotonic() - started:.1f}s;"
-            f" long-poll delivery after send (s): max {max(r.delivered_after_s for r in runs):.2f}"
-        )
+    placed: dict[str, int] = {}
+    for where in _served_syncs(topo).values():
+        for process in where:
+            placed[process] = placed.get(process, 0) + 1
+    woken = sum(r.poll_waited_s >= SEND_DELAY_S * 0.9 for r in runs)
+    _report(
+        request,
+        f"{N_USERS} users x 2 devices through Envoy: {time.monotonic() - started:.1f}s;"
+        f" users per process (own logs): {placed}; {woken}/{len(runs)} messages woke a"
+        f" waiting long-poll; delivery after send max"
+        f" {max(r.delivered_after_s for r in runs):.2f}s",
+    )
     return runs
 
 
