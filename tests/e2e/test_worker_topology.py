@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import secrets
 import time
@@ -253,7 +254,8 @@ def test_a_long_poll_on_a_sync_worker_is_woken_by_a_message_sent_through_main(to
 
 def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conversation):
     """The initial-sync and room workers the routes of issue 7 will use are real workers: asked
-    directly, they know the rooms and messages the main process wrote."""
+    directly, they know the rooms and messages the main process wrote, and a message sent
+    through a room worker is persisted and read back by the others."""
     topo, _ = topology
     run = conversation[0]
     auth = [("Authorization", f"Bearer {run.token}")]
@@ -262,11 +264,29 @@ def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conve
         assert r.status == 200, (worker.name, r.status, r.body[:200])
         timeline = r.json()["rooms"]["join"][run.room_id]["timeline"]["events"]
         assert run.body in [e.get("content", {}).get("body") for e in timeline], worker.name
+    room = urllib.parse.quote(run.room_id)
+    sent_by = {}
     for worker in topo.pool("room"):
-        path = f"/_matrix/client/v3/rooms/{run.room_id}/messages?dir=b&limit=20"
-        r = stack.http_request(worker.port, "GET", path, auth)
+        # An event created on a worker is persisted by the main process (HTTP replication to
+        # instance_map.main) ...
+        body = json.dumps({"msgtype": "m.text", "body": f"via {worker.name}"}).encode()
+        r = stack.http_request(
+            worker.port, "PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{worker.name}",
+            [*auth, ("Content-Type", "application/json")], body,
+        )
         assert r.status == 200, (worker.name, r.status, r.body[:200])
-        assert run.event_id in [e["event_id"] for e in r.json()["chunk"]], worker.name
+        sent_by[r.json()["event_id"]] = worker.name
+    for worker in topo.pool("room"):
+        # ... and every worker reads all of them (and A's message) back.
+        path = f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"
+
+        def history(w=worker):
+            r = stack.http_request(w.port, "GET", path, auth)
+            assert r.status == 200, (w.name, r.status, r.body[:200])
+            ids = {e["event_id"] for e in r.json()["chunk"]}
+            return ids if ids >= {run.event_id, *sent_by} else None
+
+        stack.wait_until(history, 10, f"{worker.name} to read every message of {run.room_id}")
     for worker in [*topo.pool("initial_sync"), *topo.pool("room")]:
         requesters = stack.wait_until(
             lambda w=worker: {p.requester for p in w.processed_requests()},
