@@ -13,6 +13,7 @@ them).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import re
@@ -36,7 +37,9 @@ SEND_DELAY_S = 1.0  # how long the long-poll has been waiting when the message i
 NOT_BUILT = "needs the initial-sync split / room-keyed routing of issue 7, not built yet"
 
 SYNC_PATH = re.compile(r"^/_matrix/client/(api/v1|r0|v3|unstable)/sync$")
-ROOM_PATH = re.compile(r"^/_matrix/client/(?:r0|v3|unstable)/rooms/(?P<room>[^/]+)/(?!initialSync$)")
+ROOM_PATH = re.compile(
+    r"^/_matrix/client/(?:r0|v3|unstable)/rooms/(?P<room>[^/]+)/(?!initialSync$)"
+)
 
 
 @dataclasses.dataclass
@@ -134,7 +137,8 @@ async def _user_scenario(url: str, user_id: str, password: str) -> UserRun:
         poll = asyncio.create_task(_sync(b, run, timeout=LONG_POLL_MS))
         await asyncio.sleep(SEND_DELAY_S)
         sent_at = time.monotonic()
-        sent = await a.room_send(run.room_id, "m.room.message", {"msgtype": "m.text", "body": run.body})
+        content = {"msgtype": "m.text", "body": run.body}
+        sent = await a.room_send(run.room_id, "m.room.message", content)
         assert isinstance(sent, nio.RoomSendResponse), (user_id, sent)
         run.event_id = sent.event_id
         while True:  # an unrelated wake-up (e.g. late room state) is followed by another poll
@@ -172,11 +176,11 @@ async def _all_users(url: str, users: list[tuple[str, str]]) -> list[UserRun]:
 def conversation(topology, request):
     """N_USERS users × 2 nio devices through Envoy (registered directly on the main process)."""
     topo, envoy = topology
-    users = []
-    for i in range(N_USERS):
-        device = topo.main.register(f"topo{i}")
-        users.append((device.user_id, topo.main.passwords[device.user_id]))
     started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        devices = list(pool.map(topo.main.register, [f"topo{i}" for i in range(N_USERS)]))
+    users = [(d.user_id, topo.main.passwords[d.user_id]) for d in devices]
+    registered = time.monotonic()
     runs = asyncio.run(_all_users(envoy.url, users))
     placed: dict[str, int] = {}
     for where in _served_syncs(topo).values():
@@ -185,7 +189,8 @@ def conversation(topology, request):
     woken = sum(r.poll_waited_s >= SEND_DELAY_S * 0.9 for r in runs)
     _report(
         request,
-        f"{N_USERS} users x 2 devices through Envoy: {time.monotonic() - started:.1f}s;"
+        f"{N_USERS} users registered in {registered - started:.1f}s; their 2 devices each"
+        f" through Envoy: {time.monotonic() - registered:.1f}s;"
         f" users per process (own logs): {placed}; {woken}/{len(runs)} messages woke a"
         f" waiting long-poll; delivery after send max"
         f" {max(r.delivered_after_s for r in runs):.2f}s",
@@ -231,7 +236,9 @@ def test_both_sync_workers_serve_users(topology, conversation):
     assert set(users_per_worker) == {w.name for w in topo.pool("sync")}, users_per_worker
 
 
-def test_a_long_poll_on_a_sync_worker_is_woken_by_a_message_sent_through_main(topology, conversation):
+def test_a_long_poll_on_a_sync_worker_is_woken_by_a_message_sent_through_main(
+    topology, conversation
+):
     """The message is persisted by the main process and reaches the other device's long-poll on
     a sync worker: only Redis replication carries it there."""
     topo, _ = topology
@@ -270,9 +277,9 @@ def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conve
         # An event created on a worker is persisted by the main process (HTTP replication to
         # instance_map.main) ...
         body = json.dumps({"msgtype": "m.text", "body": f"via {worker.name}"}).encode()
+        path = f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{worker.name}"
         r = stack.http_request(
-            worker.port, "PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{worker.name}",
-            [*auth, ("Content-Type", "application/json")], body,
+            worker.port, "PUT", path, [*auth, ("Content-Type", "application/json")], body
         )
         assert r.status == 200, (worker.name, r.status, r.body[:200])
         sent_by[r.json()["event_id"]] = worker.name

@@ -22,6 +22,7 @@ import concurrent.futures
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -174,6 +175,17 @@ class Postgres(Service):
         finally:
             conn.close()
 
+    def stop(self) -> None:
+        """Immediate shutdown (SIGQUIT: no shutdown checkpoint; the cluster is thrown away, and a
+        kept one still recovers on start), then stack.Process's SIGTERM/SIGKILL of the group."""
+        if self.process and self.process.proc.poll() is None:
+            try:
+                os.killpg(self.process.proc.pid, signal.SIGQUIT)
+                self.process.proc.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        super().stop()
+
     def synapse_database(self) -> dict:
         """Synapse's `database` section for this cluster."""
         return {
@@ -226,7 +238,9 @@ class WorkerMain(stack.Synapse):
     replication listener named `main` in `instance_map` (workers send it the events they
     create; every other stream it writes reaches them over Redis)."""
 
-    def __init__(self, workdir: Path, postgres: Postgres, redis: Redis, port: int, replication_port: int):
+    def __init__(
+        self, workdir: Path, postgres: Postgres, redis: Redis, port: int, replication_port: int
+    ):
         super().__init__(workdir, n_workers=0)
         self.main_port = port
         self.replication_port = replication_port
@@ -319,6 +333,11 @@ class GenericWorker(Service):
 # the whole topology
 
 
+def worker_name(role: str, index: int) -> str:
+    """ "sync-1", "initial-sync-1", "room-2": Synapse's `worker_name` and the log file names."""
+    return f"{role.replace('_', '-')}-{index + 1}"
+
+
 class WorkerStack:
     """PostgreSQL, Redis, Synapse main, generic_worker pools and Envoys in one directory under
     .e2e/ (removed by close() unless the run failed or $MSR_E2E_KEEP is set)."""
@@ -332,7 +351,7 @@ class WorkerStack:
         pools = dict(DEFAULT_POOLS if pools is None else pools)
         unknown = set(pools) - set(POOL_CLUSTERS)
         if unknown:
-            raise ValueError(f"unknown worker roles {sorted(unknown)}; known: {sorted(POOL_CLUSTERS)}")
+            raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(POOL_CLUSTERS)}")
         stack.E2E_DIR.mkdir(exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=stack.E2E_DIR))
         self.dir.chmod(0o755)  # mkdtemp's 0700 would keep PostgreSQL's user out
@@ -345,7 +364,7 @@ class WorkerStack:
         self.main = WorkerMain(self.dir / "main", self.postgres, self.redis, main_port, repl_port)
         ports = iter(worker_ports)
         self.workers = [
-            GenericWorker(self.dir / "workers", f"{role.replace('_', '-')}-{i + 1}", role, next(ports), self.main)
+            GenericWorker(self.dir / "workers", worker_name(role, i), role, next(ports), self.main)
             for role, n in pools.items()
             for i in range(n)
         ]
@@ -399,14 +418,14 @@ class WorkerStack:
         return envoy
 
     def close(self, keep_dir: bool = False) -> None:
-        """Stop every process (Envoys, then the workers in parallel, main, redis, PostgreSQL);
-        remove the directory unless keep_dir or $MSR_E2E_KEEP."""
+        """Stop every process (Envoys; then all Synapse processes at once; then redis and
+        PostgreSQL, whose clients are gone by then); remove the directory unless keep_dir or
+        $MSR_E2E_KEEP."""
         for envoy in reversed(self.envoys):
             envoy.stop()
-        with concurrent.futures.ThreadPoolExecutor(max(1, len(self.workers))) as pool:
-            list(pool.map(lambda w: w.stop(), self.workers))
-        for service in (self.main, self.redis, self.postgres):
-            service.stop()
+        for group in ([*self.workers, self.main], [self.redis, self.postgres]):
+            with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                list(pool.map(lambda service: service.stop(), group))
         if not keep_dir and not os.environ.get("MSR_E2E_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
