@@ -334,7 +334,7 @@ class GenericWorker(Service):
 
 
 def worker_name(role: str, index: int) -> str:
-    """ "sync-1", "initial-sync-1", "room-2": Synapse's `worker_name` and the log file names."""
+    """Synapse's `worker_name` and the log files' names: "sync-1", "initial-sync-1", "room-2"."""
     return f"{role.replace('_', '-')}-{index + 1}"
 
 
