@@ -95,6 +95,12 @@ def check_dependencies() -> None:
             raise MissingDependency("running as root, and runuser (util-linux) is missing")
 
 
+def _pg_user_can_write(path: Path) -> bool:
+    """Whether PostgreSQL's user can reach and write `path` (every parent searchable)."""
+    probe = as_pg_user(["test", "-w", str(path), "-a", "-x", str(path)])
+    return subprocess.run(probe, stdin=subprocess.DEVNULL).returncode == 0
+
+
 def as_pg_user(argv: list[str]) -> list[str]:
     """PostgreSQL will not run as root: as root, run it as the Debian package's user."""
     if os.geteuid() == 0:
@@ -109,7 +115,10 @@ class Postgres(Service):
     def __init__(self, workdir: Path, port: int):
         self.dir = workdir
         self.port = port
-        self.data = workdir / "data"
+        # Where the cluster and its socket live: self.dir, unless PostgreSQL's user cannot reach
+        # it (a checkout under a private home directory); then a directory of its own in /tmp.
+        self.home = workdir
+        self.home_is_outside = False
 
     @property
     def log(self) -> Path:
@@ -120,6 +129,11 @@ class Postgres(Service):
         self.dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.dir, PG_USER)
+            if not _pg_user_can_write(self.dir):
+                self.home = Path(tempfile.mkdtemp(prefix="msr-e2e-postgres-"))
+                self.home_is_outside = True
+                shutil.chown(self.home, PG_USER)
+                (self.dir / "WHERE").write_text(f"cluster and socket in {self.home}\n")
         with open(self.log, "ab") as log:
             result = subprocess.run(
                 as_pg_user(
@@ -128,7 +142,7 @@ class Postgres(Service):
                         "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync",
                     ]
                 ),
-                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         if result.returncode != 0:
             raise StackError(f"initdb failed ({result.returncode}):\n{stack.tail(self.log)}")
@@ -137,15 +151,24 @@ class Postgres(Service):
             as_pg_user(
                 [
                     pg_binary("postgres"), "-D", str(self.data),
-                    "-h", HOST, "-p", str(self.port), "-k", str(self.dir),
+                    "-h", HOST, "-p", str(self.port), "-k", str(self.home),
                     # A test database: durability is not wanted, speed is.
                     "-c", "fsync=off", "-c", "synchronous_commit=off",
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
                 ]
             ),
             log=self.log,
-            cwd=self.dir,
+            cwd=self.home,
         )
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    def remove_outside_home(self) -> None:
+        """Remove the cluster's /tmp directory, if it needed one (close() removes the rest)."""
+        if self.home_is_outside:
+            shutil.rmtree(self.home, ignore_errors=True)
 
     def _connect(self, dbname: str):
         import psycopg2  # Synapse's `postgres` extra (pinned in requirements.txt)
@@ -427,6 +450,7 @@ class WorkerStack:
             with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
                 list(pool.map(lambda service: service.stop(), group))
         if not keep_dir and not os.environ.get("MSR_E2E_KEEP"):
+            self.postgres.remove_outside_home()
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "WorkerStack":
