@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import re
 import secrets
 import time
 import urllib.parse
@@ -36,10 +35,6 @@ LONG_POLL_MS = 30_000
 SEND_DELAY_S = 1.0  # how long the long-poll has been waiting when the message is sent
 NOT_BUILT = "needs the initial-sync split / room-keyed routing of issue 7, not built yet"
 
-SYNC_PATH = re.compile(r"^/_matrix/client/(api/v1|r0|v3|unstable)/sync$")
-ROOM_PATH = re.compile(
-    r"^/_matrix/client/(?:r0|v3|unstable)/rooms/(?P<room>[^/]+)/(?!initialSync$)"
-)
 
 
 @dataclasses.dataclass
@@ -203,7 +198,7 @@ def _served_syncs(topo: workers.WorkerStack) -> dict[str, dict[str, int]]:
     by_user: dict[str, dict[str, int]] = {}
     for process, requests in topo.served().items():
         for r in requests:
-            if SYNC_PATH.match(r.path):
+            if workers.SYNC_PATH.match(r.path):
                 counts = by_user.setdefault(r.requester, {})
                 counts[process] = counts.get(process, 0) + 1
     return by_user
@@ -324,7 +319,7 @@ def test_initial_syncs_reach_the_initial_sync_pool_when_enabled(topology, conver
     users = {r.user_id for r in conversation}
     for process, requests in topo.served().items():
         for r in requests:
-            if r.requester in users and SYNC_PATH.match(r.path):
+            if r.requester in users and workers.SYNC_PATH.match(r.path):
                 initial = "since=" not in r.query
                 assert topo.role_of(r.port) == ("initial_sync" if initial else "sync"), (process, r)
 
@@ -338,9 +333,9 @@ def test_room_keyed_requests_reach_one_room_worker_per_room(topology, conversati
     worker_of_room: dict[str, set[str]] = {}
     for process, requests in topo.served().items():
         for r in requests:
-            m = ROOM_PATH.match(r.path)
-            if m and urllib.parse.unquote(m["room"]) in rooms:
-                worker_of_room.setdefault(urllib.parse.unquote(m["room"]), set()).add(process)
+            room = workers.room_of(r.path)
+            if room in rooms:
+                worker_of_room.setdefault(room, set()).add(process)
     room_pool = {w.name for w in topo.pool("room")}
     for room, where in worker_of_room.items():
         assert len(where) == 1 and where <= room_pool, (room, where)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -44,6 +46,12 @@ POOL_CLUSTERS = {
     "initial_sync": "synapse_initial_sync_workers",
     "room": "synapse_room_workers",
 }
+# The sync family's /sync paths (as Synapse logs them: without the query string).
+SYNC_PATH = re.compile(r"^/_matrix/client/(api/v1|r0|v3|unstable)/sync$")
+# Client API paths keyed by a room: /rooms/{room_id}/<anything but initialSync>.
+_ROOM_PATH = re.compile(
+    r"^/_matrix/client/(?:api/v1|r0|v3|unstable)/rooms/(?P<room>[^/]+)/(?!initialSync$)"
+)
 PG_USER = "postgres"  # the OS user the Debian package creates; postgres refuses to run as root
 DB_ROLE = "synapse"
 
@@ -354,6 +362,13 @@ class GenericWorker(Service):
 
 # --------------------------------------------------------------------------------------------
 # the whole topology
+
+
+def room_of(path: str) -> str | None:
+    """The room ID a client API path is keyed by, percent-decoded (clients such as matrix-nio
+    send `%21id%3Aserver`, others `!id:server`: both are one room), else None."""
+    m = _ROOM_PATH.match(path)
+    return urllib.parse.unquote(m["room"]) if m else None
 
 
 def worker_name(role: str, index: int) -> str:
