@@ -13,3 +13,4 @@ mod lifecycle;
 mod privacy;
 mod readme;
 mod robustness;
+mod route;
