@@ -165,7 +165,7 @@ fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
         let inner = e.into_inner();
         // serde names an unknown field in its message; the path then stops at its parent.
         let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
-        let field = if field == "." || field == "?" || field.starts_with('[') {
+        let field = if field.is_empty() || field == "." || field == "?" || field.starts_with('[') {
             "(root)".to_string()
         } else {
             field
@@ -522,5 +522,21 @@ mod bounds_tests {
             .unwrap();
             assert_eq!(s.config.header_name, name);
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// fuzz/corpus/config/regression-empty-field-name: an unknown field named `""` produced an
+    /// error naming the empty field.
+    #[test]
+    fn an_unknown_empty_field_name_is_named_as_the_root() {
+        let input = include_bytes!("../fuzz/corpus/config/regression-empty-field-name");
+        let e = Config::parse(input).unwrap_err();
+        assert_eq!(e.field, "(root)", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(Config::parse(br#"{"":1}"#).unwrap_err().field, "(root)");
     }
 }
