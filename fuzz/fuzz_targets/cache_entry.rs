@@ -28,12 +28,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(!user.is_empty());
             let expires = now.saturating_add(1000);
             let bytes = encode(&hash, expires, expires, &Entry::User(user));
-            assert!(matches!(lookup(&bytes, &hash, now), Lookup::User { user: u, .. } if u == user));
+            assert!(
+                matches!(lookup(&bytes, &hash, now), Lookup::User { user: u, .. } if u == user)
+            );
         }
         Lookup::Denied { status, body } => {
             let expires = now.saturating_add(1000);
             let bytes = encode(&hash, expires, expires, &Entry::Denied { status, body });
-            assert!(matches!(lookup(&bytes, &hash, now), Lookup::Denied { status: s, .. } if s == status));
+            assert!(
+                matches!(lookup(&bytes, &hash, now), Lookup::Denied { status: s, .. } if s == status)
+            );
         }
         Lookup::Backoff | Lookup::Miss => {}
     }

@@ -9,7 +9,12 @@ fuzz_target!(|data: &[u8]| {
     match Config::parse(data) {
         Ok(s) => {
             let c = &s.config;
-            for v in [&c.whoami_upstream, &c.whoami_authority, &c.whoami_path, &c.header_name] {
+            for v in [
+                &c.whoami_upstream,
+                &c.whoami_authority,
+                &c.whoami_path,
+                &c.header_name,
+            ] {
                 assert!(!v.is_empty() && v.len() <= MAX_FIELD_LEN, "{v:?}");
                 assert!(v.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{v:?}");
             }

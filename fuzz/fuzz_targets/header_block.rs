@@ -9,7 +9,9 @@ use matrix_sync_router::request::{request_token, HeaderBlock};
 fuzz_target!(|data: &[u8]| {
     let block = HeaderBlock::from_bytes(data.to_vec());
     let pairs: Vec<(&[u8], &[u8])> = block.iter().collect();
-    let count = data.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let count = data
+        .get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     assert!(pairs.len() as u64 <= u64::from(count));
     let _ = block.get("authorization");
     let _ = block.spellings("x-user-identifier");

@@ -15,7 +15,9 @@ fuzz_target!(|path: &[u8]| {
     if settings().sync_paths.is_match(path) {
         assert!(path.starts_with(b"/_matrix/client/"), "{path:?}");
         assert!(
-            path.ends_with(b"/sync") || path.ends_with(b"/events") || path.ends_with(b"/initialSync"),
+            path.ends_with(b"/sync")
+                || path.ends_with(b"/events")
+                || path.ends_with(b"/initialSync"),
             "{path:?}"
         );
     }

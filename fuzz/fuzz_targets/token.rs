@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(t.iter().all(|b| (0x21..=0x7e).contains(b)), "{t:?}");
         match auth {
             Some(a) => assert!(contains(a, t), "header token not in the header"),
-            None => assert!(contains(&form_decode(query.unwrap()), t), "query token not in query"),
+            None => assert!(
+                contains(&form_decode(query.unwrap()), t),
+                "query token not in query"
+            ),
         }
     }
     // Synapse refuses a header with any `access_token` parameter (here: a plain one).
@@ -39,7 +42,10 @@ fuzz_target!(|data: &[u8]| {
             .any(|item| item.starts_with(b"access_token="))
     });
     if auth.is_some() && plain_param {
-        assert!(matches!(token, Token::Malformed(_)), "header + query not refused");
+        assert!(
+            matches!(token, Token::Malformed(_)),
+            "header + query not refused"
+        );
     }
 
     // The header block form gives the same answer for a GET with one Authorization header.
@@ -64,7 +70,10 @@ fuzz_target!(|data: &[u8]| {
     let block = HeaderBlock::serialize(&pairs);
     let posted = request_token(&block, query);
     if flags & 4 != 0 && auth.is_some() {
-        assert!(matches!(posted, Token::Malformed(_)), "repeated Authorization not refused");
+        assert!(
+            matches!(posted, Token::Malformed(_)),
+            "repeated Authorization not refused"
+        );
     }
     if matches!(posted, Token::Valid(_)) && auth.is_none() {
         assert!(!matrix_sync_router::request::body_may_carry_token(&block));
