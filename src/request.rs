@@ -123,7 +123,7 @@ pub fn split_path(path: &[u8]) -> (&[u8], Option<&[u8]>) {
 /// whole header block (repeated `Authorization` headers, form-encoded POST bodies) and the
 /// README section "Which token is used" for the table of cases.
 pub fn find_token<'a>(authorization: Option<&'a [u8]>, query: Option<&'a [u8]>) -> Token<'a> {
-    synapse_token(authorization, false, query, false)
+    synapse_token(authorization, false, query, || false)
 }
 
 /// The token Synapse will authenticate the request of `headers` with (`query` is the part of
@@ -136,7 +136,7 @@ pub fn request_token<'a>(headers: &'a HeaderBlock, query: Option<&'a [u8]>) -> T
     let mut auth = headers.get_all("authorization");
     let first = auth.next();
     let repeated = auth.next().is_some();
-    synapse_token(first, repeated, query, body_may_carry_token(headers))
+    synapse_token(first, repeated, query, || body_may_carry_token(headers))
 }
 
 /// Whether Twisted may read `access_token` from the body: it parses the body into
@@ -156,13 +156,13 @@ fn synapse_token<'a>(
     authorization: Option<&'a [u8]>,
     repeated_authorization: bool,
     query: Option<&'a [u8]>,
-    body_may_carry_token: bool,
+    body_may_carry_token: impl FnOnce() -> bool,
 ) -> Token<'a> {
     let query_token = query.and_then(query_access_token);
     let Some(header) = authorization else {
         return match query_token {
             // Twisted's `args.update` lets a body `access_token` replace the query's.
-            Some(token) if body_may_carry_token => Token::Malformed(token),
+            Some(token) if body_may_carry_token() => Token::Malformed(token),
             Some(token) => classify(token),
             None => Token::Absent,
         };
