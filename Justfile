@@ -23,7 +23,7 @@ wasm-opt:
         || echo "could not install binaryen (wasm-opt); the module will be built unoptimized"
 
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
-test: lint unit wasm-unit harness e2e
+test: lint unit wasm-unit harness fuzz-smoke e2e
 
 # exec: no shell in between; demo.py handles Ctrl-C (stops everything, exits 0).
 # Start Synapse + Envoy + the filter on 127.0.0.1, show users pinned to workers, stay up until Ctrl-C (`just demo --once`: print and exit).
@@ -106,3 +106,27 @@ bench *args: build venv
     @command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
     @command -v taskset >/dev/null || (apt-get update && apt-get install -y util-linux)
     {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}
+
+# cargo-fuzz and the nightly toolchain it runs on (idempotent).
+fuzz-tools:
+    @rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    @command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+# Fuzz every target in fuzz/ for SECONDS each: seeds from fuzz/corpus/<target>, new inputs kept in the ignored fuzz/work/<target>; prints executions per target, stops at the first crash.
+fuzz seconds="60": fuzz-tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd fuzz
+    nice -n 10 cargo +nightly fuzz build
+    for t in $(cargo +nightly fuzz list); do
+        mkdir -p work/$t
+        if ! nice -n 10 cargo +nightly fuzz run "$t" "work/$t" "corpus/$t" -- \
+            -max_total_time={{seconds}} -print_final_stats=1 >"work/$t.log" 2>&1; then
+            tail -n 40 "work/$t.log"; echo "fuzz target $t failed: see fuzz/artifacts/$t"; exit 1
+        fi
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "work/$t.log")
+        echo "$t: $runs executions in {{seconds}} s, $(ls "work/$t" | wc -l) corpus entries, no crash"
+    done
+
+# Every fuzz target for 5 s: a smoke pass that is part of `just test`.
+fuzz-smoke: (fuzz "5")

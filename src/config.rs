@@ -144,6 +144,7 @@ impl Config {
     }
 
     fn validate(self) -> Result<Settings, ConfigError> {
+        check_lengths(&self)?;
         self.proxy
             .validate_upstream(&self.whoami_upstream)
             .map_err(|m| err("whoami_upstream", m))?;
@@ -244,36 +245,163 @@ impl Config {
 
 fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
     // Bytes after the object (a templating slip such as two objects) are an error, not ignored.
-    crate::json::from_slice::<Config>(bytes)
-        .map_err(|e| err(e.field.as_deref().unwrap_or("(root)"), e.message))
+    crate::json::from_slice::<Config>(bytes).map_err(|e| {
+        // An empty field name (`{"": 1}`, found by fuzzing) is reported as the root's.
+        let field = e.field.as_deref().filter(|f| !f.is_empty());
+        err(field.unwrap_or("(root)"), e.message)
+    })
 }
 
 fn is_header_value(s: &str) -> bool {
     s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
-fn validate_header_name(name: &str) -> Result<(), &'static str> {
+fn validate_header_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err("must be a non-empty lower-case header name of [a-z0-9-]");
+        return Err("must be a non-empty lower-case header name of [a-z0-9-]".into());
     }
     // Headers the proxy or Synapse give meaning to must not be overwritten by the filter.
-    const RESERVED: [&str; 7] = [
-        "authorization",
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "x-forwarded-for",
-    ];
-    if RESERVED.contains(&name) {
-        return Err("must not be a header the proxy or Synapse interprets");
+    if let Some(why) = interpreted_header(name) {
+        return Err(format!(
+            "`{name}` is {why}; choose a name of its own, such as x-user-identifier"
+        ));
     }
     Ok(())
+}
+
+/// Longest accepted string field (upstream, authority, whoami path, header name, sync path
+/// pattern), in bytes: far above any real value, and a bound on what a bad template can load.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// Most `sync_paths` patterns accepted.
+pub const MAX_SYNC_PATHS: usize = 32;
+
+/// Every string field is 1..=MAX_FIELD_LEN bytes (`shared_data_prefix`: 1-64, checked in
+/// `validate`), so a 1 MiB value is refused naming its field before anything else looks at it.
+fn check_lengths(config: &Config) -> Result<(), ConfigError> {
+    let fields = [
+        ("whoami_upstream", &config.whoami_upstream),
+        ("whoami_authority", &config.whoami_authority),
+        ("whoami_path", &config.whoami_path),
+        ("header_name", &config.header_name),
+    ];
+    for (field, value) in fields {
+        check_length(field, value)?;
+    }
+    if config.sync_paths.len() > MAX_SYNC_PATHS {
+        return Err(err(
+            "sync_paths",
+            format!("must list at most {MAX_SYNC_PATHS} patterns"),
+        ));
+    }
+    for (i, p) in config.sync_paths.iter().enumerate() {
+        check_length(&format!("sync_paths[{i}]"), p)?;
+    }
+    if config.room_paths.len() > MAX_SYNC_PATHS {
+        return Err(err(
+            "room_paths",
+            format!("must list at most {MAX_SYNC_PATHS} patterns"),
+        ));
+    }
+    for (i, p) in config.room_paths.iter().enumerate() {
+        check_length(&format!("room_paths[{i}]"), p)?;
+    }
+    // Optional names: empty means off, but never longer than the bound.
+    for (field, value) in [
+        ("sync_kind_header", &config.sync_kind_header),
+        ("room_header_name", &config.room_header_name),
+        ("native_token_server_name", &config.native_token_server_name),
+    ] {
+        if !value.is_empty() {
+            check_length(field, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_length(field: &str, value: &str) -> Result<(), ConfigError> {
+    match value.len() {
+        0 => Err(err(field, "must not be empty")),
+        n if n > MAX_FIELD_LEN => Err(err(
+            field,
+            format!("must be at most {MAX_FIELD_LEN} bytes, not {n}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Why `name` (lower case) is a header the filter must not set, or None. Setting one would
+/// change how Envoy, nginx or Synapse treat the request: framing and hop-by-hop headers, the
+/// client's identity and credentials (`authorization`, `cookie`, `x-forwarded-*`,
+/// `x-real-ip`, `forwarded`, `user-agent`), proxy control (`x-envoy-*`, `x-request-id`,
+/// tracing), content negotiation and conditionals that Synapse or a cache reads.
+pub fn interpreted_header(name: &str) -> Option<&'static str> {
+    const EXACT: &[&str] = &[
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "authorization",
+        "b3",
+        "cache-control",
+        "connection",
+        "cookie",
+        "date",
+        "early-data",
+        "expect",
+        "forwarded",
+        "host",
+        "http2-settings",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "keep-alive",
+        "max-forwards",
+        "origin",
+        "pragma",
+        "priority",
+        "range",
+        "referer",
+        "set-cookie",
+        "te",
+        "traceparent",
+        "tracestate",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "via",
+        "x-amzn-trace-id",
+        "x-client-trace-id",
+        "x-http-method-override",
+        "x-ot-span-context",
+        "x-real-ip",
+        "x-request-id",
+    ];
+    const PREFIXES: &[&str] = &[
+        "access-control-",
+        "content-",
+        "grpc-",
+        "proxy-",
+        "sec-",
+        "x-b3-",
+        "x-datadog-",
+        "x-envoy-",
+        "x-forwarded-",
+    ];
+    if EXACT.contains(&name) {
+        Some("a header the proxy or Synapse interprets")
+    } else if PREFIXES.iter().any(|p| name.starts_with(p)) {
+        Some("in a header family the proxy or Synapse interprets")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -402,5 +530,107 @@ mod tests {
         ] {
             assert!(!s.sync_paths.matches(p.as_bytes()), "{p}");
         }
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    fn refusal(json: &serde_json::Value) -> ConfigError {
+        Config::parse(json.to_string().as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn every_string_field_is_bounded_and_the_refusal_names_it() {
+        let long = "a".repeat(MAX_FIELD_LEN + 1);
+        let path = format!("/{}", "a".repeat(1 << 20));
+        for (field, value) in [
+            ("whoami_upstream", long.as_str()),
+            ("whoami_authority", long.as_str()),
+            ("whoami_path", path.as_str()),
+            ("header_name", long.as_str()),
+            ("whoami_authority", ""),
+            ("whoami_path", ""),
+            ("header_name", ""),
+        ] {
+            let e = refusal(&serde_json::json!({ field: value }));
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e = refusal(&serde_json::json!({"sync_paths": ["^/a$", long]}));
+        assert_eq!(e.field, "sync_paths[1]", "{e}");
+        let e = refusal(&serde_json::json!({"sync_paths": vec!["/a"; MAX_SYNC_PATHS + 1]}));
+        assert_eq!(e.field, "sync_paths", "{e}");
+        // The longest accepted values are accepted.
+        let at_max = format!("/{}", "a".repeat(MAX_FIELD_LEN - 1));
+        let header = format!("x-{}", "a".repeat(MAX_FIELD_LEN - 2));
+        let ok = serde_json::json!({
+            "whoami_path": at_max, "whoami_authority": "a".repeat(MAX_FIELD_LEN),
+            "whoami_upstream": "b".repeat(MAX_FIELD_LEN), "header_name": header,
+            "sync_paths": vec!["/a"; MAX_SYNC_PATHS],
+        });
+        Config::parse(ok.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn header_names_the_proxy_or_synapse_interprets_are_refused() {
+        for name in [
+            "authorization",
+            "cookie",
+            "te",
+            "upgrade",
+            "keep-alive",
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "content-type",
+            "host",
+            "user-agent",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "x-request-id",
+            "x-envoy-original-path",
+            "x-envoy-upstream-rq-timeout-ms",
+            "proxy-authorization",
+            "proxy-connection",
+            "traceparent",
+            "x-b3-traceid",
+        ] {
+            let e = refusal(&serde_json::json!({ "header_name": name }));
+            assert_eq!(e.field, "header_name", "{name}: {e}");
+            assert!(e.message.contains(name), "{e}");
+        }
+        for name in [":path", ":authority", "X-Forwarded-For"] {
+            let e = refusal(&serde_json::json!({ "header_name": name }));
+            assert_eq!(e.field, "header_name", "{name}: {e}");
+        }
+        for name in ["x-user-identifier", "x-mxid", "x-sync-key", "x-forwarded"] {
+            let s = Config::parse(
+                serde_json::json!({ "header_name": name })
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(s.config.header_name, name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// fuzz/corpus/config/regression-empty-field-name: an unknown field named `""` produced an
+    /// error naming the empty field.
+    #[test]
+    fn an_unknown_empty_field_name_is_named_as_the_root() {
+        let input = include_bytes!("../fuzz/corpus/config/regression-empty-field-name");
+        let e = Config::parse(input).unwrap_err();
+        assert_eq!(e.field, "(root)", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(Config::parse(br#"{"":1}"#).unwrap_err().field, "(root)");
     }
 }

@@ -148,7 +148,13 @@ impl Router {
             self.mark_kind(host, route::sync_kind(path_only, query));
         }
         let authorization = host.request_header("authorization");
-        match request::find_token(authorization.as_deref(), query) {
+        // A form POST's body may hold the `access_token` Synapse uses instead of the query's.
+        let form_body = || {
+            let method = host.request_header(":method");
+            let content_type = host.request_header("content-type");
+            request::form_body_possible(method.as_deref(), content_type.as_deref())
+        };
+        match request::find_token_with(authorization.as_deref(), query, form_body) {
             Token::Absent => {
                 self.count(host, Counter::NoToken);
                 self.clear_key(host);

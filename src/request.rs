@@ -10,12 +10,17 @@ pub const MAX_TOKEN_LEN: usize = 4096;
 /// The access token a request carries.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Token<'a> {
-    /// No usable token at all: the request is spread over the workers.
+    /// No Authorization header and no `access_token` parameter (Synapse: 401 M_MISSING_TOKEN,
+    /// unless a form-encoded POST body carries one): the request is spread over the workers.
     Absent,
-    /// A well-formed token (1..=MAX_TOKEN_LEN visible ASCII): looked up and resolved.
+    /// Exactly the token Synapse will authenticate, well-formed (1..=MAX_TOKEN_LEN visible
+    /// ASCII): looked up and resolved.
     Valid(Cow<'a, [u8]>),
-    /// Present but not something Synapse could accept (control characters, spaces, too long):
-    /// routed with the fallback key without asking whoami, so it can never inject a header.
+    /// Synapse will not authenticate a token the filter can see: it answers 401 (mixed header
+    /// and query, several Authorization headers, not `Bearer <token>`, a token it cannot hold)
+    /// or may take the token from a form body. Routed with the fallback key (a keyed hash of
+    /// these bytes) without asking whoami: a callout could only get 401, or resolve a token
+    /// that is not the one Synapse serves, and it can never inject a header.
     Malformed(Cow<'a, [u8]>),
 }
 
@@ -84,6 +89,13 @@ impl HeaderBlock {
             .map(|(_, v)| v)
     }
 
+    /// Every value of `name`, in order (ASCII case-insensitive).
+    pub fn get_all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
     /// The distinct spellings of `name` present (for hosts that remove headers by exact name).
     pub fn spellings(&self, name: &str) -> Vec<&[u8]> {
         let mut found: Vec<&[u8]> = Vec::new();
@@ -96,7 +108,8 @@ impl HeaderBlock {
     }
 }
 
-/// Splits `:path` into the path and the query string (without `?`).
+/// Splits `:path` into the path and the query string (without `?`), at the first `?` like
+/// Twisted's `uri.split(b"?", 1)`.
 pub fn split_path(path: &[u8]) -> (&[u8], Option<&[u8]>) {
     match path.iter().position(|&b| b == b'?') {
         Some(i) => {
@@ -107,49 +120,134 @@ pub fn split_path(path: &[u8]) -> (&[u8], Option<&[u8]>) {
     }
 }
 
-/// The token of a request: `Authorization: Bearer <token>` (scheme case-insensitive) wins over
-/// the `access_token` query parameter (percent-decoded).
+/// The token Synapse 1.163.2 will authenticate a request with, from one `Authorization` value
+/// (or none) and the query string. Mirrors `Auth.get_access_token_from_request`
+/// (synapse/api/auth/base.py) over Twisted's `request.args`; see [`request_token`] for the
+/// whole header block (repeated `Authorization` headers, form-encoded POST bodies) and the
+/// README section "Which token is used" for the table of cases.
 pub fn find_token<'a>(authorization: Option<&'a [u8]>, query: Option<&'a [u8]>) -> Token<'a> {
-    if let Some(token) = authorization.and_then(bearer_token) {
-        return classify(Cow::Borrowed(token));
+    synapse_token(authorization, false, query, || false)
+}
+
+/// [`find_token`] for a request read header by header (the filter's hit path reads only what it
+/// needs): `body_may_carry_token` is asked only when the token would come from the query, and
+/// can look at `:method` and `content-type` then (see [`form_body_possible`]).
+pub fn find_token_with<'a>(
+    authorization: Option<&'a [u8]>,
+    query: Option<&'a [u8]>,
+    body_may_carry_token: impl FnOnce() -> bool,
+) -> Token<'a> {
+    synapse_token(authorization, false, query, body_may_carry_token)
+}
+
+/// The token Synapse will authenticate the request of `headers` with (`query` is the part of
+/// `:path` after `?`). Beyond [`find_token`] it sees what only the header block shows: several
+/// `Authorization` headers (Synapse: 401 "Too many Authorization headers"), and a POST whose
+/// `Content-Type` makes Twisted merge a form-encoded body into `request.args`, where an
+/// `access_token` replaces the query's (the filter cannot read the body, so a query token is then
+/// not trusted).
+pub fn request_token<'a>(headers: &'a HeaderBlock, query: Option<&'a [u8]>) -> Token<'a> {
+    let mut auth = headers.get_all("authorization");
+    let first = auth.next();
+    let repeated = auth.next().is_some();
+    synapse_token(first, repeated, query, || body_may_carry_token(headers))
+}
+
+/// Whether Twisted may read `access_token` from the body: it parses the body into
+/// `request.args` for method `POST` (exactly) with a `Content-Type` whose media type is
+/// `application/x-www-form-urlencoded` (case-insensitive, parameters allowed, and through
+/// Python's e-mail header parser, which even decodes RFC 2047 `=?..?=` words). Any value that
+/// mentions the form type or holds an encoded word counts, so the check errs towards "may".
+pub fn body_may_carry_token(headers: &HeaderBlock) -> bool {
+    headers.get(":method") == Some(&b"POST"[..])
+        && headers
+            .get_all("content-type")
+            .any(|v| form_content_type(Some(v)))
+}
+
+/// [`body_may_carry_token`] from a request's `:method` and (first) `content-type` values.
+pub fn form_body_possible(method: Option<&[u8]>, content_type: Option<&[u8]>) -> bool {
+    method == Some(&b"POST"[..]) && form_content_type(content_type)
+}
+
+fn form_content_type(value: Option<&[u8]>) -> bool {
+    value.is_some_and(|v| {
+        let v = v.to_ascii_lowercase();
+        contains(&v, b"x-www-form-urlencoded") || contains(&v, b"=?")
+    })
+}
+
+fn synapse_token<'a>(
+    authorization: Option<&'a [u8]>,
+    repeated_authorization: bool,
+    query: Option<&'a [u8]>,
+    body_may_carry_token: impl FnOnce() -> bool,
+) -> Token<'a> {
+    let query_token = query.and_then(query_access_token);
+    let Some(header) = authorization else {
+        return match query_token {
+            // Twisted's `args.update` lets a body `access_token` replace the query's.
+            Some(token) if body_may_carry_token() => Token::Malformed(token),
+            Some(token) => classify(token),
+            None => Token::Absent,
+        };
+    };
+    // Synapse: 401 M_MISSING_TOKEN for "Mixing Authorization headers and access_token query
+    // parameters", "Too many Authorization headers" and "Invalid Authorization header".
+    if query_token.is_some() || repeated_authorization {
+        return Token::Malformed(Cow::Borrowed(header));
     }
-    match query.and_then(query_token) {
-        Some(token) => classify(token),
-        None => Token::Absent,
+    match bearer_token(header) {
+        Some(token) => classify(Cow::Borrowed(token)),
+        None => Token::Malformed(Cow::Borrowed(header)),
     }
 }
 
+/// `Bearer <token>` exactly as Synapse reads it: Twisted strips spaces and tabs around the
+/// value, Synapse splits it on single spaces and wants exactly `[b"Bearer", token]` (the scheme
+/// is case-sensitive; `Bearer  t`, `Bearer\tt`, `bearer t` are all 401).
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let value = trim(value);
-    if value.len() < 7 || !value[..6].eq_ignore_ascii_case(b"bearer") {
-        return None;
-    }
-    if value[6] != b' ' && value[6] != b'\t' {
-        return None;
-    }
-    let token = trim(&value[7..]);
-    (!token.is_empty()).then_some(token)
+    let token = trim(value).strip_prefix(b"Bearer ")?;
+    (!token.contains(&b' ')).then_some(token)
 }
 
-fn query_token(query: &[u8]) -> Option<Cow<'_, [u8]>> {
+/// The first `access_token` value of Twisted's `parse_qs(query, keep_blank_values=1)`: items
+/// split on `&` and `;`, an item without `=` skipped, name and value form-decoded (`+` is a
+/// space, then `%XX` decoded), so `access%5Ftoken=` and `%61ccess_token=` are the same
+/// parameter. The first occurrence wins (`args[b"access_token"][0]`), even when it is blank.
+fn query_access_token(query: &[u8]) -> Option<Cow<'_, [u8]>> {
+    const NAME: &[u8] = b"access_token";
     query
-        .split(|&b| b == b'&')
-        .find_map(|pair| pair.strip_prefix(b"access_token="))
-        .filter(|raw| !raw.is_empty())
-        .map(|raw| {
-            // In a query `+` is a space; a real token never has one, so it stays malformed.
-            if raw.contains(&b'+') {
-                let spaced: Vec<u8> = raw
-                    .iter()
-                    .map(|&b| if b == b'+' { b' ' } else { b })
-                    .collect();
-                Cow::Owned(percent_decode(&spaced).collect())
-            } else {
-                percent_decode(raw).into()
-            }
+        .split(|&b| b == b'&' || b == b';')
+        .filter_map(|item| {
+            let eq = item.iter().position(|&b| b == b'=')?;
+            let (name, value) = item.split_at(eq);
+            Some((name, value.get(1..).unwrap_or_default()))
         })
+        // A name that decodes to the 12 bytes of `access_token` has 12 to 36 bytes.
+        .find(|(name, _)| {
+            (NAME.len()..=3 * NAME.len()).contains(&name.len()) && form_decode(name) == NAME
+        })
+        .map(|(_, value)| form_decode(value))
 }
 
+/// Twisted's `unquote_to_bytes(s.replace(b"+", b" "))`: `+` becomes a space, then every `%XX`
+/// with two hex digits becomes its byte; any other `%` stays as it is (one pass, not repeated).
+pub fn form_decode(raw: &[u8]) -> Cow<'_, [u8]> {
+    if raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        Cow::Owned(percent_decode(&spaced).collect())
+    } else {
+        percent_decode(raw).into()
+    }
+}
+
+/// Valid: 1..=MAX_TOKEN_LEN bytes of visible ASCII, the only tokens that can be sent to whoami
+/// as `Authorization: Bearer`. Anything else Synapse cannot resolve to a user (it answers 401
+/// M_UNKNOWN_TOKEN, or fails to decode non-ASCII).
 fn classify(token: Cow<'_, [u8]>) -> Token<'_> {
     let well_formed = !token.is_empty()
         && token.len() <= MAX_TOKEN_LEN
@@ -165,16 +263,16 @@ fn trim(v: &[u8]) -> &[u8] {
     let is_ws = |b: &u8| *b == b' ' || *b == b'\t';
     let start = v.iter().position(|b| !is_ws(b)).unwrap_or(v.len());
     let end = v.iter().rposition(|b| !is_ws(b)).map_or(start, |i| i + 1);
-    &v[start..end]
+    v.get(start..end).unwrap_or_default()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn valid(t: &str) -> Token<'_> {
-        Token::Valid(Cow::Borrowed(t.as_bytes()))
-    }
 
     #[test]
     fn header_blocks_round_trip_and_survive_garbage() {
@@ -212,95 +310,185 @@ mod tests {
         );
         assert_eq!(split_path(b"/a/sync"), (&b"/a/sync"[..], None));
         assert_eq!(split_path(b"/a?"), (&b"/a"[..], Some(&b""[..])));
+        assert_eq!(split_path(b"/a?b?c"), (&b"/a"[..], Some(&b"b?c"[..])));
     }
 
+    /// What the filter expects for a case.
+    #[derive(Debug)]
+    enum Want<'w> {
+        Absent,
+        Valid(&'w str),
+        Malformed(&'w [u8]),
+    }
+
+    fn check(auth: Option<&[u8]>, query: Option<&[u8]>, want: &Want<'_>, got: Token<'_>) {
+        let ok = match (want, &got) {
+            (Want::Absent, Token::Absent) => true,
+            (Want::Valid(w), Token::Valid(t)) => t.as_ref() == w.as_bytes(),
+            (Want::Malformed(w), Token::Malformed(t)) => t.as_ref() == *w,
+            _ => false,
+        };
+        let show = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
+        assert!(
+            ok,
+            "auth {:?} query {:?}: want {want:?}, got {got:?}",
+            show(auth),
+            show(query)
+        );
+    }
+
+    /// Every case of tests/data/token_cases.json, which also records what Synapse 1.163.2 does
+    /// with it; tests/e2e/test_token_extraction.py checks those outcomes against Synapse's own
+    /// `get_access_token_from_request` and, for the query cases, the real Synapse behind Envoy.
     #[test]
-    fn bearer_scheme_is_case_insensitive() {
-        for h in [
-            "Bearer syt_abc",
-            "bearer syt_abc",
-            "BEARER  syt_abc ",
-            "Bearer\tsyt_abc",
-        ] {
-            assert_eq!(
-                find_token(Some(h.as_bytes()), None),
-                valid("syt_abc"),
-                "{h}"
-            );
+    fn tokens_are_the_ones_synapse_authenticates() {
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(include_str!("../tests/data/token_cases.json")).unwrap();
+        assert!(cases.len() > 40);
+        for case in &cases {
+            let text = |k: &str| case[k].as_str().map(str::as_bytes);
+            let (auth, query) = (text("authorization"), text("query"));
+            let bytes = case["bytes"].as_str().unwrap_or_default();
+            let want = match case["filter"].as_str().unwrap() {
+                "absent" => Want::Absent,
+                "valid" => Want::Valid(bytes),
+                "malformed" => Want::Malformed(bytes.as_bytes()),
+                other => panic!("unknown filter outcome {other}"),
+            };
+            check(auth, query, &want, find_token(auth, query));
+            // The same through a header block, in either spelling of the header name.
+            for name in ["authorization", "Authorization"] {
+                let mut pairs = vec![(":method", &b"GET"[..])];
+                pairs.extend(auth.map(|a| (name, a)));
+                let block = HeaderBlock::serialize(&pairs);
+                check(auth, query, &want, request_token(&block, query));
+            }
         }
     }
 
     #[test]
-    fn other_schemes_and_empty_tokens_are_no_token() {
-        for h in [
-            "Basic dXNlcjpwYXNz",
-            "Bearer",
-            "Bearer ",
-            "Bearersyt_abc",
-            "",
-        ] {
-            assert_eq!(find_token(Some(h.as_bytes()), None), Token::Absent, "{h}");
-        }
-    }
-
-    #[test]
-    fn header_wins_over_query() {
-        assert_eq!(
-            find_token(
-                Some(b"Bearer from_header"),
-                Some(b"access_token=from_query")
-            ),
-            valid("from_header")
+    fn non_utf8_and_oversized_tokens_are_malformed() {
+        let raw = b"Bearer \xff\xfe";
+        check(
+            Some(raw),
+            None,
+            &Want::Malformed(b"\xff\xfe"),
+            find_token(Some(raw), None),
         );
-        // A non-bearer Authorization header leaves the query parameter in charge.
-        assert_eq!(
-            find_token(Some(b"Basic x"), Some(b"access_token=from_query")),
-            valid("from_query")
-        );
-    }
-
-    #[test]
-    fn query_token_is_percent_decoded() {
-        assert_eq!(
-            find_token(
-                None,
-                Some(b"since=s1&access_token=%73%79%74_a%2Fb&full_state=true")
-            ),
-            valid("syt_a/b")
-        );
-        assert_eq!(find_token(None, Some(b"access_token=")), Token::Absent);
-        assert_eq!(find_token(None, Some(b"xaccess_token=abc")), Token::Absent);
-        assert_eq!(find_token(None, Some(b"since=1")), Token::Absent);
-        // The first occurrence wins, like Synapse's `args[0]`.
-        assert_eq!(
-            find_token(None, Some(b"access_token=one&access_token=two")),
-            valid("one")
-        );
-    }
-
-    #[test]
-    fn malformed_tokens_are_flagged() {
-        assert!(matches!(
-            find_token(None, Some(b"access_token=a%0D%0AX-Evil:%201")),
-            Token::Malformed(_)
-        ));
-        assert!(matches!(
-            find_token(None, Some(b"access_token=a+b")),
-            Token::Malformed(_)
-        ));
-        assert!(matches!(
-            find_token(Some("Bearer caf\u{e9}".as_bytes()), None),
-            Token::Malformed(_)
-        ));
         let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
         assert!(matches!(
             find_token(Some(long.as_bytes()), None),
-            Token::Malformed(_)
+            Token::Malformed(t) if t.len() == MAX_TOKEN_LEN + 1
         ));
         let max = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN));
         assert!(matches!(
             find_token(Some(max.as_bytes()), None),
             Token::Valid(_)
         ));
+        // 64 KiB of header: the token is malformed, never resolved.
+        let huge = format!("Bearer {}", "x".repeat(64 * 1024));
+        assert!(matches!(
+            find_token(Some(huge.as_bytes()), None),
+            Token::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn repeated_authorization_headers_are_refused_like_synapse() {
+        // Synapse: 401 "Too many Authorization headers", even when both are the same.
+        for second in ["Bearer b", "Bearer a", ""] {
+            let block =
+                HeaderBlock::serialize(&[("authorization", "Bearer a"), ("AUTHORIZATION", second)]);
+            check(
+                Some(b"Bearer a"),
+                None,
+                &Want::Malformed(b"Bearer a"),
+                request_token(&block, None),
+            );
+        }
+    }
+
+    #[test]
+    fn a_form_encoded_post_body_may_replace_the_query_token() {
+        // Twisted merges a form body into `request.args` (`args.update`), so its access_token
+        // wins over the query's: the query token is not trusted, the header's still is.
+        let form = |method: &'static str, ctype: &'static str| {
+            HeaderBlock::serialize(&[(":method", method), ("content-type", ctype)])
+        };
+        let q = Some(&b"access_token=q"[..]);
+        for ctype in [
+            "application/x-www-form-urlencoded",
+            "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+            "=?utf-8?q?application/x-www-form-urlencoded?=",
+        ] {
+            let block = form("POST", ctype);
+            assert!(body_may_carry_token(&block), "{ctype}");
+            check(None, q, &Want::Malformed(b"q"), request_token(&block, q));
+            // Without a query token: spread, as for any token-less request.
+            check(None, None, &Want::Absent, request_token(&block, None));
+        }
+        for block in [
+            form("POST", "application/json"),
+            form("GET", "application/x-www-form-urlencoded"),
+            form("post", "application/x-www-form-urlencoded"), // Twisted compares b"POST"
+            HeaderBlock::serialize(&[(":method", "POST")]),
+        ] {
+            assert!(!body_may_carry_token(&block));
+            check(None, q, &Want::Valid("q"), request_token(&block, q));
+        }
+        // A header token stays valid: Synapse either uses it or answers 401 (mixing).
+        let block = HeaderBlock::serialize(&[
+            (":method", "POST"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("authorization", "Bearer h"),
+        ]);
+        check(None, None, &Want::Valid("h"), request_token(&block, None));
+    }
+
+    /// Python's `urllib.parse.unquote_to_bytes(s.replace(b"+", b" "))`, transcribed.
+    fn python_unquote_plus(s: &[u8]) -> Vec<u8> {
+        let s: Vec<u8> = s
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let mut bits = s.split(|&b| b == b'%');
+        let mut out = bits.next().unwrap_or_default().to_vec();
+        for item in bits {
+            match item.get(..2).and_then(|h| std::str::from_utf8(h).ok()) {
+                Some(h) if h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    out.push(u8::from_str_radix(h, 16).unwrap());
+                    out.extend_from_slice(&item[2..]);
+                }
+                _ => {
+                    out.push(b'%');
+                    out.extend_from_slice(item);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn form_decoding_matches_python() {
+        let alphabet = b"%+2aFgz_ ";
+        // Every string of up to 4 characters over an alphabet that exercises escapes.
+        let mut strings = vec![Vec::new()];
+        for _ in 0..4 {
+            let longer: Vec<Vec<u8>> = strings
+                .iter()
+                .flat_map(|s| {
+                    alphabet.iter().map(move |&c| {
+                        let mut t = s.clone();
+                        t.push(c);
+                        t
+                    })
+                })
+                .collect();
+            strings.extend(longer);
+        }
+        strings.dedup();
+        for s in &strings {
+            assert_eq!(form_decode(s).as_ref(), python_unquote_plus(s), "{s:?}");
+        }
     }
 }

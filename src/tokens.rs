@@ -16,6 +16,8 @@ const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop
 
 /// CRC-32 (IEEE 802.3, as zlib's and `crc`'s CRC_32_ISO_HDLC). A 1 KB table built at compile
 /// time: the `crc32fast` crate's 16 KB of tables would be a tenth of the module.
+// Indexing inside a `const` block runs at compile time (and `i < 256` bounds it).
+#[allow(clippy::indexing_slicing)]
 const CRC_TABLE: [u32; 256] = {
     let mut table = [0u32; 256];
     let mut i = 0;

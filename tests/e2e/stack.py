@@ -49,6 +49,9 @@ HOST = "127.0.0.1"
 
 SYNC_PATH = "/_matrix/client/v3/sync"
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"  # the filter's default whoami_path
+SLIDING_SYNC_PATH = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+# The hash key the filter sets when it routes without a user: `~` and 16 hex digits.
+FALLBACK_KEY = re.compile(r"^~[0-9a-f]{16}$")
 
 
 class StackError(RuntimeError):
@@ -738,10 +741,12 @@ class Envoy(Service):
         room_ports: list[int] | None = None,
         sync_ports: list[int] | None = None,
         optional_clusters: dict[str, list[int]] | None = None,
+        log_args: Iterable[str] = ("--log-level", "info"),
     ):
         """`sync_ports`: the sync workers' client listeners when they are not `synapse`'s own
         extra listeners (real generic_workers); `optional_clusters`: see render_envoy_config."""
         wasm = Path(wasm).resolve()
+        self.log_args = list(log_args)  # e.g. ("--log-level", "trace") to see every log line
         if not wasm.is_file():
             raise StackError(f"filter not built: {wasm} is missing (run `just build`)")
         self.dir = workdir
@@ -799,7 +804,7 @@ class Envoy(Service):
                 "--concurrency", "2",
                 *self.restart_args,
                 "--file-flush-interval-msec", "20",
-                "--log-level", "info",
+                *self.log_args,
             ],
             log=self.log,
             cwd=self.dir,

@@ -16,6 +16,8 @@ BAD = [
     ({"whoami_timeout_ms": "2s"}, "whoami_timeout_ms"),
     ({"sync_paths": ["(unclosed"]}, "sync_paths[0]"),
     ({"header_name": "Authorization"}, "header_name"),
+    ({"header_name": "cookie"}, "header_name"),  # a header Synapse or the proxy interprets
+    ({"whoami_path": "/" + "a" * (1 << 20)}, "whoami_path"),  # 1 MiB: over the 256-byte bound
 ]
 
 

@@ -118,7 +118,7 @@ fn a_storm_of_new_tokens_never_has_more_calls_in_flight_than_configured() -> Tes
 fn requests_that_go_away_while_waiting_leave_no_memory_behind() -> TestResult {
     for kind in BOTH {
         let (host, mut vm) = start(kind, json!({}))?;
-        let mut round = |vm: &mut Vm, i: u32| -> TestResult {
+        let round = |vm: &mut Vm, i: u32| -> TestResult {
             let first = sync(vm, Some(&format!("tok_gone_{i}")))?;
             let second = sync(vm, Some(&format!("tok_gone_{i}")))?;
             vm.end_stream(first)?;

@@ -1,6 +1,9 @@
 //! No token value ever leaves the filter except in the whoami callout's Authorization header:
 //! not in log lines, metric names, shared-data keys or values, other headers, local responses,
-//! or the guest's stdout/stderr.
+//! or the guest's stdout/stderr — neither whole nor any 8-byte piece of one (issue 9), after the
+//! bad-input scenarios of issue 9 as well as the ordinary ones.
+
+use std::collections::HashSet;
 
 use proxy_wasm_harness::{CallFailure, Host, Vm};
 use serde_json::json;
@@ -16,7 +19,116 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|window| window == needle.as_bytes())
 }
 
-fn exercise(vm: &mut Vm, label: &str) -> TestResult {
+/// Length of a token piece that must not appear anywhere.
+const GRAM: usize = 8;
+
+/// Every GRAM-byte piece of the tokens used, and whether bytes hold one (or the MARK).
+struct Pieces(HashSet<Vec<u8>>);
+
+impl Pieces {
+    fn of(tokens: &[Vec<u8>]) -> Pieces {
+        Pieces(
+            tokens
+                .iter()
+                .flat_map(|t| t.windows(GRAM).map(<[u8]>::to_vec))
+                .collect(),
+        )
+    }
+
+    fn in_bytes(&self, haystack: &[u8]) -> bool {
+        contains(haystack, MARK) || haystack.windows(GRAM).any(|w| self.0.contains(w))
+    }
+
+    fn in_text(&self, haystack: &str) -> bool {
+        self.in_bytes(haystack.as_bytes())
+    }
+}
+
+/// Answers every callout still pending with a user.
+fn answer_all(vm: &mut Vm) -> TestResult {
+    for call in vm.pending_calls() {
+        vm.respond(call.token, 200, JSON, &whoami_body("@q:example.org"))?;
+    }
+    Ok(())
+}
+
+/// The bad-input cases of issue 9, each with tokens holding MARK; returns the tokens used.
+fn bad_input(vm: &mut Vm, label: &str) -> Result<Vec<Vec<u8>>, Box<dyn std::error::Error>> {
+    // Every token made is remembered for the scan.
+    let used = std::cell::RefCell::new(Vec::new());
+    let t = |name: &str| {
+        let token = format!("syt_{MARK}_{name}_{label}");
+        used.borrow_mut().push(token.clone().into_bytes());
+        token
+    };
+    let bearer = |name: &str| format!("Bearer {}", t(name));
+    let get = |path: String| vec![(":method", "GET".to_string()), (":path", path)];
+    let huge = format!("{MARK}-{label}-").repeat(64 * 1024 / (MARK.len() + 4));
+    let mut requests: Vec<Vec<(&str, String)>> = vec![
+        get(format!("{SYNC_PATH}?access%5Ftoken={}", t("pct5f"))),
+        get(format!(
+            "{SYNC_PATH}?%61ccess_token={}&access_token={}",
+            t("pct61"),
+            t("second")
+        )),
+        get(format!("{SYNC_PATH}?timeout=0;access_token={}", t("semi"))),
+        get(format!(
+            "{SYNC_PATH}?access_token={}&access_token={}",
+            t("twice1"),
+            t("twice2")
+        )),
+        get(format!(
+            "{SYNC_PATH}?access_token=&access_token={}",
+            t("blankfirst")
+        )),
+        get(format!("{SYNC_PATH}?access_token={}", t("mixedq"))),
+        get(SYNC_PATH.to_string()),
+        get(SYNC_PATH.to_string()),
+        get(SYNC_PATH.to_string()),
+        get(SYNC_PATH.to_string()),
+        get(SYNC_PATH.to_string()),
+        get(format!("{SYNC_PATH}?access_token={}", t("formq"))),
+    ];
+    requests[5].push(("authorization", bearer("mixedh")));
+    requests[6].extend([
+        ("authorization", bearer("rep1")),
+        ("Authorization", bearer("rep2")),
+    ]);
+    requests[7].push(("authorization", format!("Bearer {huge}")));
+    requests[8].push(("authorization", "Bearer ".into()));
+    // Spoofed hash-key headers holding tokens, in any case, repeated, with and without a token.
+    requests[9].extend([
+        ("authorization", bearer("spoofed")),
+        ("X-User-Identifier", t("inkey1")),
+        ("x-user-identifier", t("inkey2")),
+    ]);
+    requests[10].extend([
+        ("X-USER-IDENTIFIER", t("inkey3")),
+        ("x-user-identifier", t("inkey4")),
+    ]);
+    requests[11].push(("content-type", "application/x-www-form-urlencoded".into()));
+    requests[11][0].1 = "POST".into();
+    for request in &requests {
+        let pairs: Vec<(&str, &str)> = request.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        vm.request(&pairs)?;
+        answer_all(vm)?;
+    }
+    // Not UTF-8.
+    let raw = [b"Bearer ".as_slice(), t("latin").as_bytes(), b"\xe9\xff"].concat();
+    let stream = vm.create_stream()?;
+    let headers = [
+        (b":method".to_vec(), b"GET".to_vec()),
+        (b":path".to_vec(), SYNC_PATH.as_bytes().to_vec()),
+        (b"authorization".to_vec(), raw),
+    ];
+    vm.request_headers_bytes(stream, &headers, true)?;
+    let mut used = used.into_inner();
+    used.push(huge.into_bytes());
+    Ok(used)
+}
+
+fn exercise(vm: &mut Vm, label: &str) -> Result<Vec<Vec<u8>>, Box<dyn std::error::Error>> {
+    let mut used = bad_input(vm, label)?;
     let answers: Vec<(u16, Vec<u8>)> = vec![
         (200, whoami_body("@ok:example.org")),
         (401, br#"{"errcode":"M_UNKNOWN_TOKEN"}"#.to_vec()),
@@ -31,6 +143,7 @@ fn exercise(vm: &mut Vm, label: &str) -> TestResult {
     ];
     for (index, (status, body)) in answers.iter().enumerate() {
         let token = format!("syt_{MARK}_{index}_{label}");
+        used.push(token.clone().into_bytes());
         let stream = sync(vm, Some(&token))?;
         let call = only_call(vm, stream)?;
         vm.respond(call, *status, JSON, body)?;
@@ -45,64 +158,65 @@ fn exercise(vm: &mut Vm, label: &str) -> TestResult {
     .into_iter()
     .enumerate()
     {
-        let stream = sync(vm, Some(&format!("syt_{MARK}_fail{index}_{label}")))?;
+        let token = format!("syt_{MARK}_fail{index}_{label}");
+        used.push(token.clone().into_bytes());
+        let stream = sync(vm, Some(&token))?;
         let call = only_call(vm, stream)?;
         vm.fail_call(call, failure)?;
     }
     // From the query string, malformed, and a client leaving mid-callout.
+    let query = format!("syt_{MARK}_query_{label}");
     vm.request(&[
         (":method", "GET"),
-        (
-            ":path",
-            &format!("{SYNC_PATH}?access_token=syt_{MARK}_query_{label}"),
-        ),
+        (":path", &format!("{SYNC_PATH}?access_token={query}")),
     ])?;
-    for call in vm.pending_calls() {
-        vm.respond(call.token, 200, JSON, &whoami_body("@q:example.org"))?;
-    }
+    answer_all(vm)?;
+    let spaced = format!("syt {MARK} spaced");
     vm.request(&[
         (":method", "GET"),
         (":path", SYNC_PATH),
-        ("authorization", &format!("Bearer syt {MARK} spaced")),
+        ("authorization", &format!("Bearer {spaced}")),
     ])?;
-    let gone = sync(vm, Some(&format!("syt_{MARK}_gone_{label}")))?;
-    vm.end_stream(gone)?;
-    Ok(())
+    let gone = format!("syt_{MARK}_gone_{label}");
+    let stream = sync(vm, Some(&gone))?;
+    vm.end_stream(stream)?;
+    used.extend([query, spaced, gone].map(String::into_bytes));
+    Ok(used)
 }
 
-fn assert_no_leak(host: &Host, vms: &[&Vm]) -> TestResult {
+fn assert_no_leak(host: &Host, vms: &[&Vm], secret: &Pieces) -> TestResult {
     for line in host.logs() {
         assert!(
-            !line.message.contains(MARK),
+            !secret.in_text(&line.message),
             "log line leaks a token: {line:?}"
         );
     }
     for metric in host.metrics() {
         assert!(
-            !metric.name.contains(MARK),
+            !secret.in_text(&metric.name),
             "metric name leaks a token: {metric:?}"
         );
     }
     for entry in host.shared_data() {
         assert!(
-            !entry.key.contains(MARK) && !contains(&entry.value, MARK),
+            !secret.in_text(&entry.key) && !secret.in_bytes(&entry.value),
             "shared data leaks a token: {entry:?}"
         );
     }
     for vm in vms {
-        assert!(!vm.stdout().contains(MARK) && !vm.stderr().contains(MARK));
+        assert!(!secret.in_text(&vm.stdout()) && !secret.in_text(&vm.stderr()));
         for call in vm.calls() {
             for (name, value) in &call.headers {
                 if name != "authorization" {
                     assert!(
-                        !value.contains(MARK),
+                        !secret.in_text(value),
                         "callout header {name} leaks: {value}"
                     );
                 }
             }
-            assert!(!contains(&call.body, MARK), "callout body leaks");
+            assert!(!secret.in_bytes(&call.body), "callout body leaks");
         }
-        for stream in 2..200 {
+        for stream in 2..1000 {
             let Ok(state) = vm.stream(stream) else {
                 continue;
             };
@@ -112,15 +226,18 @@ fn assert_no_leak(host: &Host, vms: &[&Vm]) -> TestResult {
                     continue;
                 }
                 assert!(
-                    !contains(value, MARK),
+                    !secret.in_bytes(value),
                     "request header {} leaks a token",
                     String::from_utf8_lossy(name)
                 );
             }
             if let Some(response) = &state.local_response {
-                assert!(!contains(&response.body, MARK), "local response body leaks");
+                assert!(
+                    !secret.in_bytes(&response.body),
+                    "local response body leaks"
+                );
                 for (name, value) in &response.headers {
-                    assert!(!value.contains(MARK), "local response header {name} leaks");
+                    assert!(!secret.in_text(value), "local response header {name} leaks");
                 }
             }
         }
@@ -137,10 +254,10 @@ fn no_token_appears_anywhere_but_the_whoami_authorization() -> TestResult {
                 &filter()?,
                 &config(kind, json!({"reject_invalid_tokens": reject})),
             )?;
-            exercise(&mut vm, "a")?;
-            exercise(&mut second, "b")?;
+            let mut used = exercise(&mut vm, "a")?;
+            used.extend(exercise(&mut second, "b")?);
             assert!(vm.calls().len() > 5, "{kind:?}: the scenario made callouts");
-            assert_no_leak(&host, &[&vm, &second])
+            assert_no_leak(&host, &[&vm, &second], &Pieces::of(&used))
                 .map_err(|error| format!("{kind:?} reject={reject}: {error}"))?;
         }
     }
