@@ -26,23 +26,24 @@ KONG_YML = stack.REPO / "nginx-wasm" / "kong" / "kong.yml"
 KONG_CONF = stack.REPO / "nginx-wasm" / "kong" / "kong.conf"
 CONFIGURE_CHECK = stack.REPO / "target" / "debug" / "configure-check"
 
-# Paths the default sync_paths must (and must not) match: from src/config.rs's own unit test.
+# Paths on which a proxy's sync-route pattern must agree with the filter's default sync_paths.
 SYNC_SAMPLES = [
+    "/_matrix/client/v3/events",
+    "/_matrix/client/r0/initialSync",
+    "/_matrix/client/unstable/sync",
+    "/_matrix/client/api/v1/rooms/!room:example.org/initialSync",
     "/_matrix/client/v3/sync",
-    "/_matrix/client/r0/sync",
-    "/_matrix/client/api/v1/events",
-    "/_matrix/client/unstable/initialSync",
-    "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
     "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
 ]
 NOT_SYNC_SAMPLES = [
-    "/_matrix/client/v3/sync/extra",
+    "/_matrix/client/v3/sync/",
     "/_matrix/client/v4/sync",
+    "/_matrix/client/v3/rooms/!room:example.org/messages",
     "/_matrix/client/v3/rooms/a/b/initialSync",
-    "/_matrix/client/v3/account/whoami",
-    "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
-    "/x/_matrix/client/v3/sync",
+    "/_matrix/client/unstable/org_matrix_simplified_msc3575/sync",
+    "/prefix/_matrix/client/v3/sync",
     "/_matrix/client/v3/login",
+    "/_matrix/federation/v1/send/1",
 ]
 
 

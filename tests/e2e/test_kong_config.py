@@ -201,6 +201,8 @@ def test_the_two_hops_are_wired_to_each_other(kong_yml, kong_conf):
     assert hop["url"] == f"http://127.0.0.1:{port}"
     assert hop["retries"] == 0
     assert internal["service"] == "msr-sync-workers" and public["service"] == "msr-sync-hop"
+    # Only Kong's `location /` gets the injected proxy_set_header; unbuffered routes skip it.
+    assert public.get("request_buffering", True) and public.get("response_buffering", True)
     # Checked first on every request, so a request on the internal port never runs the filter.
     assert internal["priority"] > max(r.get("priority", 0) for n, r in rts.items() if n != "msr-sync-internal")
     assert kong_conf["router_flavor"] == "expressions"
