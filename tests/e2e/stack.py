@@ -6,7 +6,8 @@ application service registered (`Synapse.appservice`), and its "Processed reques
 (listener port, recorded client address, requester, path, user agent) are read with
 `Synapse.processed_requests`. Envoy runs the repository's own envoy.yaml; `render_envoy_config`
 only substitutes addresses, ports, the .wasm path, the access log path and (optionally) plugin
-configuration fields.
+configuration fields. The helpers at the end (`tune_health_checks`, `HotRestartEnvoy`,
+`Envoy.use_worker_ports`) are for the fault, restart and remap tests, which say what they change.
 
 Which worker served a request is read from Envoy's access log (`upstream_host`), correlated by
 the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_response`).
@@ -14,6 +15,9 @@ the `x-request-id` Envoy echoes in every response (`always_set_request_id_in_res
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import hmac
@@ -28,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -77,6 +82,11 @@ def venv_bin(name: str) -> str:
     if not found:
         raise StackError(f"{name} not found next to {sys.executable} nor on PATH (run `just venv`)")
     return found
+
+
+def just_executable() -> str | None:
+    """The `just` running this session (`just e2e` passes it as $MSR_JUST), else one on PATH."""
+    return os.environ.get("MSR_JUST") or shutil.which("just")
 
 
 @dataclasses.dataclass
@@ -146,43 +156,158 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+# --------------------------------------------------------------------------------------------
+# process lifecycle: no exit path (Ctrl-C once or many times, SIGTERM, SIGHUP, an exception, the
+# parent being killed) leaves a process, a port or a work directory behind
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Runs in the child between fork and exec: the kernel sends it SIGTERM when the parent dies,
+    even by SIGKILL (PR_SET_PDEATHSIG survives exec). SIGTERM rather than SIGKILL so that a
+    child with children of its own (an nginx master) stops them. If the parent is already gone,
+    the child exits at once."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGINT, SIGTERM and SIGHUP while the block runs, then delivers them.
+
+    Why: a signal landing inside a start (after the fork, before the child is recorded) or a
+    shutdown (inside `proc.wait()`) abandons a child: a second Ctrl-C used to leave Synapse
+    running. Signals reach only the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in STOP_SIGNALS:
+        previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (where nobody handles them yet) raise KeyboardInterrupt like Ctrl-C, so
+    pytest, the demo and any script using a Stack clean up on them too, instead of dying on the
+    spot (their children would then be stopped only by the parent-death signal, and the work
+    directory left behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_interrupt)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (tells a live owner from a reused PID), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def processes_under(folder: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose working directory is `folder` or below it (the
+    stack starts each child in its run's folder)."""
+    folder = folder.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd == folder or folder in cwd.parents:
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def remove_stale_runs(e2e_dir: Path = E2E_DIR) -> list[Path]:
+    """Removes the run folders under .e2e whose owner process is gone (it was killed, so it
+    could not clean up), after killing anything still running in them. Folders kept on purpose
+    (failed runs, $MSR_E2E_KEEP) have no owner file and stay."""
+    removed = []
+    for owner in e2e_dir.glob("*/owner"):
+        try:
+            pid, started = owner.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _start_time(int(pid)) == started:
+            continue  # still running
+        for stray, _ in processes_under(owner.parent):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
+        shutil.rmtree(owner.parent, ignore_errors=True)
+        removed.append(owner.parent)
+    return removed
+
+
 class Process:
-    """A child process in its own session, killed with its whole group on stop()."""
+    """A child process in its own session (a terminal's Ctrl-C reaches only its parent, which
+    stops it in order), killed with its whole group on stop(), and sent SIGTERM by the kernel if
+    the parent dies first. stop() may be called any number of times."""
 
     def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, env: dict | None = None):
         self.name = name
         self.log = log
         self._log_file = open(log, "ab")
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        parent = os.getpid()
+        with signals_deferred():
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: _die_with(parent),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def check_alive(self) -> None:
         code = self.proc.poll()
         if code is not None:
             raise StackError(f"{self.name} exited with {code}; last log lines:\n{tail(self.log)}")
 
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+        """SIGTERM to the group, SIGKILL after `timeout` s; signals are held until it is done."""
+        with signals_deferred():
+            if self.proc.poll() is None:
+                self._signal_group(signal.SIGTERM)
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout)
-        self._log_file.close()
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(signal.SIGKILL)
+                    self.proc.wait(timeout)
+            self._signal_group(signal.SIGKILL)  # anything the leader left in its group
+            self._log_file.close()
 
 
 class Service:
@@ -190,14 +315,20 @@ class Service:
 
     process: Process | None = None
 
+    def spawn(self, name: str, argv: list[str], log: Path, cwd: Path) -> None:
+        """Starts the child and records it in one step no signal can split."""
+        with signals_deferred():
+            self.process = Process(name, argv, log, cwd)
+
     def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.1):
         assert self.process is not None
         return wait_until(predicate, timeout, what, interval, check=self.process.check_alive)
 
     def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-            self.process = None
+        with signals_deferred():
+            if self.process:
+                self.process.stop()
+                self.process = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +465,7 @@ class Synapse(Service):
             "max_upload_size": "200M",
             "bcrypt_rounds": 4,  # fast password logins (test users only)
             "rc_message": lenient,
+            "rc_room_creation": lenient,
             "rc_registration": lenient,
             "rc_login": {"address": lenient, "account": lenient, "failed_attempts": lenient},
             "rc_joins": {"local": lenient, "remote": lenient},
@@ -367,11 +499,14 @@ class Synapse(Service):
             )
         )
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
-        cfg = self.dir / "homeserver.yaml"
-        cfg.write_text(yaml.safe_dump(self._config()))
-        self.process = Process(
+        (self.dir / "homeserver.yaml").write_text(yaml.safe_dump(self._config()))
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "Synapse":
+        """Run Synapse on the written homeserver.yaml; wait until every listener is healthy."""
+        self.spawn(
             "synapse",
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(cfg)],
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.dir / "homeserver.yaml")],
             log=self.dir / "synapse.out",
             cwd=self.dir,
         )
@@ -468,6 +603,18 @@ class Synapse(Service):
             interval=0.05,
         )
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the Synapse process (SIGKILL, SIGSTOP, SIGCONT: the fault tests)."""
+        assert self.process is not None
+        self.process.proc.send_signal(sig)
+
+    def relaunch(self, timeout: float = 120.0) -> "Synapse":
+        """Start Synapse again on its existing configuration, database and ports (after it was
+        killed): the same users and tokens, the same listeners."""
+        if self.process is not None:
+            self.process.stop()  # reaps a killed process (or stops a running one)
+        return self._launch(timeout)
+
 
 # --------------------------------------------------------------------------------------------
 # Envoy configuration: the repository's envoy.yaml with only addresses/ports/paths substituted
@@ -495,7 +642,12 @@ def render_envoy_config(
     access_log: Path,
     plugin_overrides: dict | None = None,
     source: Path = ENVOY_YAML,
+    initial_sync_ports: list[int] | None = None,
+    room_ports: list[int] | None = None,
 ) -> dict:
+    """envoy.yaml with addresses, ports and paths substituted. The initial-sync pool is empty
+    unless `initial_sync_ports` is given (initial syncs then go to the sync workers, as with an
+    operator who runs no such pool); room workers default to the sync workers' listeners."""
     cfg = yaml.safe_load(source.read_text())
     cfg["admin"]["address"]["socket_address"] = {"address": HOST, "port_value": admin_port}
 
@@ -524,13 +676,15 @@ def render_envoy_config(
     clusters = cfg["static_resources"]["clusters"]
     for name, ports in (
         ("synapse_sync_workers", worker_ports),
+        ("synapse_initial_sync_workers", initial_sync_ports or []),
+        ("synapse_room_workers", worker_ports if room_ports is None else room_ports),
         ("synapse_main", [main_port]),
         ("synapse_whoami", [whoami_port]),
     ):
         cluster = _find_one(clusters, "cluster", name=name)
-        cluster["load_assignment"]["endpoints"] = [
-            {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
-        ]
+        cluster["load_assignment"]["endpoints"] = (
+            [{"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}] if ports else []
+        )
     return cfg
 
 
@@ -546,6 +700,9 @@ class _NoAliasDumper(yaml.SafeDumper):
 class Envoy(Service):
     """An Envoy running the substituted envoy.yaml in front of `synapse`."""
 
+    # Hot-restart flags; HotRestartEnvoy replaces them with --base-id/--restart-epoch.
+    restart_args: tuple[str, ...] = ("--disable-hot-restart",)
+
     def __init__(
         self,
         workdir: Path,
@@ -554,6 +711,9 @@ class Envoy(Service):
         wasm: Path,
         plugin_overrides: dict | None = None,
         whoami_port: int | None = None,
+        initial_sync_ports: list[int] | None = None,
+        room_ports: list[int] | None = None,
+        sync_ports: list[int] | None = None,
     ):
         wasm = Path(wasm).resolve()
         if not wasm.is_file():
@@ -568,17 +728,22 @@ class Envoy(Service):
             listener_port=self.port,
             admin_port=self.admin_port,
             main_port=synapse.main_port,
-            worker_ports=synapse.worker_ports,
+            worker_ports=synapse.worker_ports if sync_ports is None else sync_ports,
             whoami_port=synapse.main_port if whoami_port is None else whoami_port,
             wasm=wasm,
             access_log=self.access_log,
             plugin_overrides=plugin_overrides,
+            initial_sync_ports=initial_sync_ports,
+            room_ports=room_ports,
         )
         self._log_offset = 0
         self._log_partial = b""
         self._entries: dict[str, dict] = {}
         # upstream host "127.0.0.1:port" → worker name
+        self.sync_ports = synapse.worker_ports if sync_ports is None else sync_ports
         self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(synapse.worker_ports)}
+        for i, p in enumerate(initial_sync_ports or []):
+            self.workers.setdefault(f"{HOST}:{p}", f"initial-{i + 1}")
 
     @property
     def url(self) -> str:
@@ -596,13 +761,13 @@ class Envoy(Service):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.dump(self.cfg, Dumper=_NoAliasDumper, sort_keys=False))
         self.access_log.touch()
-        self.process = Process(
+        self.spawn(
             f"envoy {self.name}",
             [
                 venv_bin("envoy"),
                 "-c", str(self.config_path),
                 "--concurrency", "2",
-                "--disable-hot-restart",
+                *self.restart_args,
                 "--file-flush-interval-msec", "20",
                 "--log-level", "info",
             ],
@@ -615,12 +780,31 @@ class Envoy(Service):
             f"Envoy {self.name} /ready",
         )
         # Every sync worker healthy (first health checks done), so spreading is not skewed.
-        self.wait_for(
-            lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.workers),
-            timeout,
-            f"Envoy {self.name}: all sync workers healthy",
-        )
+        try:
+            self.wait_for(
+                lambda: len(self.healthy_hosts("synapse_sync_workers")) == len(self.sync_ports),
+                timeout,
+                f"Envoy {self.name}: all sync workers healthy",
+            )
+        except StackError as exc:
+            raise StackError(f"{exc}; Envoy's view: {self._health_report()}") from None
         return self
+
+    def _health_report(self) -> str:
+        """Each sync worker's health flags and health-check stats, for a start-up that failed."""
+        try:
+            data = self.admin("/clusters?format=json").json()
+            stats = self.stats()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return f"(admin unreachable: {exc})"
+        hosts = [
+            f"{h['address']['socket_address']['port_value']}: {h.get('health_status')}"
+            for c in data.get("cluster_statuses", []) if c.get("name") == "synapse_sync_workers"
+            for h in c.get("host_statuses", [])
+        ]
+        prefix = "cluster.synapse_sync_workers.health_check."
+        hc = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+        return f"hosts {hosts}; {hc}"
 
     # --- admin -------------------------------------------------------------------------------
 
@@ -741,28 +925,62 @@ class Envoy(Service):
             raise StackError(f"request {response.request_id} was not served by a sync worker: {host}")
         return self.workers[host]
 
+    def entries_by_user_agent(self) -> dict[str, dict]:
+        """Access log entries keyed by User-Agent: the load generator (load.py) gives every
+        request its own, so requests that never got an answer (no x-request-id) are found too."""
+        return {e["user_agent"]: e for e in self.log_entries() if e.get("user_agent")}
+
+    # --- process -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.proc.pid
+
+    def rss_kib(self) -> int:
+        """Resident memory of the Envoy process (VmRSS from /proc), in KiB."""
+        return process_rss_kib(self.pid)
+
+    def use_worker_ports(self, ports: list[int]) -> None:
+        """Before start(): send the sync worker cluster to `ports` instead of Synapse's own
+        listeners (e.g. a relay the test can break); worker names stay sync-1..N by position."""
+        set_cluster_ports(self.cfg, "synapse_sync_workers", ports)
+        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(ports)}
+
 
 # --------------------------------------------------------------------------------------------
 # the whole stack
 
 
 class Stack:
-    """Synapse plus any number of Envoys in one work directory under .e2e/."""
+    """Synapse plus any number of Envoys in one work directory under .e2e/.
+
+    The folder holds an `owner` file (PID and start time of this process) until close(): a run
+    whose owner was killed is removed by the next Stack (`remove_stale_runs`). close() stops
+    everything even when signals keep arriving, may be called more than once, and runs at
+    interpreter exit if nobody called it."""
 
     def __init__(self, wasm: Path = DEFAULT_WASM, n_workers: int = 3, prefix: str = "stack-"):
         self.wasm = Path(wasm).resolve()
         if not self.wasm.is_file():
             raise StackError(f"filter not built: {self.wasm} is missing (run `just build`)")
+        stop_on_termination()
         E2E_DIR.mkdir(exist_ok=True)
+        remove_stale_runs()
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=E2E_DIR))
+        (self.dir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         self.synapse = Synapse(self.dir / "synapse", n_workers)
         self.envoys: list[Envoy] = []
+        self.closed = False
+        # If the owner's own cleanup was cut short (pytest's teardown skipped by a second
+        # Ctrl-C), the interpreter's exit still stops everything.
+        atexit.register(self.close)
 
     def start(self) -> "Stack":
         try:
             self.synapse.start()
         except BaseException:
-            self.close()
+            self.close(keep_dir=False)
             raise
         return self
 
@@ -772,22 +990,167 @@ class Stack:
         envoy.start()
         return envoy
 
+    def prepare_envoy(self, name: str, cls: type[Envoy] | None = None, **kwargs) -> Envoy:
+        """An Envoy (of class `cls`) that the test may still change (its `cfg`, its worker
+        ports) before calling start(); it is stopped with the stack."""
+        envoy = (cls or Envoy)(self.dir, name, self.synapse, self.wasm, **kwargs)
+        self.envoys.append(envoy)
+        return envoy
+
     def user_with_devices(self, envoy: Envoy, localpart: str, n_devices: int) -> list[Device]:
         """Register `localpart` and log in `n_devices` devices through `envoy`."""
         first = self.synapse.register(localpart)
         password = self.synapse.passwords[first.user_id]
         return [envoy.login(first.user_id, password, f"{localpart}-dev{i + 1}") for i in range(n_devices)]
 
+    def pids(self) -> list[int]:
+        """The PIDs of the running children (Synapse, Envoys)."""
+        services = [self.synapse, *self.envoys]
+        return [s.process.pid for s in services if s.process]
+
+    def ports(self) -> list[int]:
+        """Every port the stack's children listen on."""
+        ports = [self.synapse.main_port, *self.synapse.worker_ports]
+        for envoy in self.envoys:
+            ports += [envoy.port, envoy.admin_port]
+        return ports
+
     def close(self, keep_dir: bool = False) -> None:
-        """Stop every process; remove the work directory unless keep_dir (or $MSR_E2E_KEEP)."""
-        for envoy in reversed(self.envoys):
-            envoy.stop()
-        self.synapse.stop()
-        if not keep_dir and not os.environ.get("MSR_E2E_KEEP"):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop every process; remove the work directory unless keep_dir (or $MSR_E2E_KEEP).
+        Signals arriving meanwhile are delivered once everything is stopped."""
+        with signals_deferred():
+            if self.closed:
+                return
+            for envoy in reversed(self.envoys):
+                envoy.stop()
+            self.synapse.stop()
+            if keep_dir or os.environ.get("MSR_E2E_KEEP"):
+                (self.dir / "owner").unlink(missing_ok=True)  # kept on purpose: not stale
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            self.closed = True
 
     def __enter__(self) -> "Stack":
         return self.start()
 
     def __exit__(self, exc_type, *_) -> None:
-        self.close(keep_dir=exc_type is not None)
+        # Keep the logs of a failure; an interrupt (Ctrl-C, SIGTERM) is no failure.
+        self.close(keep_dir=exc_type is not None and issubclass(exc_type, Exception))
+
+
+# --------------------------------------------------------------------------------------------
+# faults, restarts, load: helpers for test_faults, test_synapse_down, test_hot_restart,
+# test_remap and test_soak
+
+
+def set_cluster_ports(cfg: dict, cluster: str, ports: list[int]) -> None:
+    """Point one cluster of a rendered config at 127.0.0.1:`ports`."""
+    c = cluster_config(cfg, cluster)
+    c["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
+    ]
+
+
+def tune_health_checks(
+    cfg: dict, cluster: str, interval_s: float = 0.5, unhealthy: int = 2, healthy: int = 1
+) -> None:
+    """Run envoy.yaml's own active health check of `cluster` faster (every `interval_s`, also
+    before any traffic), so a test sees a host leave and rejoin the ring within seconds. The
+    check itself (HTTP GET /health, its timeout) is the operator's; only its pace changes."""
+    c = cluster_config(cfg, cluster)
+    if len(c.get("health_checks", [])) != 1:
+        raise StackError(f"envoy.yaml: expected one health check on {cluster}")
+    hc = c["health_checks"][0]
+    interval = f"{interval_s}s"
+    hc.update(
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_interval=interval,
+        interval_jitter="0s",
+        unhealthy_threshold=unhealthy,
+        healthy_threshold=healthy,
+        timeout="1s",
+    )
+
+
+def process_rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise StackError(f"no VmRSS for pid {pid}")
+
+
+class HotRestartEnvoy(Envoy):
+    """An Envoy started for hot restart (`--base-id`, `--restart-epoch`) instead of with
+    --disable-hot-restart. `next_epoch()` makes the process that takes over its listener
+    (same ports, same base id), possibly with another plugin configuration; the old process
+    drains for `drain_s` and exits by itself after `parent_shutdown_s`."""
+
+    drain_s = 2
+    parent_shutdown_s = 5
+
+    def __init__(self, *args, epoch: int = 0, base_id: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = epoch
+        self.base_id = base_id
+        self.base_id_path = self.dir / f"{self.name}.base-id"
+
+    @property
+    def restart_args(self) -> tuple[str, ...]:  # type: ignore[override]
+        base = (
+            ("--use-dynamic-base-id", "--base-id-path", str(self.base_id_path))
+            if self.base_id is None
+            else ("--base-id", str(self.base_id))
+        )
+        return (
+            *base,
+            "--restart-epoch", str(self.epoch),
+            "--drain-time-s", str(self.drain_s),
+            "--parent-shutdown-time-s", str(self.parent_shutdown_s),
+        )
+
+    def start(self, timeout: float = 60.0) -> "HotRestartEnvoy":
+        super().start(timeout)
+        # /ready may still be the parent's answer: wait until the admin port is this epoch's.
+        self.wait_for(
+            lambda: self.admin("/server_info").json()["command_line_options"]["restart_epoch"]
+            == self.epoch,
+            timeout,
+            f"Envoy {self.name} (epoch {self.epoch}) serving its admin port",
+        )
+        if self.base_id is None:
+            self.base_id = int(self.base_id_path.read_text().strip())
+        return self
+
+    def next_epoch(self, stack: "Stack", plugin_overrides: dict | None = None) -> "HotRestartEnvoy":
+        """Hot-restart: a new Envoy process (epoch + 1) on the same ports; started."""
+        child = stack.prepare_envoy(
+            f"{self.name}-epoch{self.epoch + 1}",
+            cls=HotRestartEnvoy,
+            plugin_overrides=plugin_overrides,
+            epoch=self.epoch + 1,
+            base_id=self.base_id,
+        )
+        assert isinstance(child, HotRestartEnvoy)
+        child.take_ports_of(self)
+        return child.start()
+
+    def take_ports_of(self, other: Envoy) -> None:
+        """Listen (and serve admin) where `other` does, with the same sync worker endpoints."""
+        self.port, self.admin_port = other.port, other.admin_port
+        self.cfg["admin"]["address"]["socket_address"]["port_value"] = other.admin_port
+        listener = _find_one(
+            self.cfg["static_resources"]["listeners"], "listener", name="matrix_client"
+        )
+        listener["address"]["socket_address"]["port_value"] = other.port
+        workers = other.cfg["static_resources"]["clusters"]
+        for name in ("synapse_sync_workers", "synapse_whoami"):
+            mine = _find_one(self.cfg["static_resources"]["clusters"], "cluster", name=name)
+            mine["load_assignment"] = _find_one(workers, "cluster", name=name)["load_assignment"]
+        self.workers = dict(other.workers)
+
+
+def cluster_config(cfg: dict, cluster: str) -> dict:
+    """The (mutable) definition of one cluster in a rendered config."""
+    return _find_one(cfg["static_resources"]["clusters"], "cluster", name=cluster)

@@ -56,17 +56,70 @@ def test_routes_and_plugin_config_match_the_filter_contract():
     assert filters.index("envoy.filters.http.wasm") < filters.index("envoy.filters.http.router")
 
     routes = _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
-    sync_routes = [r for r in routes if r.get("route", {}).get("cluster") == "synapse_sync_workers"]
+    sync_clusters = ("synapse_sync_workers", "synapse_initial_sync")
+    sync_routes = [r for r in routes if r.get("route", {}).get("cluster") in sync_clusters]
     header = conf.get("header_name", "x-user-identifier")
     for route in sync_routes:
         assert route["route"]["hash_policy"] == [{"header": {"header_name": header}}]
         assert route["route"]["timeout"] == "0s", "long-poll syncs need no overall deadline"
     assert clusters["synapse_sync_workers"]["lb_policy"] in ("RING_HASH", "MAGLEV")
+    # The initial-sync route matches the header the filter sets, and its pool falls back to the
+    # sync workers.
+    (initial,) = [r for r in sync_routes if r["route"]["cluster"] == "synapse_initial_sync"]
+    assert initial["match"]["headers"][0]["name"] == conf["sync_kind_header"]
+    aggregate = clusters["synapse_initial_sync"]["cluster_type"]["typed_config"]["clusters"]
+    assert aggregate == ["synapse_initial_sync_workers", "synapse_sync_workers"]
+    (rooms,) = [r for r in routes if r.get("route", {}).get("cluster") == "synapse_room_workers"]
+    assert rooms["route"]["hash_policy"] == [{"header": {"header_name": conf["room_header_name"]}}]
+    assert "typed_per_filter_config" not in rooms, "the filter must run on the room route"
 
-    # The sync route regexes are exactly the filter's sync_paths (README's defaults unless the
-    # plugin configuration sets its own).
+    # The routes' regexes and the filter's path templates (README defaults unless the plugin
+    # configuration sets its own) accept exactly the same paths.
     readme = (stack.REPO / "README.md").read_text()
-    block = re.search(r"Default `sync_paths`:\s*```\s*\n(.*?)```", readme, re.S)
-    assert block, "README lost its default sync_paths block"
-    expected = conf.get("sync_paths") or block.group(1).split()
-    assert [r["match"]["safe_regex"]["regex"] for r in sync_routes] == expected
+    templates = conf.get("sync_paths") or _readme_block(readme, "sync_paths")
+    regexes = [r["match"]["safe_regex"]["regex"] for r in sync_routes]
+    room_templates = conf.get("room_paths") or _readme_block(readme, "room_paths")
+    for path in SAMPLE_PATHS:
+        assert _any_template(templates, path) == any(re.match(x, path) for x in regexes), path
+        assert _any_template(room_templates, path) == bool(
+            re.match(rooms["match"]["safe_regex"]["regex"], path)
+        ), path
+
+
+SAMPLE_PATHS = [
+    "/_matrix/client/v3/sync", "/_matrix/client/r0/sync", "/_matrix/client/api/v1/events",
+    "/_matrix/client/unstable/initialSync", "/_matrix/client/v3/rooms/!a:x/initialSync",
+    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", "/_matrix/client/v3/sync/x",
+    "/_matrix/client/v4/sync", "/_matrix/client/v3/rooms/a/b/initialSync", "/x/_matrix/client/v3/sync",
+    "/_matrix/client/v3/account/whoami", "/_matrix/client/v3/rooms/!a:x/messages",
+    "/_matrix/client/r0/rooms/!a:x/send/m.room.message/txn1", "/_matrix/client/v3/rooms/!a:x/join",
+    "/_matrix/client/v1/rooms/!a:x/relations/$e", "/_matrix/client/v1/rooms/!a:x/hierarchy",
+    "/_matrix/client/v3/rooms/!a:x/state/m.room.name/", "/_matrix/client/v3/rooms//messages",
+    "/_matrix/client/v3/rooms/!a:x/messagesX", "/_matrix/client/v3/rooms/!a:x/context/$ev",
+]
+
+
+def _readme_block(readme: str, field: str) -> list[str]:
+    block = re.search(rf"Default `{field}`:\s*```\s*\n(.*?)```", readme, re.S)
+    assert block, f"README lost its default {field} block"
+    return block.group(1).split()
+
+
+def _template_regex(template: str) -> str:
+    """The filter's path-template language (README) as a regex: `{a|b}` alternatives, `*` one
+    segment, a final `**` anything after (or nothing)."""
+    out = ""
+    for part in re.split(r"(\{[^}]*\}|\*\*|\*)", template):
+        if part.startswith("{"):
+            out += "(" + "|".join(re.escape(a) for a in part[1:-1].split("|")) + ")"
+        elif part == "**":
+            out = out[:-1] + "(/.*)?"  # the `/` before `**` belongs to it
+        elif part == "*":
+            out += "[^/]+"
+        else:
+            out += re.escape(part)
+    return f"^{out}$"
+
+
+def _any_template(templates: list[str], path: str) -> bool:
+    return any(re.match(_template_regex(t), path) for t in templates)

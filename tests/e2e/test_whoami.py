@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -18,14 +19,17 @@ class Counters:
     FILTER = [
         "requests", "no_token", "cache_hits", "cache_misses", "negative_hits", "backoff_hits",
         "whoami_ok", "whoami_denied", "whoami_failed", "fallbacks", "rejected",
-        "cache_write_failures",
+        "cache_write_failures", "refreshes", "coalesced", "shed",
     ]
+    # The filter counts in VM memory and flushes to Envoy on its one-second tick.
+    FLUSH_S = 1.5
 
     def __init__(self, envoy: stack.Envoy):
         self.envoy = envoy
         self.before = self.read()
 
     def read(self) -> dict[str, float]:
+        time.sleep(self.FLUSH_S)
         prom = self.envoy.prometheus()
         values = {n: prom[f"matrix_sync_router_{n}"] for n in self.FILTER}
         values["whoami_calls"] = self.envoy.stats()["cluster.synapse_whoami.upstream_rq_total"]

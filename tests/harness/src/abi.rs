@@ -210,7 +210,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()>
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut caller: Caller<'_, VmData>, period: u32| -> HostResult {
-            caller.data_mut().tick_period_ms = period;
+            let now = caller.data().process.borrow().now_ns;
+            let data = caller.data_mut();
+            if data.tick_period_ms == 0 {
+                data.last_tick_ns = now;
+            }
+            data.tick_period_ms = period;
             ok(Status::Ok)
         },
     )?;
@@ -810,9 +815,17 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()>
             let data = caller.data_mut();
             let token = data.next_token;
             data.next_token = data.next_token.wrapping_add(1);
+            // Envoy attaches every callout to the plugin's root context (proxy-wasm-cpp-host's
+            // `http_call` uses `root_context()`), so it outlives the request that made it;
+            // ngx_wasm_module attaches it to the request.
+            let owner = match kind {
+                HostKind::Envoy => data.root_id,
+                HostKind::Ngx => data.effective,
+            };
             let record = CallRecord {
                 token,
                 context: data.effective,
+                owner,
                 upstream,
                 headers: to_text(headers, kind == HostKind::Envoy),
                 body,

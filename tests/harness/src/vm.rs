@@ -169,8 +169,11 @@ pub enum CallOutcome {
 pub struct CallRecord {
     /// Token returned to the guest.
     pub token: u32,
-    /// Context that dispatched it (gets the response).
+    /// Context that dispatched it.
     pub context: u32,
+    /// Context the host attached it to, which gets the response: Envoy's root context, or the
+    /// ngx request that made it (a call ends with the request it is attached to).
+    pub owner: u32,
     /// Upstream (Envoy cluster, or ngx `host:port`).
     pub upstream: String,
     /// Headers in the order the filter gave them (names lower-cased by Envoy).
@@ -229,6 +232,8 @@ pub(crate) struct VmData {
     pub vm_config: Vec<u8>,
     pub plugin_config: Vec<u8>,
     pub tick_period_ms: u32,
+    /// Host clock (ns) of the last tick delivered.
+    pub last_tick_ns: u64,
     pub anomalies: Vec<String>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -330,6 +335,7 @@ impl Vm {
             vm_config: Vec::new(),
             plugin_config: Vec::new(),
             tick_period_ms: 0,
+            last_tick_ns: 0,
             anomalies: Vec::new(),
             stdout: Vec::new(),
             stderr: Vec::new(),
@@ -558,7 +564,21 @@ impl Vm {
     /// `proxy_on_tick` on the root context.
     pub fn tick(&mut self) -> Result<(), HarnessError> {
         let root = self.root_id();
+        let now = self.host.process.borrow().now_ns;
+        self.store.data_mut().last_tick_ns = now;
         self.invoke(Callback::Tick, root, root)
+    }
+
+    /// Delivers the tick a real host's timer would have fired by now (one, however late), before
+    /// the next event: the filter's clock and counters follow the fake clock as they follow the
+    /// real one.
+    fn due_tick(&mut self) -> Result<(), HarnessError> {
+        let period_ns = u64::from(self.store.data().tick_period_ms) * 1_000_000;
+        let now = self.host.process.borrow().now_ns;
+        if period_ns > 0 && now >= self.store.data().last_tick_ns.saturating_add(period_ns) {
+            self.tick()?;
+        }
+        Ok(())
     }
 
     /// The tick period the filter asked for (0: none).
@@ -633,6 +653,7 @@ impl Vm {
         size: u32,
         end_of_stream: bool,
     ) -> Result<Action, HarnessError> {
+        self.due_tick()?;
         let raw: u32 = self.invoke(callback, id, (id, size, u32::from(end_of_stream)))?;
         let action = Action::from_raw(raw);
         let stream = self.stream_mut(id)?;
@@ -734,7 +755,7 @@ impl Vm {
         let canceled: Vec<u32> = data
             .pending
             .values()
-            .filter(|call| call.context == id)
+            .filter(|call| call.owner == id)
             .map(|call| call.token)
             .collect();
         for token in canceled {
@@ -782,17 +803,15 @@ impl Vm {
         num_headers: u32,
         body: Vec<u8>,
     ) -> Result<(), HarnessError> {
+        self.due_tick()?;
         let body_size = body.len() as u32;
-        // Envoy passes the context that made the call; ngx_wasm_module the filter's root id. The
-        // call's context is the effective one in both.
-        let context_arg = match self.store.data().kind {
-            HostKind::Envoy => call.context,
-            HostKind::Ngx => self.root_id(),
-        };
+        // Both hosts pass the root id; the effective context is the owner (Envoy's root, the
+        // ngx request).
+        let context_arg = self.root_id();
         self.store.data_mut().call_response = Some(CallResponse { headers, body });
         let result = self.invoke::<(u32, u32, u32, u32, u32), ()>(
             Callback::HttpCallResponse,
-            call.context,
+            call.owner,
             (context_arg, call.token, num_headers, body_size, 0),
         );
         self.store.data_mut().call_response = None;
@@ -921,6 +940,14 @@ impl Vm {
     /// How many times the guest called `proxy_done`.
     pub fn done_calls(&self) -> u32 {
         self.store.data().done_calls
+    }
+
+    /// Size of the guest's linear memory in bytes (it only grows: a leak shows as growth).
+    pub fn memory_bytes(&mut self) -> usize {
+        match self.instance.get_memory(&mut self.store, "memory") {
+            Some(memory) => memory.data_size(&self.store),
+            None => 0,
+        }
     }
 }
 

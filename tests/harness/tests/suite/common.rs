@@ -148,9 +148,16 @@ pub fn is_fallback_key(value: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A metric of the filter (the profile's prefix is added by the host).
-pub fn metric(host: &Host, name: &str) -> i64 {
-    host.metric(&format!("matrix_sync_router_{name}"))
+/// A metric of the filter (the profile's prefix is added by the host), after a tick of every
+/// VM given: the filter counts in VM memory and flushes on its tick.
+pub fn metric(vms: &mut [&mut Vm], name: &str) -> i64 {
+    for vm in vms.iter_mut() {
+        if vm.tick().is_err() {
+            return -2;
+        }
+    }
+    vms.first()
+        .and_then(|vm| vm.host().metric(&format!("matrix_sync_router_{name}")))
         .unwrap_or(-1)
 }
 

@@ -132,7 +132,7 @@ fn valid_configurations_are_accepted_including_none_at_all() -> TestResult {
     let full = json!({
         "proxy": "envoy", "whoami_upstream": "synapse_whoami", "whoami_authority": "synapse.internal",
         "whoami_path": "/_matrix/client/r0/account/whoami", "whoami_timeout_ms": 60000,
-        "header_name": "x-matrix-user", "sync_paths": ["^/sync$"], "cache_capacity": 16777216,
+        "header_name": "x-matrix-user", "sync_paths": ["/sync"], "cache_capacity": 16777216,
         "cache_ttl_s": 1, "negative_ttl_s": 0, "failure_backoff_s": 0,
         "reject_invalid_tokens": true, "shared_data_prefix": "msr"
     });

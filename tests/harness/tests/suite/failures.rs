@@ -36,14 +36,14 @@ fn host_failure_forms_of_each_profile_fail_open() -> TestResult {
         CallFailure::Resolver,
     ];
     for kind in BOTH {
-        let (host, mut vm) = start(kind, json!({}))?;
+        let (_host, mut vm) = start(kind, json!({}))?;
         for (index, failure) in failures.into_iter().enumerate() {
             let token = format!("tok_failure_{index}");
             fails_open(&mut vm, &token, |vm, call| vm.fail_call(call, failure))?;
         }
-        assert_eq!(metric(&host, "whoami_failed"), 4, "{kind:?}");
-        assert_eq!(metric(&host, "fallbacks"), 4, "{kind:?}");
-        assert_eq!(metric(&host, "whoami_ok"), 0, "{kind:?}");
+        assert_eq!(metric(&mut [&mut vm], "whoami_failed"), 4, "{kind:?}");
+        assert_eq!(metric(&mut [&mut vm], "fallbacks"), 4, "{kind:?}");
+        assert_eq!(metric(&mut [&mut vm], "whoami_ok"), 0, "{kind:?}");
         // Each failure is backed off: no new callout for those tokens.
         for index in 0..4 {
             let stream = sync(&mut vm, Some(&format!("tok_failure_{index}")))?;
@@ -59,15 +59,15 @@ fn host_failure_forms_of_each_profile_fail_open() -> TestResult {
 fn envoy_synthesized_503_and_504_are_failures_not_denials() -> TestResult {
     // An unreachable Synapse must not be mistaken for "token rejected": with
     // reject_invalid_tokens a denial would answer the client 401.
-    let (host, mut vm) = start(HostKind::Envoy, json!({"reject_invalid_tokens": true}))?;
+    let (_host, mut vm) = start(HostKind::Envoy, json!({"reject_invalid_tokens": true}))?;
     fails_open(&mut vm, "tok_a", |vm, call| {
         vm.fail_call(call, CallFailure::Connect)
     })?;
     fails_open(&mut vm, "tok_b", |vm, call| {
         vm.fail_call(call, CallFailure::Timeout)
     })?;
-    assert_eq!(metric(&host, "rejected"), 0);
-    assert_eq!(metric(&host, "whoami_denied"), 0);
+    assert_eq!(metric(&mut [&mut vm], "rejected"), 0);
+    assert_eq!(metric(&mut [&mut vm], "whoami_denied"), 0);
     Ok(())
 }
 
@@ -116,12 +116,12 @@ fn bad_answers_fail_open() -> TestResult {
             .map_err(|error| format!("{kind:?} status {status} case {index}: {error}"))?;
         }
         assert_eq!(
-            metric(&host, "whoami_failed"),
+            metric(&mut [&mut vm], "whoami_failed"),
             cases.len() as i64,
             "{kind:?}"
         );
-        assert_eq!(metric(&host, "whoami_ok"), 0);
-        assert_eq!(metric(&host, "whoami_denied"), 0);
+        assert_eq!(metric(&mut [&mut vm], "whoami_ok"), 0);
+        assert_eq!(metric(&mut [&mut vm], "whoami_denied"), 0);
         // Failures are logged, rate-limited: not one line per request.
         let warnings = host.logs_at_least(LogLevel::Warn).len();
         assert!(

@@ -3,6 +3,7 @@
 //! Needs `target/wasm32-wasip1/release/matrix_sync_router.wasm` (`just build`), or `MSR_WASM`.
 
 mod cache;
+mod coalescing;
 mod common;
 mod config;
 mod expiry;

@@ -29,6 +29,7 @@ fn a_known_user_is_routed_by_user_id() -> Result<(), Box<dyn std::error::Error>>
         state.header("x-user-identifier").as_deref(),
         Some("@alice:example.org")
     );
+    vm.tick()?; // counters are flushed to the host on the filter's tick
     assert_eq!(host.metric("matrix_sync_router_whoami_ok"), Some(1));
     host.advance(std::time::Duration::from_secs(3600)); // the fake clock
     Ok(())

@@ -250,7 +250,24 @@ fn check_stream(
 ) -> TestResult {
     let state = vm.stream(stream)?;
     if state.paused {
-        return Err(format!("stream {stream} still paused: {request:?}").into());
+        let text: Vec<(String, String)> = request
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into(),
+                    String::from_utf8_lossy(v).into(),
+                )
+            })
+            .collect();
+        return Err(format!(
+            "stream {stream} still paused: {text:?}; actions {:?}; calls {:?}",
+            state.actions,
+            vm.calls()
+                .iter()
+                .map(|c| (c.token, c.context, c.owner, c.outcome))
+                .collect::<Vec<_>>()
+        )
+        .into());
     }
     if state.local_response.is_some() {
         // Answered at the edge (reject_invalid_tokens): nothing is routed.
@@ -352,6 +369,11 @@ fn run(kind: HostKind, seed: u64, extra: serde_json::Value) -> TestResult {
             users.insert(user.clone(), token);
             vm.respond(call.token, 200, JSON, &whoami_body(&user))?;
         }
+    }
+    // A host keeps ticking: requests waiting for another VM's answer read it on the next tick.
+    host.advance(Duration::from_secs(1));
+    for vm in vms.iter_mut() {
+        vm.tick()?;
     }
     for (owner, stream, request) in &requests {
         check_stream(&vms[*owner], *stream, request, &users)

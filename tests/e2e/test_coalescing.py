@@ -1,0 +1,152 @@
+"""One whoami call per token per Envoy process, and a bounded number of calls in flight, in the
+real Envoy (two worker threads, so two Wasm VMs) in front of the real Synapse.
+
+The burst test uses real tokens and Synapse's own whoami. The restart-storm test needs to see how
+many whoami calls are open at one instant and to make each last a known time, which Synapse does
+not show; there a small whoami stand-in on 127.0.0.1 (`SlowWhoami`) answers after a fixed delay
+and records the peak number of concurrent calls, while the sync workers stay real Synapse.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import stack
+
+WHOAMI_CALLS = "cluster.synapse_whoami.upstream_rq_total"
+
+
+def worker_connections(envoy: stack.Envoy) -> list[int]:
+    """Downstream connections each Envoy worker thread (= Wasm VM) accepted on the listener."""
+    stats = envoy.stats()
+    prefix = f"listener.{stack.HOST}_{envoy.port}.worker_"
+    return [v for k, v in sorted(stats.items()) if k.startswith(prefix) and k.endswith(".downstream_cx_total")]
+
+
+def burst(envoy: stack.Envoy, token: str, n: int) -> list[stack.Response]:
+    """n concurrent first requests of one token, each on its own connection."""
+    start = threading.Barrier(n)
+
+    def one(_):
+        start.wait()
+        return envoy.sync(token)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_a_burst_of_one_new_token_makes_exactly_one_whoami_call(envoy, make_user):
+    """50 concurrent first requests of a new token, spread over both worker threads: one whoami
+    call for the whole process, and every request routed to the user's one worker."""
+    before_cx = worker_connections(envoy)
+    for user in [make_user("burst", n_devices=1) for _ in range(4)]:
+        token = user.devices[0].token
+        calls = envoy.stats()[WHOAMI_CALLS]
+        responses = burst(envoy, token, 50)
+        assert [r.status for r in responses] == [200] * 50
+        assert envoy.stats()[WHOAMI_CALLS] - calls == 1, user.user_id
+        workers = {envoy.worker_of(r) for r in responses}
+        assert len(workers) == 1, f"{user.user_id} split over {workers}"
+        # And later requests are cache hits on the same worker.
+        assert envoy.worker_of(envoy.sync(token)) in workers
+        assert envoy.stats()[WHOAMI_CALLS] - calls == 1
+    accepted = [a - b for a, b in zip(worker_connections(envoy), before_cx)]
+    assert len(accepted) == 2 and all(n > 0 for n in accepted), (
+        f"both worker threads must have taken part (cross-VM waiting): {accepted}"
+    )
+
+
+class SlowWhoami:
+    """whoami stand-in: answers `{"user_id": "@<token>:example.test"}` after `delay_s`, and records
+    the peak number of calls open at once."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.open = 0
+        self.peak = 0
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                with outer.lock:
+                    outer.open += 1
+                    outer.calls += 1
+                    outer.peak = max(outer.peak, outer.open)
+                try:
+                    time.sleep(outer.delay_s)
+                    token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    body = json.dumps({"user_id": f"@{token.lower()}:example.test"}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                finally:
+                    with outer.lock:
+                        outer.open -= 1
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer((stack.HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def storm_envoy(e2e_stack, request):
+    with SlowWhoami(delay_s=0.4) as whoami:
+        envoy = e2e_stack.add_envoy(
+            f"storm-{request.node.name[-12:]}",
+            whoami_port=whoami.port,
+            plugin_overrides={"max_whoami_in_flight": 4, "whoami_timeout_ms": 2000},
+        )
+        try:
+            yield envoy, whoami
+        finally:
+            envoy.stop()
+
+
+def test_a_restart_storm_never_has_more_calls_in_flight_than_configured(storm_envoy):
+    """300 distinct new tokens at once through a proxy with an empty cache: at most
+    max_whoami_in_flight calls per worker thread are open at any moment, the excess is routed at
+    once with the fallback key, and every request is answered within the callout timeout."""
+    envoy, whoami = storm_envoy
+    limit = 4 * 2  # max_whoami_in_flight × Envoy worker threads
+    timeout_s = 2.0
+
+    def one(i):
+        started = time.monotonic()
+        r = envoy.sync(f"storm{i:03d}tok")  # not Synapse's tokens: the worker answers 401
+        return r.status, time.monotonic() - started
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(one, range(300)))
+    statuses = {s for s, _ in results}
+    slowest = max(t for _, t in results)
+    assert statuses == {401}, statuses  # every request reached a worker and got its answer
+    assert whoami.peak <= limit, f"{whoami.peak} whoami calls were open at once"
+    assert whoami.peak >= 2, "the storm should have filled the budget"
+    assert whoami.calls < 300, "the excess must not call whoami"
+    assert slowest <= timeout_s + 1.5, f"a request waited {slowest:.2f} s"
+    time.sleep(1.5)  # the filter flushes its counters on its one-second tick
+    prom = envoy.prometheus()
+    assert prom["matrix_sync_router_shed"] > 0
+    assert prom["matrix_sync_router_shed"] + prom["matrix_sync_router_coalesced"] + whoami.calls >= 300
