@@ -1,9 +1,9 @@
 """Offline checks of the shipped proxy configurations (nginx-wasm/nginx.conf, nginx-wasm/kong/).
 
 They run without nginx or Kong: the plugin configurations inside those files are handed to the
-compiled filter's own configuration parser through the harness's `configure-check` binary (the
+compiled filter's own configuration parser through the harness's `check-config` binary (the
 real .wasm, its real on_configure, under the ngx_wasm_module host profile with the `shm_kv`
-zones and nginx variables the file declares), and to Kong's validator, JSON Schema draft-4, with
+zones the file declares), and to Kong's validator, JSON Schema draft-4, with
 the filter's matrix_sync_router.meta.json.
 """
 
@@ -24,7 +24,7 @@ META_JSON = stack.REPO / "nginx-wasm" / "matrix_sync_router.meta.json"
 NGINX_CONF = stack.REPO / "nginx-wasm" / "nginx.conf"
 KONG_YML = stack.REPO / "nginx-wasm" / "kong" / "kong.yml"
 KONG_CONF = stack.REPO / "nginx-wasm" / "kong" / "kong.conf"
-CONFIGURE_CHECK = stack.REPO / "target" / "debug" / "configure-check"
+CHECK_CONFIG = stack.REPO / "target" / "debug" / "check-config"
 
 # Paths on which a proxy's sync-route pattern must agree with the filter's default sync_paths.
 SYNC_SAMPLES = [
@@ -57,17 +57,39 @@ def schema_errors(config) -> list[str]:
     return [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in validator.iter_errors(config)]
 
 
-def matches(patterns: list[str], path: str) -> bool:
-    return any(re.search(p, path) for p in patterns)
+def template_regex(template: str) -> str:
+    """A sync_paths template (src/paths.rs: `*` one segment, a last `/**` anything, `{a|b}`
+    literal alternatives, the rest literal, the whole path) as an equivalent regex."""
+    out, i = "", 0
+    while i < len(template):
+        if template.startswith("/**", i) and i + 3 == len(template):
+            out += "(/.*)?"
+            i += 3
+        elif template[i] == "*":
+            out += "[^/]+"
+            i += 1
+        elif template[i] == "{":
+            end = template.index("}", i)
+            out += "(" + "|".join(re.escape(a) for a in template[i + 1 : end].split("|")) + ")"
+            i = end + 1
+        else:
+            out += re.escape(template[i])
+            i += 1
+    return f"^{out}$"
 
 
-def same_family_as_the_filter(patterns: list[str]) -> list[str]:
-    """Sample paths on which `patterns` and the filter's default sync_paths disagree."""
-    defaults = config_schema()["properties"]["sync_paths"]["default"]
+def matches(regexes: list[str], path: str) -> bool:
+    return any(re.search(r, path) for r in regexes)
+
+
+def same_family_as_the_filter(regexes: list[str]) -> list[str]:
+    """Sample paths on which a proxy's sync-route `regexes` and the filter's default sync_paths
+    (templates) disagree."""
+    defaults = [template_regex(t) for t in config_schema()["properties"]["sync_paths"]["default"]]
     return [
         p
         for p in SYNC_SAMPLES + NOT_SYNC_SAMPLES
-        if matches(patterns, p) != matches(defaults, p)
+        if matches(regexes, p) != matches(defaults, p)
     ]
 
 
@@ -78,44 +100,34 @@ def same_family_as_the_filter(patterns: list[str]) -> list[str]:
 @dataclasses.dataclass
 class Checked:
     accepted: bool
-    logs: list[str]
+    output: list[str]
 
 
 @functools.lru_cache(maxsize=1)
-def configure_check_bin() -> Path:
-    """Builds (if needed) the harness's configure-check binary; `just harness` already has."""
+def check_config_bin() -> Path:
+    """The harness's check-config binary (`just check-config`; `just harness` builds it too)."""
     subprocess.run(
-        ["cargo", "build", "-q", "-p", "proxy-wasm-harness", "--bin", "configure-check"],
+        ["cargo", "build", "-q", "-p", "proxy-wasm-harness", "--bin", "check-config"],
         cwd=stack.REPO,
         check=True,
         timeout=1800,
     )
-    return CONFIGURE_CHECK
+    return CHECK_CONFIG
 
 
-def filter_configure(
-    wasm: Path,
-    config: str | bytes,
-    *,
-    host: str = "ngx",
-    zones: list[str] = (),
-    ngx_vars: list[str] = (),
-    clusters: list[str] = (),
-) -> Checked:
-    """Starts the compiled filter in the harness and configures it with `config`."""
-    argv = [str(configure_check_bin()), "--host", host]
-    for flag, values in (("--zone", zones), ("--ngx-var", ngx_vars), ("--cluster", clusters)):
-        for v in values:
-            argv += [flag, v]
-    argv.append(str(Path(wasm).resolve()))
-    data = config.encode() if isinstance(config, str) else config
-    proc = subprocess.run(argv, input=data, capture_output=True, timeout=120)
-    out = proc.stdout.decode(errors="replace").splitlines()
-    if proc.returncode not in (0, 1) or not out:
-        raise stack.StackError(
-            f"configure-check failed ({proc.returncode}): {proc.stdout!r} {proc.stderr!r}"
-        )
-    return Checked(out[0] == "accepted", out[1:])
+def filter_configure(wasm: Path, config: str, *, host: str = "ngx", zones=None) -> Checked:
+    """Starts the compiled filter in the harness and configures it with `config`, as the host
+    would at start-up (for ngx, with exactly the `shm_kv` zones given)."""
+    argv = [str(check_config_bin()), "--host", host]
+    if zones is not None:
+        argv += ["--zones", ",".join(zones)]
+    proc = subprocess.run(
+        [*argv, str(Path(wasm).resolve()), "-"], input=config, capture_output=True, text=True,
+        timeout=120,
+    )
+    if proc.returncode not in (0, 1, 2):
+        raise stack.StackError(f"check-config failed ({proc.returncode}): {proc.stderr}")
+    return Checked(proc.returncode == 0, (proc.stdout + proc.stderr).splitlines())
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,10 +179,8 @@ def test_the_filter_config_passes_the_schema_and_the_filter_parser(kong_yml, kon
     zones = [k.removeprefix("nginx_wasm_shm_kv_") for k in kong_conf if k.startswith("nginx_wasm_shm_kv_")]
     set_var = re.fullmatch(r"\$(\w+) ''", injected(kong_conf, "proxy", "set"))
     assert set_var, kong_conf["nginx_proxy_set"]
-    checked = proxyconf.filter_configure(
-        WASM, proxyconf.json.dumps(config), zones=zones, ngx_vars=[set_var[1]]
-    )
-    assert checked.accepted, checked.logs
+    checked = proxyconf.filter_configure(WASM, proxyconf.json.dumps(config), zones=zones)
+    assert checked.accepted, checked.output
     # Without the zone kong.conf declares, the same config is refused (the check has teeth).
     assert not proxyconf.filter_configure(WASM, proxyconf.json.dumps(config), zones=["other"]).accepted
 

@@ -169,9 +169,15 @@ fn pending(vm: &Vm, stream: u32) -> Result<u32, Box<dyn Error>> {
         .token)
 }
 
+/// A Synapse-made native token (`syt_<base64 "native">_<20 letters>_<CRC-32, base62>`).
+const NATIVE_TOKEN: &str = "syt_bmF0aXZl_abcdefghijklmnopqrst_3Nuo7q";
+/// A MAS-shaped access token whose checksum is wrong.
+const BAD_MAS_TOKEN: &str = "mat_abcdefghijklmnopqrstuvwxyz0123_zzzzzz";
+
 /// Everything a host could observe while the filter, configured with `config`, serves a scripted
-/// run: each sync path family and a non-sync path, a resolved token, a rejected one, a failed
-/// callout, the backoff, negative-cache and refresh windows passing. Every field changes it.
+/// run: each sync path family, a room path and a non-sync path, an appservice `?user_id=`, a
+/// native and a bad MAS token, two concurrent misses (one rejected, one failing), and the
+/// backoff, negative-cache and refresh windows passing.
 fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
     let host = Host::with_seed(profile(HostKind::Envoy), 7);
     let mut vm = host.vm(&filter()?)?;
@@ -189,15 +195,21 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
             "/_matrix/client/v3/rooms/!r:example.org/initialSync",
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             "/_matrix/client/v3/rooms/!r:example.org/messages",
+            "/_matrix/client/v3/account/whoami",
+            "/_matrix/client/v3/sync?user_id=%40bridged%3Aexample.org",
         ] {
             step(&mut vm, &mut out, path, "tok-a")?;
         }
+        for token in [NATIVE_TOKEN, BAD_MAS_TOKEN] {
+            step(&mut vm, &mut out, "/_matrix/client/v3/sync", token)?;
+        }
+        // Two misses at once: both in flight unless max_whoami_in_flight says otherwise.
         let b = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-b")?;
+        let c = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-c")?;
         if let Ok(call) = pending(&vm, b) {
             let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Unknown access token"}"#;
             vm.respond(call, 401, JSON, body)?;
         }
-        let c = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-c")?;
         if let Ok(call) = pending(&vm, c) {
             vm.fail_call(call, CallFailure::Timeout)?;
         }
@@ -207,6 +219,10 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
             if let Ok(call) = pending(&vm, stream) {
                 vm.respond(call, 200, JSON, &whoami_body("@late:example.org"))?;
             }
+        }
+        // Answer whatever is still pending (e.g. an Envoy background refresh).
+        for call in vm.pending_calls() {
+            vm.respond(call.token, 200, JSON, &whoami_body("@late:example.org"))?;
         }
         for id in 1..=64 {
             if let Ok(state) = vm.stream(id) {
@@ -221,48 +237,86 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
     Ok(out)
 }
 
-/// A valid value other than the default, per field (the Envoy profile knows one cluster, so a
-/// different `whoami_upstream` or `proxy` shows as failing callouts or a refused config).
-fn other_value(field: &str) -> Value {
+/// Per field: a value other than the default, and the fields (set on both sides) without which
+/// the field has no effect. Under the Envoy profile, which knows one cluster, a different
+/// `whoami_upstream`, `proxy` or ngx-only field shows as failing callouts or a refused config.
+fn other_value(field: &str) -> (Value, Value) {
+    let none = json!({});
     match field {
-        "proxy" => json!("ngx_wasm_module"),
-        "whoami_upstream" => json!("another_cluster"),
-        "whoami_authority" => json!("synapse.internal"),
-        "whoami_path" => json!("/_matrix/client/r0/account/whoami"),
-        "whoami_timeout_ms" => json!(1500),
-        "header_name" => json!("x-matrix-user"),
-        "nginx_variable" => json!("msr_routing_key"),
-        "sync_paths" => json!(["^/_matrix/client/v3/sync$"]),
-        "cache_capacity" => json!(4096),
-        "cache_ttl_s" => json!(1800),
-        "negative_ttl_s" => json!(5),
-        "failure_backoff_s" => json!(60),
-        "reject_invalid_tokens" => json!(true),
-        "shared_data_prefix" => json!("other"),
+        "proxy" => (json!("ngx_wasm_module"), none),
+        "whoami_upstream" => (json!("another_cluster"), none),
+        "whoami_authority" => (json!("synapse.internal"), none),
+        "whoami_path" => (json!("/_matrix/client/r0/account/whoami"), none),
+        "whoami_timeout_ms" => (json!(1500), none),
+        "header_name" => (json!("x-matrix-user"), none),
+        "sync_paths" => (json!(["/_matrix/client/v3/sync"]), none),
+        "cache_capacity" => (json!(4096), none),
+        "cache_ttl_s" => (json!(1800), none),
+        "negative_ttl_s" => (json!(5), none),
+        "failure_backoff_s" => (json!(60), none),
+        "reject_invalid_tokens" => (json!(true), none),
+        "shared_data_prefix" => (json!("other"), none),
+        "max_whoami_in_flight" => (json!(1), none),
+        "nginx_variable" | "nginx_sync_kind_variable" | "nginx_room_variable" => {
+            (json!("msr_key"), none)
+        }
+        "sync_kind_header" => (json!("x-sync-kind"), none),
+        "room_header_name" => (json!("x-room"), none),
+        "room_paths" => (
+            json!(["/_matrix/client/v3/rooms/*/initialSync"]),
+            json!({"room_header_name": "x-room"}),
+        ),
+        "filter_state" => (json!(true), none),
+        "appservice_masquerading" => (json!(false), none),
+        "native_token_server_name" => (json!("example.org"), none),
+        "refuse_bad_mas_tokens" => (json!(true), none),
         other => panic!("field {other} is new: give it a non-default value here"),
     }
 }
 
+fn merged(base: &Value, extra: &Value) -> Value {
+    let mut out = base.clone();
+    if let (Some(out), Some(extra)) = (out.as_object_mut(), extra.as_object()) {
+        out.extend(extra.clone());
+    }
+    out
+}
+
 #[test]
 fn schema_defaults_behave_exactly_like_the_filter_defaults() -> TestResult {
-    let defaults: Map<String, Value> = properties()
-        .into_iter()
-        .map(|(field, spec)| (field, spec["default"].clone()))
-        .collect();
-    let implicit = trace(&json!({}))?;
-    assert!(implicit.starts_with("accepted: true"), "{implicit}");
-    let explicit = trace(&Value::Object(defaults.clone()))?;
-    assert!(
-        explicit == implicit,
-        "the schema's defaults behave differently from the filter's own:\n--- {{}}\n{implicit}\n--- schema defaults\n{explicit}"
+    let defaults = Value::Object(
+        properties()
+            .into_iter()
+            .map(|(field, spec)| (field, spec["default"].clone()))
+            .collect(),
     );
-    // The run observes every field: changing any one of them changes the trace.
-    for field in defaults.keys() {
-        let changed = trace(&json!({ field.as_str(): other_value(field) }))?;
+    let fields: Vec<String> = properties().keys().cloned().collect();
+    let mut contexts = vec![json!({})];
+    for field in &fields {
+        let (_, context) = other_value(field);
+        if !contexts.contains(&context) {
+            contexts.push(context);
+        }
+    }
+    for context in &contexts {
+        let implicit = trace(context)?;
         assert!(
-            changed != implicit,
-            "{field} = {} left the trace unchanged",
-            other_value(field)
+            implicit.starts_with("accepted: true"),
+            "{context}: {implicit}"
+        );
+        let explicit = trace(&merged(&defaults, context))?;
+        assert!(
+            explicit == implicit,
+            "with {context}, the schema's defaults behave differently from the filter's own:\n--- filter defaults\n{implicit}\n--- schema defaults\n{explicit}"
+        );
+    }
+    // The run observes every field: changing any one of them changes the trace.
+    for field in &fields {
+        let (value, context) = other_value(field);
+        let changed = trace(&merged(&context, &json!({ field.as_str(): value })))?;
+        assert!(
+            changed != trace(&context)?,
+            "{field} = {value} left the trace unchanged"
         );
     }
     Ok(())
