@@ -10,6 +10,7 @@ follow (a chunked request body) is recorded as an error and relayed raw from the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -89,10 +90,8 @@ class HeaderTap:
             pass
         finally:
             for s in (client, upstream):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
     def _relay_requests(self, client: socket.socket, upstream: socket.socket) -> None:
@@ -136,18 +135,12 @@ class HeaderTap:
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
+        """Copies src to dst until src ends, then ends dst's writing side."""
+        with contextlib.suppress(OSError):
+            for data in iter(lambda: src.recv(65536), b""):
                 dst.sendall(data)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def _error(self, message: str) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,31 +135,13 @@ NGX_UNCHECKED_CALLBACKS = [
 
 
 def wasm_exports(path: Path) -> list[str]:
-    """Export names of a .wasm module (its export section, read directly)."""
-    data = path.read_bytes()
-
-    def leb(i: int) -> tuple[int, int]:
-        result = shift = 0
-        while True:
-            byte = data[i]
-            i += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return result, i
-
-    names, i = [], 8
-    while i < len(data):
-        section, i = data[i], i + 1
-        size, i = leb(i)
-        if section == 7:
-            count, j = leb(i)
-            for _ in range(count):
-                length, j = leb(j)
-                names.append(data[j : j + length].decode())
-                _, j = leb(j + length + 1)  # kind byte, then the index
-        i += size
-    return names
+    """Exported function names of a .wasm module (bench/noop_wasm.py reads the sections)."""
+    sys.path.insert(0, str(stack.REPO / "bench"))
+    try:
+        from noop_wasm import exported_functions
+    finally:
+        sys.path.pop(0)
+    return list(exported_functions(path.read_bytes()))
 
 
 def test_the_filter_exports_every_callback_ngx_wasm_module_calls_unchecked():

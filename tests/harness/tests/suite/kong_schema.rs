@@ -160,12 +160,15 @@ fn step(vm: &mut Vm, out: &mut String, path: &str, token: &str) -> Result<u32, B
     Ok(stream)
 }
 
-fn pending(vm: &Vm, stream: u32) -> Result<u32, Box<dyn Error>> {
+/// The pending whoami callout made for `token` (matched by its Authorization header: Envoy
+/// callouts belong to the root context, not to the stream).
+fn pending(vm: &Vm, token: &str) -> Result<u32, Box<dyn Error>> {
+    let auth = format!("Bearer {token}");
     Ok(vm
         .pending_calls()
         .into_iter()
-        .find(|call| call.context == stream)
-        .ok_or(format!("no callout for stream {stream}"))?
+        .find(|call| call.header("authorization") == Some(auth.as_str()))
+        .ok_or(format!("no callout for {token}"))?
         .token)
 }
 
@@ -186,8 +189,8 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
     let accepted = vm.configure(config.to_string().as_bytes())?;
     writeln!(out, "accepted: {accepted}")?;
     if accepted {
-        let a = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-a")?;
-        if let Ok(call) = pending(&vm, a) {
+        step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-a")?;
+        if let Ok(call) = pending(&vm, "tok-a") {
             vm.respond(call, 200, JSON, &whoami_body("@a:example.org"))?;
         }
         for path in [
@@ -204,19 +207,19 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
             step(&mut vm, &mut out, "/_matrix/client/v3/sync", token)?;
         }
         // Two misses at once: both in flight unless max_whoami_in_flight says otherwise.
-        let b = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-b")?;
-        let c = step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-c")?;
-        if let Ok(call) = pending(&vm, b) {
+        step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-b")?;
+        step(&mut vm, &mut out, "/_matrix/client/v3/sync", "tok-c")?;
+        if let Ok(call) = pending(&vm, "tok-b") {
             let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Unknown access token"}"#;
             vm.respond(call, 401, JSON, body)?;
         }
-        if let Ok(call) = pending(&vm, c) {
+        if let Ok(call) = pending(&vm, "tok-c") {
             vm.fail_call(call, CallFailure::Timeout)?;
         }
         for (wait_s, token) in [(12, "tok-c"), (20, "tok-b"), (3_300, "tok-a")] {
             host.advance(Duration::from_secs(wait_s));
-            let stream = step(&mut vm, &mut out, "/_matrix/client/v3/sync", token)?;
-            if let Ok(call) = pending(&vm, stream) {
+            step(&mut vm, &mut out, "/_matrix/client/v3/sync", token)?;
+            if let Ok(call) = pending(&vm, token) {
                 vm.respond(call, 200, JSON, &whoami_body("@late:example.org"))?;
             }
         }
