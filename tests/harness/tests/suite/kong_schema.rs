@@ -216,7 +216,7 @@ fn trace(config: &Value) -> Result<String, Box<dyn Error>> {
         if let Ok(call) = pending(&vm, "tok-c") {
             vm.fail_call(call, CallFailure::Timeout)?;
         }
-        for (wait_s, token) in [(12, "tok-c"), (20, "tok-b"), (3_300, "tok-a")] {
+        for (wait_s, token) in [(12, "tok-c"), (0, "tok-b"), (20, "tok-b"), (3_300, "tok-a")] {
             host.advance(Duration::from_secs(wait_s));
             step(&mut vm, &mut out, "/_matrix/client/v3/sync", token)?;
             if let Ok(call) = pending(&vm, token) {
