@@ -68,7 +68,7 @@ wasm-unit: rust-target
 
 # End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset). -rs: every skip with its reason.
 [positional-arguments]
-e2e *args: build venv check-config
+e2e *args: build venv check-config worker-deps
     MSR_WASM={{wasm}} MSR_JUST="{{just_executable()}}" {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e "$@"
 
 # Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.
@@ -87,6 +87,17 @@ check-config:
 # Soak: many users syncing concurrently through the real Envoy + filter to real Synapse, for minutes.
 soak *args: build venv
     MSR_SOAK=long MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -s -p no:cacheprovider tests/e2e/test_soak.py {{args}}
+
+# Only the real worker topology (PostgreSQL, Redis, Synapse main + generic_workers, Envoy; ~1.5 min).
+e2e-workers *args: build venv worker-deps
+    MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e/test_worker_topology.py {{args}}
+
+# PostgreSQL and redis-server from Debian for the worker topology (idempotent). The test starts
+# its own throw-away instances; without the packages it is skipped, with the reason.
+worker-deps:
+    @{ command -v redis-server >/dev/null && { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; } \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server; } \
+        || echo "could not install postgresql/redis-server: tests/e2e/test_worker_topology.py will be skipped"
 
 # Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
 # (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.

@@ -1,11 +1,10 @@
 //! The proxy-wasm adapter: the only module that speaks the proxy-wasm ABI (0.2.1).
 //!
 //! It implements the ABI directly instead of through the `proxy-wasm` SDK's dispatcher, which
-//! panics (trapping the VM) on a callout token or context it does not know, keeps a map entry
-//! for every abandoned callout, and exports every callback so the host enters the VM for each
-//! response header, body chunk and log event. Here only the callbacks the filter needs are
-//! exported; every host status maps to "absent" or "failed"; and the buffers the host hands back
-//! during a callback are carved from a per-callback arena, so a cache hit allocates nothing.
+//! panics (trapping the VM) on a callout token or context it does not know and keeps a map
+//! entry for every abandoned callout. Here every host status maps to "absent" or "failed", no
+//! per-context object is made, and the buffers the host hands back during a callback are carved
+//! from a per-callback arena, so a cache hit allocates nothing.
 
 use crate::config::Config;
 use crate::filter::Router;
@@ -613,6 +612,51 @@ pub extern "C" fn proxy_on_request_headers(context: ContextId, _headers: usize, 
         }
     })
 }
+
+// ngx_wasm_module calls these for every request without checking that the module exports
+// them (a missing one crashed nginx workers with signal 11: `ngx_wavm_instance_call_funcref`
+// with a null funcref, seen on 3bed2783). They do nothing: the filter acts on request headers
+// and callout answers only. Envoy calls them too, at a small cost per request (`just bench`).
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_body(_context: ContextId, _size: usize, _eos: u32) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(_context: ContextId, _trailers: usize) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(
+    _context: ContextId,
+    _headers: usize,
+    _eos: u32,
+) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_body(_context: ContextId, _size: usize, _eos: u32) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(_context: ContextId, _trailers: usize) -> u32 {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_done(_context: ContextId) -> u32 {
+    1
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_log(_context: ContextId) {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(_context: ContextId) {}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(

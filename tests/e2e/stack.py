@@ -404,12 +404,54 @@ _PROCESSED_REQUEST = re.compile(
 )
 
 
+def write_log_config(path: Path, log: Path) -> None:
+    """A Python logging config for one Synapse process: INFO to `log`, including the
+    synapse.access "Processed request" lines that read_processed_requests() parses."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "formatters": {"f": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+                "handlers": {
+                    "file": {"class": "logging.FileHandler", "formatter": "f", "filename": str(log)}
+                },
+                "root": {"level": "INFO", "handlers": ["file"]},
+                "loggers": {"synapse.access": {"level": "INFO"}},
+                "disable_existing_loggers": False,
+            }
+        )
+    )
+
+
+def read_processed_requests(log: Path, user_agent: str | None = None) -> list[ProcessedRequest]:
+    """The "Processed request" lines of one Synapse process's log (only those with
+    `user_agent`, if given); a missing log reads as no requests yet."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in text.splitlines():
+        m = _PROCESSED_REQUEST.search(line)
+        if not m or (user_agent is not None and m["ua"] != user_agent):
+            continue
+        path, _, query = m["uri"].partition("?")
+        found.append(
+            ProcessedRequest(
+                int(m["port"]), m["client"], m["requester"], m["status"], m["method"],
+                path, query, m["ua"],
+            )
+        )
+    return found
+
+
 class Synapse(Service):
-    """One Synapse process: a main listener and `n_workers` extra client listeners."""
+    """One Synapse process: a main listener and `n_workers` extra client listeners (0 when real
+    generic_workers play the sync workers: workers.py)."""
 
     def __init__(self, workdir: Path, n_workers: int = 3):
-        if n_workers < 1:
-            raise ValueError("n_workers must be >= 1")
+        if n_workers < 0:
+            raise ValueError("n_workers must be >= 0")
         self.dir = workdir
         self.main_port, *self.worker_ports = free_ports(1 + n_workers)
         self.shared_secret = secrets.token_hex(16)
@@ -479,25 +521,7 @@ class Synapse(Service):
         key = signedjson.key.generate_signing_key("a_e2e")
         with open(self.dir / "signing.key", "w") as f:
             signedjson.key.write_signing_keys(f, [key])
-        (self.dir / "log.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "version": 1,
-                    "formatters": {"f": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-                    "handlers": {
-                        "file": {
-                            "class": "logging.FileHandler",
-                            "formatter": "f",
-                            "filename": str(self.log),
-                        }
-                    },
-                    "root": {"level": "INFO", "handlers": ["file"]},
-                    # "Processed request" lines, read by processed_requests().
-                    "loggers": {"synapse.access": {"level": "INFO"}},
-                    "disable_existing_loggers": False,
-                }
-            )
-        )
+        write_log_config(self.dir / "log.yaml", self.log)
         self.appservice_file.write_text(yaml.safe_dump(self.appservice.registration()))
         (self.dir / "homeserver.yaml").write_text(yaml.safe_dump(self._config()))
         return self._launch(timeout)
@@ -571,19 +595,7 @@ class Synapse(Service):
 
     def processed_requests(self, user_agent: str | None = None) -> list[ProcessedRequest]:
         """Synapse's "Processed request" log lines so far (only those with `user_agent`)."""
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            m = _PROCESSED_REQUEST.search(line)
-            if not m or (user_agent is not None and m["ua"] != user_agent):
-                continue
-            path, _, query = m["uri"].partition("?")
-            found.append(
-                ProcessedRequest(
-                    int(m["port"]), m["client"], m["requester"], m["status"], m["method"],
-                    path, query, m["ua"],
-                )
-            )
-        return found
+        return read_processed_requests(self.log, user_agent)
 
     def wait_for_processed(
         self, user_agent: str, path: str, count: int = 1, timeout: float = 10.0
@@ -641,13 +653,17 @@ def render_envoy_config(
     wasm: Path,
     access_log: Path,
     plugin_overrides: dict | None = None,
+    optional_clusters: dict[str, list[int]] | None = None,
     source: Path = ENVOY_YAML,
     initial_sync_ports: list[int] | None = None,
     room_ports: list[int] | None = None,
 ) -> dict:
     """envoy.yaml with addresses, ports and paths substituted. The initial-sync pool is empty
     unless `initial_sync_ports` is given (initial syncs then go to the sync workers, as with an
-    operator who runs no such pool); room workers default to the sync workers' listeners."""
+    operator who runs no such pool); room workers default to the sync workers' listeners.
+    `optional_clusters` gives the endpoints of clusters envoy.yaml may or may not define: one
+    that is present gets those endpoints (over the defaults above), one that is absent is left
+    out."""
     cfg = yaml.safe_load(source.read_text())
     cfg["admin"]["address"]["socket_address"] = {"address": HOST, "port_value": admin_port}
 
@@ -681,11 +697,18 @@ def render_envoy_config(
         ("synapse_main", [main_port]),
         ("synapse_whoami", [whoami_port]),
     ):
-        cluster = _find_one(clusters, "cluster", name=name)
-        cluster["load_assignment"]["endpoints"] = (
-            [{"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}] if ports else []
-        )
+        _set_endpoints(_find_one(clusters, "cluster", name=name), ports)
+    for name, ports in (optional_clusters or {}).items():
+        present = [c for c in clusters if c.get("name") == name]
+        if present:
+            _set_endpoints(_find_one(present, "cluster", name=name), ports)
     return cfg
+
+
+def _set_endpoints(cluster: dict, ports: list[int]) -> None:
+    cluster["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": _socket_address(p)} for p in ports]}
+    ]
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -714,7 +737,10 @@ class Envoy(Service):
         initial_sync_ports: list[int] | None = None,
         room_ports: list[int] | None = None,
         sync_ports: list[int] | None = None,
+        optional_clusters: dict[str, list[int]] | None = None,
     ):
+        """`sync_ports`: the sync workers' client listeners when they are not `synapse`'s own
+        extra listeners (real generic_workers); `optional_clusters`: see render_envoy_config."""
         wasm = Path(wasm).resolve()
         if not wasm.is_file():
             raise StackError(f"filter not built: {wasm} is missing (run `just build`)")
@@ -724,24 +750,28 @@ class Envoy(Service):
         self.port, self.admin_port = free_ports(2)
         self.access_log = workdir / f"{name}.access.log"
         self.config_path = workdir / f"{name}.envoy.yaml"
+        sync_ports = synapse.worker_ports if sync_ports is None else sync_ports
         self.cfg = render_envoy_config(
             listener_port=self.port,
             admin_port=self.admin_port,
             main_port=synapse.main_port,
-            worker_ports=synapse.worker_ports if sync_ports is None else sync_ports,
+            worker_ports=sync_ports,
             whoami_port=synapse.main_port if whoami_port is None else whoami_port,
             wasm=wasm,
             access_log=self.access_log,
             plugin_overrides=plugin_overrides,
             initial_sync_ports=initial_sync_ports,
             room_ports=room_ports,
+            optional_clusters=optional_clusters,
         )
         self._log_offset = 0
         self._log_partial = b""
         self._entries: dict[str, dict] = {}
         # upstream host "127.0.0.1:port" → worker name
-        self.sync_ports = synapse.worker_ports if sync_ports is None else sync_ports
-        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(synapse.worker_ports)}
+        self.sync_ports = sync_ports
+        self.workers = {f"{HOST}:{p}": f"sync-{i + 1}" for i, p in enumerate(sync_ports)}
+        for i, p in enumerate(synapse.worker_ports):
+            self.workers.setdefault(f"{HOST}:{p}", f"sync-{i + 1}")
         for i, p in enumerate(initial_sync_ports or []):
             self.workers.setdefault(f"{HOST}:{p}", f"initial-{i + 1}")
 

@@ -107,6 +107,13 @@ impl Profile {
         }
     }
 
+    /// Declares an nginx variable the filter may write through `ngx.<name>` (nginx.conf's
+    /// `set $<name> "";`); writing any other one traps, as ngx_wasm_module does.
+    pub fn with_ngx_var(mut self, name: &str) -> Profile {
+        self.writable_ngx_vars.insert(name.into());
+        self
+    }
+
     /// Sets the plugin name (and in ngx_wasm_module the metric prefix).
     pub fn with_plugin_name(mut self, name: &str) -> Profile {
         self.plugin_name = name.into();

@@ -14,3 +14,4 @@ mod lifecycle;
 mod privacy;
 mod readme;
 mod robustness;
+mod route;
