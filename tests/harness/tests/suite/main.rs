@@ -9,6 +9,7 @@ mod config;
 mod expiry;
 mod failures;
 mod handmade;
+mod kong_schema;
 mod lifecycle;
 mod privacy;
 mod readme;
