@@ -709,7 +709,17 @@ impl Router {
         if !cfg.nginx_variable.is_empty() {
             // nginx hashes on the variable and sets the upstream header from it; the client's
             // headers are left alone so `proxy_set_header` replaces them all.
-            host.set_property(&["ngx", &cfg.nginx_variable], value);
+            if !host.set_property(&["ngx", &cfg.nginx_variable], value) {
+                // ngx_wasm_module cannot tell at start-up (no variables outside a request).
+                self.warn(
+                    host,
+                    &format!(
+                        "field `nginx_variable`: nginx variable `${}` cannot be set: declare it \
+                         with `set ${} \"\";` in the server block",
+                        cfg.nginx_variable, cfg.nginx_variable
+                    ),
+                );
+            }
             return;
         }
         if cfg.proxy.scrub_needs_header_scan() {

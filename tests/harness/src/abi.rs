@@ -457,9 +457,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmData>) -> wasmtime::Result<()>
                     .writable_ngx_vars
                     .contains(variable);
                 if !writable {
-                    return trap(format!(
-                        "host trap (bad usage): variable \"{variable}\" is not changeable"
-                    ));
+                    // Seen on ngx_wasm_module 3bed2783: an undeclared variable is NotFound
+                    // (nothing logged); a built-in one InternalFailure. Neither traps.
+                    return ok(Status::NotFound);
                 }
             }
             let effective = data.effective;

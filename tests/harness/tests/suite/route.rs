@@ -210,3 +210,17 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !c
 }
+
+#[test]
+fn an_undeclared_nginx_variable_is_reported_naming_the_field() -> TestResult {
+    let (host, mut vm) = start(HostKind::Ngx, json!({"nginx_variable": "msr_missing"}))?;
+    let s = sync(&mut vm, Some("tok_u"))?;
+    let call = only_call(&vm, s)?;
+    vm.respond(call, 200, JSON, &whoami_body("@u:example.org"))?;
+    assert!(vm.stream(s)?.forwarded());
+    let warned = host.logs().iter().any(|l| {
+        l.message.contains("field `nginx_variable`") && l.message.contains("$msr_missing")
+    });
+    assert!(warned, "{:?}", host.logs());
+    Ok(())
+}
