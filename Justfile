@@ -49,13 +49,27 @@ wasm-unit: rust-target
     CARGO_TARGET_WASM32_WASIP1_RUNNER="$PWD/target/debug/wasi-run" cargo test --target wasm32-wasip1 -p matrix-sync-router --lib
 
 # End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset).
-e2e *args: build venv
+e2e *args: build bench-fixtures venv bench-tools
     MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}
 
-# Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
-# (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.
-# Benchmark: the filter's cost in the real Envoy as ratios to no filter, interleaved rounds (~4 min).
-bench *args: build venv
-    @command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-    @command -v taskset >/dev/null || (apt-get update && apt-get install -y util-linux)
+# Benchmark fixtures (bench/fixtures/*: standalone crates, not workspace members): the Rust SDK
+# no-op and the minimal SDK filter, built for wasm32-wasip1 into target/bench-fixtures.
+bench-fixtures: rust-target
+    for crate in sdk-noop minimal; do \
+        cargo build --release --locked --target wasm32-wasip1 \
+            --manifest-path bench/fixtures/$crate/Cargo.toml --target-dir target/bench-fixtures; \
+    done
+    @ls -l target/bench-fixtures/wasm32-wasip1/release/*.wasm | awk '{print "built " $9 " (" $5 " bytes)"}'
+
+# wrk and taskset for `just bench` (Debian packages). Tolerant: without them the bench smoke
+# test skips with the reason, and `just bench` says what is missing.
+bench-tools:
+    @command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || echo "could not install wrk"
+    @command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux) || echo "could not install taskset"
+
+# Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
+# core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).
+# Writes BENCHMARKS.md and bench/benchmarks.svg.
+# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~12 min).
+bench *args: build bench-fixtures venv bench-tools
     {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}
