@@ -28,12 +28,17 @@ venv:
         {{venv}}/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt && \
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
 
-# cargo fmt --check and clippy (native and wasm) with warnings as errors.
+# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors.
 lint: rust-target
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip1 -p matrix-sync-router -- -D warnings
+    for crate in sdk-noop minimal; do \
+        cargo fmt --check --manifest-path bench/fixtures/$crate/Cargo.toml; \
+        cargo clippy --locked --target wasm32-wasip1 --manifest-path bench/fixtures/$crate/Cargo.toml \
+            --target-dir target/bench-fixtures -- -D warnings; \
+    done
 
 # Native unit tests of the sans-IO core.
 unit:

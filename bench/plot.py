@@ -11,7 +11,7 @@ from html import escape
 
 import report
 
-WIDTH, LEFT, RIGHT, ROW = 900, 330, 40, 26
+WIDTH, LEFT, RIGHT, ROW = 900, 330, 90, 26
 SHORT = {"none": "none (no filter)", "noop": "noop (hand-made wasm no-op)",
          "sdk_noop": "sdk_noop (Rust SDK no-op)", "minimal": "minimal (SDK, VM HashMap)",
          "lua": "lua (Envoy Lua, same routing)", "hit": "hit (matrix-sync-router, cached)",
@@ -46,7 +46,7 @@ def _ratios(r: report.Results, top: float) -> tuple[list[str], float]:
         if not math.isnan(row["ratio"]):
             out.append(f'<rect x="{LEFT}" y="{y + 4}" width="{sx(row["ratio"]) - LEFT:.1f}" '
                        f'height="{ROW - 8}" fill="{COLOURS["bar"]}" opacity="0.75"/>')
-            out.append(_text(sx(row["ratio"]) + 4, y + 16, f"{row['ratio']:.2f}", 11))
+            out.append(_text(LEFT + plot_w + 10, y + 16, f"{row['ratio']:.2f}", 11))
         for x in row["ratios"]:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{y + ROW / 2:.1f}" r="2.5" '
                        f'fill="{COLOURS["dot"]}"/>')
@@ -113,7 +113,8 @@ def _memory(r: report.Results, top: float) -> tuple[list[str], float]:
         y = y0 + height - height * k / 4
         out.append(_text(LEFT - 6, y + 4, f"{mb:.0f}", 11, "end"))
         c = x_max * k / 4
-        out.append(_text(sx(c), y0 + height + 14, f"{c:,.0f}", 11, "middle"))
+        out.append(_text(sx(c), y0 + height + 14, f"{round(c, -2 if x_max > 1000 else 0):,.0f}",
+                         11, "middle"))
     for i, (label, s) in enumerate(series):
         colour = COLOURS["lines"][i % len(COLOURS["lines"])]
         pts = " ".join(f"{sx(c):.1f},{sy(b):.1f}" for c, b in s)

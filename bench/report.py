@@ -228,7 +228,8 @@ def write_markdown(r: Results, out: Path, plot: Path) -> None:
     nice = a.nice if os.geteuid() == 0 else 0
     mode = " (`--quick` smoke mode: the numbers mean nothing)" if a.quick else ""
     plot_ref = os.path.relpath(plot, out.parent) if str(plot) != "-" else None
-    sizes = ", ".join(f"{k} {v:,} B" for k, v in r.modules.items())
+    names = {"msr": "matrix-sync-router", "sdk_noop": "SDK no-op", "minimal": "minimal"}
+    sizes = ", ".join(f"{names.get(k, k)} {v:,} bytes" for k, v in r.modules.items())
     text = f"""# Benchmarks
 
 Written by `just bench` (bench/run.py) on {now}{mode}; rerun to replace. Filter commit
@@ -258,7 +259,9 @@ runs or machines.
   CPU time of all Envoy threads (`/proc/PID/task/*/schedstat`) over the requests Envoy counted
   (`http.bench.downstream_rq_total`). **Ratio**: the no-filter variant's CPU per request ÷ the
   variant's, in the same round (the throughput ratio of a saturated core); median over the rounds
-  (min–max in brackets).
+  (min–max in brackets). **Envoy core busy**: Envoy's CPU time over wall time; below 100% when
+  other jobs took part of core {a.envoy_cpu} or wrk could not keep Envoy saturated. CPU per
+  request does not depend on that, which is why it, not req/s, is the compared figure.
 - **Modules**: {sizes} (matrix-sync-router from envoy.yaml's plugin configuration; the fixtures
   bench/fixtures/sdk-noop and bench/fixtures/minimal are built by `just bench-fixtures` with the
   filter's release profile, proxy-wasm 0.2.5; bench/fixtures/route.lua is the Lua filter; the
@@ -297,6 +300,11 @@ runs or machines.
 ## Burst
 
 {burst_table(r)}
+A count equal to the number of concurrent requests means that every request made its own whoami
+call (no coalescing of calls in flight); 1 is the target (one call per token per Envoy process,
+across its worker threads). "connections per worker": how the burst connections landed on the
+two worker threads (`listener.*.worker_N.downstream_cx_total`), so both VMs saw the burst.
+
 ## Memory
 
 {memory_table(r)}

@@ -634,7 +634,7 @@ def main() -> int:
                           modules)
             print(f"envoy {envoy_version(args.envoy)}; {args.wasm.name} "
                   f"{args.wasm.stat().st_size:,} bytes; load average {load_before}; "
-                  "starting Synapse", flush=True)
+                  f"phases {', '.join(sorted(args.phases))}", flush=True)
             samples, problems, hit_tokens, latency, burst, memory = [], [], [], {}, {}, []
             if {"cost", "latency"} & args.phases:
                 synapse = stack.Synapse(workdir / "synapse", n_workers=1).start()
