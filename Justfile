@@ -57,8 +57,8 @@ wasm-unit: rust-target
 e2e *args: build bench-fixtures venv bench-tools
     MSR_WASM={{wasm}} {{venv}}/bin/python -m pytest -v -p no:cacheprovider tests/e2e {{args}}
 
-# Benchmark fixtures (bench/fixtures/*: standalone crates, not workspace members): the Rust SDK
-# no-op and the minimal SDK filter, built for wasm32-wasip1 into target/bench-fixtures.
+# Standalone crates, not workspace members (bench/fixtures/README.md).
+# Benchmark fixtures: the Rust SDK no-op and the minimal SDK filter for wasm32-wasip1, in target/bench-fixtures.
 bench-fixtures: rust-target
     for crate in sdk-noop minimal; do \
         cargo build --release --locked --target wasm32-wasip1 \
@@ -66,8 +66,8 @@ bench-fixtures: rust-target
     done
     @ls -l target/bench-fixtures/wasm32-wasip1/release/*.wasm | awk '{print "built " $9 " (" $5 " bytes)"}'
 
-# wrk and taskset for `just bench` (Debian packages). Tolerant: without them the bench smoke
-# test skips with the reason, and `just bench` says what is missing.
+# Tolerant: without them the bench smoke test skips with the reason, and `just bench` says what is missing.
+# wrk and taskset for `just bench` (Debian packages, installed if missing).
 bench-tools:
     @command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || echo "could not install wrk"
     @command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux) || echo "could not install taskset"
@@ -75,6 +75,6 @@ bench-tools:
 # Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
 # core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).
 # Writes BENCHMARKS.md and bench/benchmarks.svg.
-# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~12 min).
+# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~9 min).
 bench *args: build bench-fixtures venv bench-tools
     {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}

@@ -569,7 +569,7 @@ def parse_args() -> argparse.Namespace:
                     help="distinct tokens per memory run")
     ap.add_argument("--miss-samples", type=int, default=100, help="new tokens per design")
     ap.add_argument("--hit-samples", type=int, default=2000, help="cached requests per design")
-    ap.add_argument("--hit-tokens", type=int, default=64, help="cached tokens (≤ 64)")
+    ap.add_argument("--hit-tokens", type=int, default=64, help="cached tokens the latency phase cycles over (≤ 64)")
     ap.add_argument("--burst", type=int, default=50, help="concurrent first requests a token")
     ap.add_argument("--burst-tokens", type=int, default=10, help="tokens in the burst test")
     ap.add_argument("--envoy-cpu", type=int, default=0)
