@@ -194,13 +194,15 @@ def summary_text(r: Results) -> str:
 
 
 def git_describe() -> str:
+    """The filter's source version: the last commit that touched src/ or the Cargo files, and
+    whether the work tree differs from it there."""
+    files = ["src", "Cargo.toml", "Cargo.lock"]
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        rev = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", *files],
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src",
-                                "Cargo.toml", "Cargo.lock"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *files],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + (" (src modified)" if dirty else "")
+        return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -232,8 +234,8 @@ def write_markdown(r: Results, out: Path, plot: Path) -> None:
     sizes = ", ".join(f"{names.get(k, k)} {v:,} bytes" for k, v in r.modules.items())
     text = f"""# Benchmarks
 
-Written by `just bench` (bench/run.py) on {now}{mode}; rerun to replace. Filter commit
-{git_describe()}.
+Written by `just bench` (bench/run.py) on {now}{mode}; rerun to replace. Filter source: commit
+{git_describe()} (the last one touching src/ or the Cargo files).
 
 **Read the numbers as ratios within this one run.** This machine is shared and noisy (while this
 run was made, other jobs were compiling on the same two cores: load average {r.load[0]} at the
