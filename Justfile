@@ -75,6 +75,6 @@ bench-tools:
 # Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
 # core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).
 # Writes BENCHMARKS.md and bench/benchmarks.svg.
-# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~9 min).
+# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~12 min).
 bench *args: build bench-fixtures venv bench-tools
     {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}

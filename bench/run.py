@@ -583,7 +583,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke mode (well under a minute of load): 1 round of 1 s, 20 000 "
                          "tokens, few latency samples; numbers meaningless, rows all there")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per variant per round")
     ap.add_argument("--warmup", type=int, default=2, help="seconds per variant before round 1")
     ap.add_argument("--connections", type=int, default=50)
