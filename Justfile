@@ -42,12 +42,17 @@ venv:
         {{venv}}/bin/pip install --disable-pip-version-check -r tests/e2e/requirements.txt && \
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
 
-# cargo fmt --check and clippy (native and wasm) with warnings as errors.
+# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors.
 lint: rust-target
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip1 -p matrix-sync-router -- -D warnings
+    for crate in sdk-noop minimal; do \
+        cargo fmt --check --manifest-path bench/fixtures/$crate/Cargo.toml; \
+        cargo clippy --locked --target wasm32-wasip1 --manifest-path bench/fixtures/$crate/Cargo.toml \
+            --target-dir target/bench-fixtures -- -D warnings; \
+    done
 
 # Native unit tests of the sans-IO core.
 unit:
@@ -68,7 +73,7 @@ wasm-unit: rust-target
 
 # End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset). -rs: every skip with its reason.
 [positional-arguments]
-e2e *args: build venv check-config worker-deps
+e2e *args: build bench-fixtures venv bench-tools check-config worker-deps
     MSR_WASM={{wasm}} MSR_JUST="{{just_executable()}}" {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e "$@"
 
 # Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.
@@ -99,12 +104,26 @@ worker-deps:
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server; } \
         || echo "could not install postgresql/redis-server: tests/e2e/test_worker_topology.py will be skipped"
 
-# Not part of `test`. Pins Envoy to core 0 and wrk to core 1; arguments go to bench/run.py
-# (`just bench --help`, `just bench --rounds 3`). Writes bench/results.md.
-# Benchmark: the filter's cost in the real Envoy as ratios to no filter, interleaved rounds (~4 min).
-bench *args: build venv
-    @command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-    @command -v taskset >/dev/null || (apt-get update && apt-get install -y util-linux)
+# Standalone crates, not workspace members (bench/fixtures/README.md).
+# Benchmark fixtures: the Rust SDK no-op and the minimal SDK filter for wasm32-wasip1, in target/bench-fixtures.
+bench-fixtures: rust-target
+    for crate in sdk-noop minimal; do \
+        cargo build --release --locked --target wasm32-wasip1 \
+            --manifest-path bench/fixtures/$crate/Cargo.toml --target-dir target/bench-fixtures; \
+    done
+    @ls -l target/bench-fixtures/wasm32-wasip1/release/*.wasm | awk '{print "built " $9 " (" $5 " bytes)"}'
+
+# Tolerant: without them the bench smoke test skips with the reason, and `just bench` says what is missing.
+# wrk and taskset for `just bench` (Debian packages, installed if missing).
+bench-tools:
+    @command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || echo "could not install wrk"
+    @command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux) || echo "could not install taskset"
+
+# Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
+# core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).
+# Writes BENCHMARKS.md and bench/benchmarks.svg.
+# Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~12 min).
+bench *args: build bench-fixtures venv bench-tools
     {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}
 
 # cargo-fuzz and the nightly toolchain it runs on (idempotent).

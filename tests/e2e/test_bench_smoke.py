@@ -1,0 +1,93 @@
+"""`just bench --quick` runs end to end and reports every row (correctness only, never speed).
+
+The benchmark itself is not part of `just test`; this smoke run makes sure it still works with
+the current filter: every variant's Envoy starts and is measured, every cache was warmed and hit,
+the latency and burst answers carried the right user, and the memory runs pushed their tokens
+through. No figure is compared with a threshold: the machine running the tests is too noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import stack
+from conftest import WASM
+
+RUN = stack.REPO / "bench" / "run.py"
+VARIANTS = ["none", "noop", "sdk_noop", "minimal", "lua", "hit", "other_path", "other_off"]
+
+
+def _skip_reason() -> str | None:
+    """Why the bench cannot run here (`just bench-tools` installs wrk and taskset)."""
+    missing = [t for t in ("wrk", "taskset") if not shutil.which(t)]
+    if missing:
+        return f"{', '.join(missing)} not installed (`just bench-tools` could not install it)"
+    if not {0, 1} <= os.sched_getaffinity(0):
+        return f"the bench needs cores 0 and 1, this process may use {sorted(os.sched_getaffinity(0))}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--wasm", str(WASM),
+         "--out", str(out / "BENCHMARKS.md"), "--plot", str(out / "plot.svg"),
+         "--json", str(out / "results.json")],
+        capture_output=True, text=True, timeout=240, cwd=stack.REPO,
+    )
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_every_variant_has_a_sane_cost(quick_run):
+    _, _, results = quick_run
+    rows = {r["variant"]: r for r in results["cost"]}
+    assert list(rows) == VARIANTS
+    for name, row in rows.items():
+        assert row["cpu_us"] > 0, name
+        assert 0 < row["ratio"] < 2, (name, row["ratio"])
+    assert results["problems"] == []
+
+
+def test_latency_burst_and_memory_are_reported(quick_run):
+    _, _, results = quick_run
+    lat = results["latency"]
+    for design in ("msr", "minimal", "lua"):
+        for kind in ("miss", "hit"):
+            p = lat[design][kind]
+            assert p["n"] > 0 and 0 < p["p50"] <= p["p99"], (design, kind, p)
+    assert lat["none"]["hit"]["n"] > 0 and lat["whoami direct"]["miss"]["n"] > 0
+    for design in ("msr", "minimal", "lua"):
+        b = results["burst"][design]
+        # Every token's first requests reached whoami at least once (none was answered from a
+        # cache it could not have had), and never more often than there were requests.
+        assert b["tokens"] > 0 and all(1 <= c <= 20 for c in b["calls"]), (design, b)
+        assert sum(b["connections_per_worker"]) >= 20 * b["tokens"]
+    capacities = [m["capacity"] for m in results["memory"]]
+    assert capacities == [4096, None]
+    for m in results["memory"]:
+        assert m["tokens"] >= 20_000 and m["whoami_calls"] >= 0.99 * m["tokens"], m
+        assert 0 < m["rss_before"] <= m["rss_peak"], m
+
+
+def test_report_and_plot_are_written(quick_run):
+    out, stdout, _ = quick_run
+    text = (out / "BENCHMARKS.md").read_text()
+    for section in ("## Method", "## Cost", "## Targets", "## Latency", "## Burst", "## Memory",
+                    "## Every round"):
+        assert section in text
+    for name in VARIANTS:
+        assert f"| {name} |" in text and f"| {name} |" in stdout
+    root = ET.parse(out / "plot.svg").getroot()
+    assert root.tag.endswith("svg") and len(root) > 20
