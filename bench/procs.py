@@ -87,6 +87,10 @@ class Children:
             self.procs.remove(proc)
 
     def stop_all(self) -> None:
+        """Stops every child. The run is over: later SIGINT/SIGTERM/SIGHUP are ignored, so
+        pressing Ctrl-C again cannot abandon a child in the middle of this."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for proc in list(self.procs):
             self.stop(proc)
 

@@ -86,11 +86,19 @@ VARIANTS = [
     Variant("sdk_noop", "sdk_noop", SYNC_PATH, "Rust SDK no-op filter"),
     Variant("minimal", "minimal", SYNC_PATH, "minimal SDK filter (1 header read, VM HashMap)"),
     Variant("lua", "lua", SYNC_PATH, "Envoy Lua filter, same routing"),
-    Variant("hit", "msr", SYNC_PATH, "matrix-sync-router, cache hit"),
+    Variant("hit", "msr", SYNC_PATH, "matrix-sync-router, cache hit (route-metadata options off)"),
+    Variant("hit_shipped", "msr_shipped", SYNC_PATH,
+            "matrix-sync-router, cache hit, envoy.yaml's options on (sync kind + route refresh, "
+            "filter state)"),
     Variant("other_path", "msr", OTHER_PATH, "matrix-sync-router, non-sync path, filter on"),
     Variant("other_off", "msr_gated", OTHER_PATH,
             "matrix-sync-router, non-sync path, filter off on that route (as envoy.yaml)"),
 ]
+
+
+# The route-metadata options envoy.yaml turns on: "hit" measures the filter without them (the
+# issue's hit path), "hit_shipped" with them, so their cost is the ratio of the two.
+OPTIONS_OFF = {"sync_kind_header": "", "room_header_name": "", "filter_state": False}
 
 
 def _raise_interrupt(signum, _frame):
@@ -157,7 +165,9 @@ class Setup:
             return [configs.lua_filter(ROUTE_LUA)]
         if chain in ("msr", "msr_gated"):
             return [configs.wasm_filter(self.template, self.modules["msr"],
-                                        overrides=overrides)]
+                                        overrides={**OPTIONS_OFF, **(overrides or {})})]
+        if chain == "msr_shipped":
+            return [configs.wasm_filter(self.template, self.modules["msr"], overrides=overrides)]
         return [configs.wasm_filter(self.template, self.modules[chain], vm_id=f"bench_{chain}")]
 
     def envoy(self, chain: str, whoami_port: int, *, name: str | None = None,
@@ -325,7 +335,7 @@ def cpu_phase(setup: Setup, tokens: Tokens, whoami_port: int) -> tuple[list[Samp
         e.wait_ready()
     hit_tokens = list(tokens.users)
     dropped: set[str] = set()
-    for c in ("msr", "minimal", "lua"):
+    for c in ("msr", "msr_shipped", "minimal", "lua"):
         dropped |= warm(envoys[c], hit_tokens)
     hit_tokens = [t for t in hit_tokens if t not in dropped]
     scripts = {v.name: wrk_script(setup.workdir, v.name, v.path, hit_tokens) for v in VARIANTS}
@@ -654,30 +664,30 @@ def main() -> int:
     children = Children(args.nice)
     synapse = None
     started, load_before = time.monotonic(), report.loadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="msr-bench-"))
     try:
-        with tempfile.TemporaryDirectory(prefix="msr-bench-") as tmp:
-            workdir = Path(tmp)
-            modules["noop"] = write_noop_like(args.wasm, workdir / "noop.wasm")
-            setup = Setup(args, children, workdir, configs.operator_wasm_filter(args.envoy_yaml),
-                          modules)
-            print(f"envoy {envoy_version(args.envoy)}; {args.wasm.name} "
-                  f"{args.wasm.stat().st_size:,} bytes; load average {load_before}; "
-                  f"phases {', '.join(sorted(args.phases))}", flush=True)
-            samples, problems, hit_tokens, latency, burst, memory = [], [], [], {}, {}, []
-            if {"cost", "latency"} & args.phases:
-                synapse = stack.Synapse(workdir / "synapse", n_workers=1).start()
-                tokens = Tokens(synapse, 64)
-                # Latency needs cached tokens: warmed and checked in the cost phase.
-                samples, problems, hit_tokens = cpu_phase(setup, tokens, synapse.main_port)
-            if "latency" in args.phases:
-                latency, burst, more = latency_phase(setup, tokens, synapse.main_port,
-                                                     hit_tokens)
-                problems += more
-            if synapse:
-                synapse.stop()
-                synapse = None
-            if "memory" in args.phases:
-                memory = memory_phase(setup)
+        # The work directory is removed (finally) after every child has stopped.
+        modules["noop"] = write_noop_like(args.wasm, workdir / "noop.wasm")
+        setup = Setup(args, children, workdir, configs.operator_wasm_filter(args.envoy_yaml),
+                      modules)
+        print(f"envoy {envoy_version(args.envoy)}; {args.wasm.name} "
+              f"{args.wasm.stat().st_size:,} bytes; load average {load_before}; "
+              f"phases {', '.join(sorted(args.phases))}", flush=True)
+        samples, problems, hit_tokens, latency, burst, memory = [], [], [], {}, {}, []
+        if {"cost", "latency"} & args.phases:
+            synapse = stack.Synapse(workdir / "synapse", n_workers=1).start()
+            tokens = Tokens(synapse, 64)
+            # Latency needs cached tokens: warmed and checked in the cost phase.
+            samples, problems, hit_tokens = cpu_phase(setup, tokens, synapse.main_port)
+        if "latency" in args.phases:
+            latency, burst, more = latency_phase(setup, tokens, synapse.main_port,
+                                                 hit_tokens)
+            problems += more
+        if synapse:
+            synapse.stop()
+            synapse = None
+        if "memory" in args.phases:
+            memory = memory_phase(setup)
         results = report.Results(
             args=args, variants=VARIANTS, samples=samples, latency=latency, burst=burst,
             memory=memory, problems=problems, modules={k: v.stat().st_size for k, v in
@@ -709,6 +719,7 @@ def main() -> int:
         children.stop_all()
         if synapse:
             synapse.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

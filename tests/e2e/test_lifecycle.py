@@ -418,7 +418,7 @@ def test_bench_interrupted_leaves_nothing(tmp_path):
         pytest.skip("the bench needs two cores")
     run = Run([
         sys.executable, str(BENCH), "--wasm", str(WASM), "--rounds", "1", "--duration", "1",
-        "--warmup", "30", "--variants", "hit", "--nice", "0", "--out", "-",
+        "--warmup", "30", "--phases", "cost", "--nice", "0", "--out", "-", "--plot", "-",
     ])
     run.wait_for_line(r"variants x 1 rounds")
     snap = Snapshot.of(run.proc.pid, ["envoy", "wrk"])  # during the warm-up
