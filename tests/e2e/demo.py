@@ -128,6 +128,7 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
         workers = {w for d in mine for w in served[d.device_id]}
         verdict = f"all on {workers.pop()}" if len(workers) == 1 else f"SPLIT over {sorted(workers)}"
         say(f"  {mine[0].user_id}: {len(mine)} devices, {verdict}")
+    time.sleep(1.2)  # the filter adds its counts to Envoy's once a second
     prom = envoy.prometheus()
     say(
         "\n  filter counters: "
