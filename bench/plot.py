@@ -15,6 +15,8 @@ WIDTH, LEFT, RIGHT, ROW = 900, 330, 90, 26
 SHORT = {"none": "none (no filter)", "noop": "noop (hand-made wasm no-op)",
          "sdk_noop": "sdk_noop (Rust SDK no-op)", "minimal": "minimal (SDK, VM HashMap)",
          "lua": "lua (Envoy Lua, same routing)", "hit": "hit (matrix-sync-router, cached)",
+         "hit_trusted": "hit_trusted (msr, trust_route_match)",
+         "hit_shipped": "hit_shipped (msr, envoy.yaml options)",
          "other_path": "other_path (msr, non-sync, filter on)",
          "other_off": "other_off (msr, non-sync, filter off)"}
 COLOURS = {"bar": "#4c78a8", "dot": "#222", "p50": "#4c78a8", "p99": "#f58518",

@@ -87,6 +87,8 @@ VARIANTS = [
     Variant("minimal", "minimal", SYNC_PATH, "minimal SDK filter (1 header read, VM HashMap)"),
     Variant("lua", "lua", SYNC_PATH, "Envoy Lua filter, same routing"),
     Variant("hit", "msr", SYNC_PATH, "matrix-sync-router, cache hit (route-metadata options off)"),
+    Variant("hit_trusted", "msr_trusted", SYNC_PATH,
+            "matrix-sync-router, cache hit, trust_route_match (no :path read; options off)"),
     Variant("hit_shipped", "msr_shipped", SYNC_PATH,
             "matrix-sync-router, cache hit, envoy.yaml's options on (sync kind + route refresh, "
             "filter state)"),
@@ -166,6 +168,9 @@ class Setup:
         if chain in ("msr", "msr_gated"):
             return [configs.wasm_filter(self.template, self.modules["msr"],
                                         overrides={**OPTIONS_OFF, **(overrides or {})})]
+        if chain == "msr_trusted":
+            trusted = {**OPTIONS_OFF, "trust_route_match": True, "appservice_masquerading": False}
+            return [configs.wasm_filter(self.template, self.modules["msr"], overrides=trusted)]
         if chain == "msr_shipped":
             return [configs.wasm_filter(self.template, self.modules["msr"], overrides=overrides)]
         return [configs.wasm_filter(self.template, self.modules[chain], vm_id=f"bench_{chain}")]
@@ -335,7 +340,7 @@ def cpu_phase(setup: Setup, tokens: Tokens, whoami_port: int) -> tuple[list[Samp
         e.wait_ready()
     hit_tokens = list(tokens.users)
     dropped: set[str] = set()
-    for c in ("msr", "msr_shipped", "minimal", "lua"):
+    for c in ("msr", "msr_trusted", "msr_shipped", "minimal", "lua"):
         dropped |= warm(envoys[c], hit_tokens)
     hit_tokens = [t for t in hit_tokens if t not in dropped]
     scripts = {v.name: wrk_script(setup.workdir, v.name, v.path, hit_tokens) for v in VARIANTS}

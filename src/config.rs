@@ -54,6 +54,7 @@ pub struct Config {
     pub appservice_masquerading: bool,
     pub native_token_server_name: String,
     pub refuse_bad_mas_tokens: bool,
+    pub trust_route_match: bool,
 }
 
 impl Default for Config {
@@ -83,6 +84,7 @@ impl Default for Config {
             appservice_masquerading: true,
             native_token_server_name: String::new(),
             refuse_bad_mas_tokens: false,
+            trust_route_match: false,
         }
     }
 }
@@ -120,6 +122,21 @@ impl Settings {
     /// Whether room requests get a room key (header or nginx variable).
     pub fn room_keys(&self) -> bool {
         !self.config.room_header_name.is_empty() || !self.config.nginx_room_variable.is_empty()
+    }
+
+    /// Whether a request with a Bearer token can be handled without reading its `:path`: the
+    /// proxy only runs the filter on sync routes (`trust_route_match`), and no option needs the
+    /// path or the query (sync kind, filter state, room keys, `?user_id=` masquerading,
+    /// native-token decoding, MAS checks).
+    pub fn path_unneeded(&self) -> bool {
+        let c = &self.config;
+        c.trust_route_match
+            && !self.sync_kinds()
+            && !self.room_keys()
+            && !c.filter_state
+            && !c.appservice_masquerading
+            && c.native_token_server_name.is_empty()
+            && !c.refuse_bad_mas_tokens
     }
 
     /// Whether handled requests carry their sync kind (header or nginx variable).

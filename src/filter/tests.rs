@@ -1056,3 +1056,33 @@ fn mas_tokens_with_a_broken_checksum_cost_no_callout_when_asked() {
     );
     assert_eq!(host.calls_made(), 1);
 }
+
+#[test]
+fn trusting_the_route_match_skips_the_path_for_bearer_tokens_only() {
+    let host = FakeHost::new(false);
+    let r = router(
+        &host,
+        r#""trust_route_match":true,"appservice_masquerading":false"#,
+    );
+    assert!(r.settings.path_unneeded());
+    // No :path at all: the Bearer token is resolved all the same.
+    host.with_stream(1, |s| {
+        s.headers = vec![("authorization".into(), b"Bearer syt_t".to_vec())]
+    });
+    host.current.set(1);
+    assert_eq!(r.on_request_headers(&host, 1), Verdict::Pause);
+    host.with_stream(1, |s| s.paused = true);
+    answer(&r, &host, host.last_call(), 200, &ok("@t:x"));
+    assert_eq!(host.key(1).as_deref(), Some("@t:x"));
+    // A query token still needs the path (and the sync-path check).
+    let q = "/_matrix/client/v3/sync?access_token=syt_q";
+    assert_eq!(send(&r, &host, 2, q, &[]), Verdict::Pause);
+    assert_eq!(
+        send(&r, &host, 3, "/other?access_token=syt_q", &[]),
+        Verdict::Continue
+    );
+    // Any option that needs the path turns the shortcut off.
+    let host = FakeHost::new(false);
+    let r = router(&host, r#""trust_route_match":true"#);
+    assert!(!r.settings.path_unneeded(), "masquerading needs the query");
+}

@@ -21,7 +21,10 @@ import stack
 from conftest import WASM
 
 RUN = stack.REPO / "bench" / "run.py"
-VARIANTS = ["none", "noop", "sdk_noop", "minimal", "lua", "hit", "other_path", "other_off"]
+VARIANTS = [
+    "none", "noop", "sdk_noop", "minimal", "lua", "hit", "hit_trusted", "hit_shipped",
+    "other_path", "other_off",
+]
 
 
 def _skip_reason() -> str | None:
