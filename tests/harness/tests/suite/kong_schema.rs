@@ -273,6 +273,9 @@ fn other_value(field: &str) -> (Value, Value) {
         "appservice_masquerading" => (json!(false), none),
         "native_token_server_name" => (json!("example.org"), none),
         "refuse_bad_mas_tokens" => (json!(true), none),
+        // Effective only with the path-using options off; then a Bearer request to a non-sync
+        // path is resolved too.
+        "trust_route_match" => (json!(true), json!({"appservice_masquerading": false})),
         other => panic!("field {other} is new: give it a non-default value here"),
     }
 }
