@@ -198,7 +198,7 @@ impl Router {
                 }
                 let masquerade = query
                     .filter(|_| cfg.appservice_masquerading)
-                    .and_then(|q| route::param(q, b"user_id"));
+                    .and_then(|q| request::query_param(q, b"user_id"));
                 let masquerade = masquerade
                     .as_deref()
                     .and_then(|u| std::str::from_utf8(u).ok())

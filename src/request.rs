@@ -211,12 +211,17 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (!token.contains(&b' ')).then_some(token)
 }
 
-/// The first `access_token` value of Twisted's `parse_qs(query, keep_blank_values=1)`: items
-/// split on `&` and `;`, an item without `=` skipped, name and value form-decoded (`+` is a
-/// space, then `%XX` decoded), so `access%5Ftoken=` and `%61ccess_token=` are the same
-/// parameter. The first occurrence wins (`args[b"access_token"][0]`), even when it is blank.
+/// The first `access_token` value of Twisted's `parse_qs(query, keep_blank_values=1)`, so
+/// `access%5Ftoken=` and `%61ccess_token=` are the same parameter (see [`query_param`]). The
+/// first occurrence wins (`args[b"access_token"][0]`), even when it is blank.
 fn query_access_token(query: &[u8]) -> Option<Cow<'_, [u8]>> {
-    const NAME: &[u8] = b"access_token";
+    query_param(query, b"access_token")
+}
+
+/// The first value of query parameter `name` as Twisted's `parse_qs` reads it: items split on
+/// `&` and `;`, an item without `=` skipped, name and value form-decoded (`+` is a space, then
+/// `%XX` decoded).
+pub fn query_param<'q>(query: &'q [u8], name: &[u8]) -> Option<Cow<'q, [u8]>> {
     query
         .split(|&b| b == b'&' || b == b';')
         .filter_map(|item| {
@@ -224,9 +229,9 @@ fn query_access_token(query: &[u8]) -> Option<Cow<'_, [u8]>> {
             let (name, value) = item.split_at(eq);
             Some((name, value.get(1..).unwrap_or_default()))
         })
-        // A name that decodes to the 12 bytes of `access_token` has 12 to 36 bytes.
-        .find(|(name, _)| {
-            (NAME.len()..=3 * NAME.len()).contains(&name.len()) && form_decode(name) == NAME
+        // A raw name that decodes to `name` has 1 to 3 bytes for each of its bytes.
+        .find(|(raw, _)| {
+            (name.len()..=3 * name.len()).contains(&raw.len()) && form_decode(raw) == name
         })
         .map(|(_, value)| form_decode(value))
 }

@@ -2,8 +2,8 @@
 //! where the routing key came from — for proxies that route on more than the user.
 
 use crate::paths::PathSet;
+use crate::request::query_param;
 use percent_encoding::percent_decode;
-use std::borrow::Cow;
 
 /// The kind of a handled request. Initial syncs are heavy (the whole account state), so
 /// deployments may send them to a pool of their own.
@@ -33,7 +33,7 @@ impl SyncKind {
 
 /// Classifies a handled request by its path (without the query) and query.
 pub fn sync_kind(path: &[u8], query: Option<&[u8]>) -> SyncKind {
-    let has = |name: &[u8]| query.and_then(|q| param(q, name));
+    let has = |name: &[u8]| query.and_then(|q| query_param(q, name));
     if path.ends_with(b"/org.matrix.simplified_msc3575/sync") || path == b"/_matrix/client/v4/sync"
     {
         SyncKind::Sliding
@@ -54,33 +54,6 @@ pub fn sync_kind(path: &[u8], query: Option<&[u8]>) -> SyncKind {
         }
     } else {
         SyncKind::Other
-    }
-}
-
-/// The first value of query parameter `name`, as Synapse reads it (Twisted's parser): pairs
-/// split on `&` and `;`, `+` is a space, names and values percent-decoded, a pair without `=`
-/// ignored.
-pub fn param<'q>(query: &'q [u8], name: &[u8]) -> Option<Cow<'q, [u8]>> {
-    query
-        .split(|&b| b == b'&' || b == b';')
-        .filter_map(|pair| {
-            let i = pair.iter().position(|&b| b == b'=')?;
-            let (k, v) = pair.split_at(i);
-            Some((k, v.get(1..).unwrap_or_default()))
-        })
-        .find(|(k, _)| decode(k).as_ref() == name)
-        .map(|(_, v)| decode(v))
-}
-
-fn decode(raw: &[u8]) -> Cow<'_, [u8]> {
-    if raw.contains(&b'+') {
-        let spaced: Vec<u8> = raw
-            .iter()
-            .map(|&b| if b == b'+' { b' ' } else { b })
-            .collect();
-        Cow::Owned(percent_decode(&spaced).collect())
-    } else {
-        percent_decode(raw).into()
     }
 }
 
@@ -165,10 +138,10 @@ mod tests {
     #[test]
     fn params_are_read_as_synapse_reads_them() {
         let q = b"a=1&access%5Ftoken=A&access_token=B;x=%2B+y&flag";
-        assert_eq!(param(q, b"access_token").as_deref(), Some(&b"A"[..]));
-        assert_eq!(param(q, b"x").as_deref(), Some(&b"+ y"[..]));
-        assert_eq!(param(q, b"flag"), None);
-        assert_eq!(param(q, b"missing"), None);
+        assert_eq!(query_param(q, b"access_token").as_deref(), Some(&b"A"[..]));
+        assert_eq!(query_param(q, b"x").as_deref(), Some(&b"+ y"[..]));
+        assert_eq!(query_param(q, b"flag"), None);
+        assert_eq!(query_param(q, b"missing"), None);
     }
 
     #[test]
