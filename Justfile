@@ -114,10 +114,11 @@ bench-fixtures: rust-target
     @ls -l target/bench-fixtures/wasm32-wasip1/release/*.wasm | awk '{print "built " $9 " (" $5 " bytes)"}'
 
 # Tolerant: without them the bench smoke test skips with the reason, and `just bench` says what is missing.
-# wrk and taskset for `just bench` (Debian packages, installed if missing).
+# wrk, taskset and perf for `just bench` (Debian packages, installed if missing).
 bench-tools:
     @command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || echo "could not install wrk"
     @command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux) || echo "could not install taskset"
+    @command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf) || echo "could not install perf (linux-perf): the bench's profile phase will be skipped"
 
 # Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
 # core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).

@@ -161,6 +161,40 @@ def write_noop_like(real_module: Path, out: Path) -> Path:
     return out
 
 
+# Callbacks ngx_wasm_module calls unchecked (so the filter exports them as no-ops) but Envoy skips
+# when a module does not export them (proxy-wasm-cpp-host checks each function pointer).
+ENVOY_SKIPPABLE = (
+    "proxy_on_request_body", "proxy_on_request_trailers", "proxy_on_response_headers",
+    "proxy_on_response_body", "proxy_on_response_trailers", "proxy_on_done", "proxy_on_log",
+    "proxy_on_delete",
+)
+
+
+def without_exports(module: bytes, names: tuple[str, ...]) -> bytes:
+    """`module` with the export section rewritten without `names` (the code stays)."""
+    if module[:8] != WASM_MAGIC:
+        raise ValueError("not a wasm module")
+    out, i = bytearray(module[:8]), 8
+    while i < len(module):
+        section_id = module[i]
+        size, j = _read_leb(module, i + 1)
+        end = j + size
+        if section_id == 7:
+            count, k = _read_leb(module, j)
+            kept = []
+            for _ in range(count):
+                start = k
+                name, k = _read_name(module, k)
+                _, k = _read_leb(module, k + 1)
+                if name not in names:
+                    kept.append(module[start:k])
+            out += _section(7, _vec(kept))
+        else:
+            out += module[i:end]
+        i = end
+    return bytes(out)
+
+
 if __name__ == "__main__":
     import sys
 

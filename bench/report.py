@@ -36,6 +36,13 @@ class Results:
     hit_tokens: int
     paths: dict
     target_module_bytes: int
+    profile: dict  # variant → region → µs/req (perf), or empty
+
+
+PERF_HZ = 4999  # perf's sampling rate in the profile phase
+REGION_NAMES = {
+    "envoy": "Envoy's code", "jit": "JIT code", "kernel": "kernel", "libc/other": "libraries",
+}
 
 
 def loadavg() -> str:
@@ -183,10 +190,28 @@ def rounds_table(r: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_table(r: Results) -> str:
+    if not r.profile:
+        return "(not run: see the run's output for the reason)\n"
+    regions = list(REGION_NAMES)
+    base = r.profile.get("none", {})
+    lines = ["| variant | " + " | ".join(REGION_NAMES[x] for x in regions)
+             + " | total | JIT share | JIT + Envoy's code, vs none |",
+             "|---|" + "---:|" * (len(regions) + 3)]
+    for name, row in r.profile.items():
+        total = sum(row[x] for x in regions)
+        added = row["jit"] + row["envoy"] - base.get("jit", 0) - base.get("envoy", 0)
+        lines.append(f"| {name} | " + " | ".join(f"{row[x]:.2f}" for x in regions)
+                     + f" | {total:.2f} | {row['jit_share']:.1%} | "
+                     + ("—" if name == "none" else f"{added:+.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_text(r: Results) -> str:
     return "\n".join([
         "Cost: Envoy CPU per request (median over rounds)", "", cost_table(r),
         "Targets", "", target_table(r),
+        "Where the time goes (perf, µs of Envoy CPU per request)", "", profile_table(r),
         "Latency (one request at a time, through Envoy to the real Synapse whoami)", "",
         latency_table(r),
         "Burst", "", burst_table(r),
@@ -219,7 +244,7 @@ def as_json(r: Results) -> dict:
     return {
         "cost": cost_rows(r), "targets": targets(r), "latency": r.latency, "burst": r.burst,
         "memory": [{k: v for k, v in m.items() if k != "series"} for m in r.memory],
-        "problems": r.problems, "modules": r.modules,
+        "problems": r.problems, "modules": r.modules, "profile": r.profile,
         "samples": [vars(s) for s in r.samples],
     }
 
@@ -296,6 +321,20 @@ runs or machines.
 ## Targets
 
 {target_table(r)}
+
+## Where the time goes
+
+`perf record -e cpu-clock -F 4999 -p <Envoy>` (a software clock; this machine has no hardware
+counters) while wrk drives the same Envoys with the same requests as above, {a.profile_rounds}
+interleaved rounds of {a.duration} s, median per region. Samples are split by where the CPU was:
+**Envoy's code** (the stripped `envoy` binary: HTTP codec, filter chain, and the proxy-wasm host
+— context creation, the ABI calls and their copies, the V8 entry/exit glue), **JIT code**
+(anonymous executable memory: V8's compiled wasm — the filter's own Rust code — or LuaJIT's
+traces), the **kernel** (sockets) and **libraries** (libc, libstdc++). µs per request = samples ÷
+{PERF_HZ} Hz ÷ requests Envoy counted. "JIT share" is per round, so it does not depend on how fast
+the machine was.
+
+{profile_table(r)}
 """
     if plot_ref:
         text += f"\n![ratios, latency and memory]({plot_ref})\n"

@@ -9,6 +9,7 @@
    absolute numbers but much less the ratios. Variants:
      none        no filter (baseline)
      noop        hand-made no-op module with the filter's exports (noop_wasm.py)
+     noop_envoy  the same without the no-op callbacks the filter exports for ngx_wasm_module
      sdk_noop    Rust SDK no-op (bench/fixtures/sdk-noop)
      minimal     SDK filter: one header read, VM HashMap, one header set (bench/fixtures/minimal)
      lua         Envoy Lua filter doing the same routing (bench/fixtures/route.lua)
@@ -37,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import socket
 import sys
 import tempfile
@@ -53,7 +55,7 @@ sys.path.insert(0, str(REPO / "tests/e2e"))
 import configs  # noqa: E402
 import report  # noqa: E402
 import stack  # noqa: E402  (tests/e2e/stack.py: the real Synapse)
-from noop_wasm import write_noop_like  # noqa: E402
+from noop_wasm import ENVOY_SKIPPABLE, without_exports, write_noop_like  # noqa: E402
 from procs import HOST, BenchError, Children, Envoy, envoy_version  # noqa: E402
 
 SYNC_PATH = "/_matrix/client/v3/sync?timeout=0&since=s1_2_3"
@@ -69,7 +71,7 @@ COUNTERS = {
 }
 TARGET_MODULE_BYTES = 150_000
 QUICK = dict(rounds=1, duration=1, warmup=1, tokens=20_000, miss_samples=10, hit_samples=100,
-             burst_tokens=2, burst=20, hit_tokens=16)
+             burst_tokens=2, burst=20, hit_tokens=16, profile_rounds=1)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Variant:
 VARIANTS = [
     Variant("none", "none", SYNC_PATH, "no filter (baseline)"),
     Variant("noop", "noop", SYNC_PATH, "hand-made no-op wasm module (filter's exports)"),
+    Variant("noop_envoy", "noop_envoy", SYNC_PATH,
+            "hand-made no-op without the callbacks only ngx_wasm_module needs"),
     Variant("sdk_noop", "sdk_noop", SYNC_PATH, "Rust SDK no-op filter"),
     Variant("minimal", "minimal", SYNC_PATH, "minimal SDK filter (1 header read, VM HashMap)"),
     Variant("lua", "lua", SYNC_PATH, "Envoy Lua filter, same routing"),
@@ -362,9 +366,97 @@ def cpu_phase(setup: Setup, tokens: Tokens, whoami_port: int) -> tuple[list[Samp
                   f"{s.cpu_us:6.1f} µs Envoy CPU/req (core {s.busy:.0%} busy)", flush=True)
     problems += check_counters(counters_before, filter_counters(envoys["msr"]), samples,
                                args.connections)
+    profiles = profile_phase(setup, envoys, scripts) if "profile" in args.phases else {}
     for e in envoys.values():
         e.stop()
-    return samples, problems, hit_tokens
+    return samples, problems, hit_tokens, profiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1b: where the time goes (perf sampling of the same Envoys, same load)
+
+PROFILED = ("none", "noop", "sdk_noop", "minimal", "lua", "hit_trusted", "hit")
+PERF_HZ = report.PERF_HZ
+REGIONS = tuple(report.REGION_NAMES)
+
+
+def _region(dso: str) -> str:
+    """A perf DSO name → what it is. V8 puts compiled wasm code (and its entry/exit stubs) in
+    anonymous executable memory, which perf cannot name."""
+    if dso == "envoy":
+        return "envoy"
+    if dso.startswith("[kernel") or dso in ("[vdso]",):
+        return "kernel"
+    if dso in ("[unknown]", "[anon]") or dso.startswith(("[JIT]", "//anon", "perf-")):
+        return "jit"
+    return "libc/other"
+
+
+def _perf_sample(setup: Setup, perf: str, envoy: Envoy, v: Variant, script: Path,
+                 tag: str) -> dict[str, float] | None:
+    """One wrk run of `v` under `perf record`; region → µs per request, or None."""
+    args, children = setup.args, setup.children
+    data = setup.workdir / f"perf-{tag}.data"
+    rq0 = envoy.stat(DOWNSTREAM_RQ)
+    rec = children.start([perf, "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ),
+                          "-p", str(envoy.proc.pid), "-o", str(data)], args.load_cpu,
+                         capture=True)
+    time.sleep(0.5)  # perf attached before the load starts
+    run_wrk(args, children, envoy.port, script, args.duration)
+    rec.send_signal(signal.SIGINT)
+    try:
+        rec.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+    children.stop(rec)
+    requests = envoy.stat(DOWNSTREAM_RQ) - rq0
+    status, text = children.run([perf, "report", "-i", str(data), "--stdio", "-q",
+                                 "--sort", "dso", "-F", "sample,dso"], args.load_cpu, 120)
+    data.unlink(missing_ok=True)
+    samples: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():
+            region = _region(parts[1].strip())
+            samples[region] = samples.get(region, 0) + int(parts[0])
+    if status != 0 or not samples or requests <= 0:
+        print(f"profile: perf gave no samples for {v.name} (exit {status}): {text[-300:]}",
+              flush=True)
+        return None
+    return {r: samples.get(r, 0) / PERF_HZ * 1e6 / requests for r in REGIONS}
+
+
+def profile_phase(setup: Setup, envoys: dict, scripts: dict) -> dict[str, dict[str, float]]:
+    """Samples the Envoys of PROFILED with `perf record -e cpu-clock` (a software clock: works
+    where hardware counters are missing) under the same wrk load, in interleaved rounds, and
+    splits each one's CPU per request into Envoy's own code, JIT code (the wasm guest, or
+    LuaJIT's traces), the kernel and libraries. Returns variant → region → median µs per
+    request, plus "jit_share" (JIT ÷ total, per round, median); empty if perf cannot sample
+    here (the reason is printed)."""
+    args = setup.args
+    perf = shutil.which("perf")
+    if not perf:
+        print("profile: perf not found (`just bench-tools` installs Debian's linux-perf): "
+              "skipped", flush=True)
+        return {}
+    chosen = [v for v in VARIANTS if v.name in PROFILED]
+    rounds = max(1, args.profile_rounds)
+    print(f"profile: {len(chosen)} variants x {rounds} rounds x {args.duration}s under perf "
+          f"record -e cpu-clock -F {PERF_HZ}", flush=True)
+    got: dict[str, list[dict[str, float]]] = {v.name: [] for v in chosen}
+    for rnd in range(rounds):
+        k = rnd % len(chosen)
+        for v in chosen[k:] + chosen[:k]:
+            one = _perf_sample(setup, perf, envoys[v.envoy], v, scripts[v.name],
+                               f"{v.name}-{rnd}")
+            if one is None:
+                return {}
+            one["jit_share"] = one["jit"] / max(1e-9, sum(one[r] for r in REGIONS))
+            got[v.name].append(one)
+            print(f"  round {rnd + 1}/{rounds} {v.name:<11} "
+                  + ", ".join(f"{r} {one[r]:.2f}" for r in REGIONS) + " µs/req", flush=True)
+    return {name: {key: report.med([one[key] for one in runs]) for key in (*REGIONS, "jit_share")}
+            for name, runs in got.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,12 +707,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hit-tokens", type=int, default=64, help="cached tokens the latency phase cycles over (≤ 64)")
     ap.add_argument("--burst", type=int, default=50, help="concurrent first requests a token")
     ap.add_argument("--burst-tokens", type=int, default=10, help="tokens in the burst test")
+    ap.add_argument("--profile-rounds", type=int, default=3,
+                    help="interleaved rounds of the perf profile phase")
     ap.add_argument("--envoy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1, help="core of wrk and the fake whoami")
     ap.add_argument("--nice", type=int, default=-10,
                     help="niceness of Envoy and wrk (and of their sessions' autogroups) when "
                          "run as root; 0: leave as is")
-    ap.add_argument("--phases", default="cost,latency,memory",
+    ap.add_argument("--phases", default="cost,profile,latency,memory",
                     help="comma-separated subset of cost,latency,memory (latency implies cost)")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md",
                     help="report file ('-' for none)")
@@ -628,8 +722,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     args = ap.parse_args()
     args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    if args.phases - {"cost", "latency", "memory"}:
-        ap.error(f"unknown phases: {sorted(args.phases - {'cost', 'latency', 'memory'})}")
+    known = {"cost", "profile", "latency", "memory"}
+    if args.phases - known:
+        ap.error(f"unknown phases: {sorted(args.phases - known)}")
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
@@ -673,17 +768,24 @@ def main() -> int:
     try:
         # The work directory is removed (finally) after every child has stopped.
         modules["noop"] = write_noop_like(args.wasm, workdir / "noop.wasm")
+        # The same no-op without the callbacks only ngx_wasm_module needs: what exporting
+        # them costs in Envoy (which skips a callback a module does not export).
+        lean = workdir / "lean.wasm"
+        lean.write_bytes(without_exports(args.wasm.read_bytes(), ENVOY_SKIPPABLE))
+        modules["noop_envoy"] = write_noop_like(lean, workdir / "noop_envoy.wasm")
         setup = Setup(args, children, workdir, configs.operator_wasm_filter(args.envoy_yaml),
                       modules)
         print(f"envoy {envoy_version(args.envoy)}; {args.wasm.name} "
               f"{args.wasm.stat().st_size:,} bytes; load average {load_before}; "
               f"phases {', '.join(sorted(args.phases))}", flush=True)
         samples, problems, hit_tokens, latency, burst, memory = [], [], [], {}, {}, []
-        if {"cost", "latency"} & args.phases:
+        profiles: dict = {}
+        if {"cost", "profile", "latency"} & args.phases:
             synapse = stack.Synapse(workdir / "synapse", n_workers=1).start()
             tokens = Tokens(synapse, 64)
             # Latency needs cached tokens: warmed and checked in the cost phase.
-            samples, problems, hit_tokens = cpu_phase(setup, tokens, synapse.main_port)
+            samples, problems, hit_tokens, profiles = cpu_phase(setup, tokens,
+                                                                synapse.main_port)
         if "latency" in args.phases:
             latency, burst, more = latency_phase(setup, tokens, synapse.main_port,
                                                  hit_tokens)
@@ -696,11 +798,11 @@ def main() -> int:
         results = report.Results(
             args=args, variants=VARIANTS, samples=samples, latency=latency, burst=burst,
             memory=memory, problems=problems, modules={k: v.stat().st_size for k, v in
-                                                      modules.items() if k != "noop"},
+                                                      modules.items() if not k.startswith("noop")},
             envoy=envoy_version(args.envoy), load=(load_before, report.loadavg()),
             elapsed=time.monotonic() - started, hit_tokens=len(hit_tokens),
             paths={"sync": SYNC_PATH, "other": OTHER_PATH},
-            target_module_bytes=TARGET_MODULE_BYTES,
+            target_module_bytes=TARGET_MODULE_BYTES, profile=profiles,
         )
         print()
         print(report.summary_text(results))

@@ -22,7 +22,7 @@ from conftest import WASM
 
 RUN = stack.REPO / "bench" / "run.py"
 VARIANTS = [
-    "none", "noop", "sdk_noop", "minimal", "lua", "hit", "hit_trusted", "hit_shipped",
+    "none", "noop", "noop_envoy", "sdk_noop", "minimal", "lua", "hit", "hit_trusted", "hit_shipped",
     "other_path", "other_off",
 ]
 
@@ -82,6 +82,25 @@ def test_latency_burst_and_memory_are_reported(quick_run):
     for m in results["memory"]:
         assert m["tokens"] >= 20_000 and m["whoami_calls"] >= 0.99 * m["tokens"], m
         assert 0 < m["rss_before"] <= m["rss_peak"], m
+
+
+def test_profile_splits_every_profiled_variant(quick_run):
+    """The perf phase: every profiled variant's CPU split into regions, in the report too. A
+    no-op's guest code takes a smaller share than the filter's (it returns at once)."""
+    if not shutil.which("perf"):
+        pytest.skip("perf not installed (`just bench-tools` installs Debian's linux-perf)")
+    out, stdout, results = quick_run
+    profile = results["profile"]
+    refused = [line for line in stdout.splitlines() if line.startswith("profile: perf gave no")]
+    if not profile and refused:
+        pytest.skip(f"perf cannot sample Envoy on this machine: {refused[0]}")
+    assert list(profile) == ["none", "noop", "sdk_noop", "minimal", "lua", "hit", "hit_trusted"]
+    for name, row in profile.items():
+        total = sum(row[r] for r in ("envoy", "jit", "kernel", "libc/other"))
+        assert 0 < total < 10_000 and 0 <= row["jit_share"] < 1, (name, row)
+    assert profile["none"]["jit"] == 0 or profile["none"]["jit_share"] < 0.01
+    assert profile["noop"]["jit_share"] < profile["hit"]["jit_share"]
+    assert "## Where the time goes" in (out / "BENCHMARKS.md").read_text()
 
 
 def test_report_and_plot_are_written(quick_run):
