@@ -742,9 +742,11 @@ class Envoy(Service):
         sync_ports: list[int] | None = None,
         optional_clusters: dict[str, list[int]] | None = None,
         log_args: Iterable[str] = ("--log-level", "info"),
+        source: Path = ENVOY_YAML,
     ):
         """`sync_ports`: the sync workers' client listeners when they are not `synapse`'s own
-        extra listeners (real generic_workers); `optional_clusters`: see render_envoy_config."""
+        extra listeners (real generic_workers); `optional_clusters`: see render_envoy_config;
+        `source`: the Envoy configuration file (a test's edited copy of envoy.yaml)."""
         wasm = Path(wasm).resolve()
         self.log_args = list(log_args)  # e.g. ("--log-level", "trace") to see every log line
         if not wasm.is_file():
@@ -768,6 +770,7 @@ class Envoy(Service):
             initial_sync_ports=initial_sync_ports,
             room_ports=room_ports,
             optional_clusters=optional_clusters,
+            source=source,
         )
         self._log_offset = 0
         self._log_partial = b""

@@ -130,3 +130,68 @@ def test_the_access_log_shows_where_each_key_came_from(envoy, make_user):
     bad = envoy.sync("syt_bm9ib2R5_NotARealTokenAtAll_0abcde")
     sources = [envoy.log_entry(r.request_id)["key_source"] for r in (first, second, none, bad)]
     assert sources == ["whoami", "cache", "none", "fallback"]
+
+
+def with_debug_headers(workdir):
+    """envoy.yaml with its commented-out debug-response-headers block turned on, and nothing
+    else changed: the block as shipped is what is tested."""
+    lines, out, inside = stack.ENVOY_YAML.read_text().splitlines(), [], False
+    for line in lines:
+        if line.strip() == "# debug-response-headers: begin":
+            inside = True
+        elif line.strip() == "# debug-response-headers: end":
+            inside = False
+        elif inside:
+            indent = len(line) - len(line.lstrip())
+            assert line.lstrip().startswith("# "), line
+            line = line[:indent] + line.lstrip()[2:]
+        out.append(line)
+    assert "\n".join(out) != "\n".join(lines), "no debug-response-headers block in envoy.yaml"
+    path = workdir / "envoy-debug-headers.yaml"
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def test_debug_response_headers_are_off_as_shipped(envoy, make_user):
+    device = make_user("nodebug", n_devices=1).devices[0]
+    r = envoy.sync(device.token)
+    assert r.status == 200
+    assert not [h for h in r.headers if h.startswith("x-msr-")], r.headers
+
+
+def test_debug_response_headers_tell_source_kind_and_room_and_never_the_token(e2e_stack, make_user):
+    ports = e2e_stack.synapse.worker_ports
+    envoy = e2e_stack.prepare_envoy(
+        "debughdr", sync_ports=ports[:2], initial_sync_ports=ports[2:],
+        source=with_debug_headers(e2e_stack.dir),
+    )
+    envoy.start()
+    try:
+        device = make_user("debughdr", n_devices=1).devices[0]
+        first = envoy.sync(device.token)
+        since = first.json()["next_batch"]
+        later = envoy.sync(device.token, query={"since": since, "timeout": "0"})
+        none = envoy.sync(None)
+        bad_token = "syt_bm9ib2R5_NotARealTokenAtAll_0abcde"
+        bad = envoy.sync(bad_token)
+        # A client (or upstream) cannot plant these: the proxy overwrites them.
+        spoof = envoy.sync(device.token, query={"since": since, "timeout": "0"},
+                           extra_headers=[("X-MSR-Key-Source", "whoami")])
+        got = [(r.headers.get("x-msr-key-source"), r.headers.get("x-msr-sync-kind"))
+               for r in (first, later, none, bad, spoof)]
+        assert got == [
+            ("whoami", "initial"), ("cache", "incremental"), ("none", "initial"),
+            ("fallback", "initial"), ("cache", "incremental"),
+        ], got
+        room = create_room(envoy, device.token)
+        quoted = urllib.parse.quote(room, safe="")
+        r = envoy.request("GET", f"/_matrix/client/v3/rooms/{quoted}/messages?dir=b&limit=1",
+                          [("Authorization", f"Bearer {device.token}")])
+        assert r.status == 200 and r.headers.get("x-msr-room") == room, r.headers
+        assert "x-msr-room" not in later.headers  # not a room request: no room header
+        for resp in (first, later, none, bad, spoof, r):
+            text = " ".join(f"{k}: {v}" for k, v in resp.headers.items())
+            for token in (device.token, bad_token):
+                assert token not in text and token[-12:] not in text
+    finally:
+        envoy.stop()
