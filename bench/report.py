@@ -129,6 +129,40 @@ def cost_table(r: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPTION_REFS = {"opt_room": "room_off", "hit_shipped": "hit", "hit_trusted": "hit"}
+
+
+def option_rows(r: Results) -> list[dict]:
+    """Each option variant against the variant it differs from by that option alone: the
+    per-round difference in Envoy CPU per request, and the per-round cost ratio."""
+    by = {(s.variant, s.round): s for s in r.samples}
+    rounds = sorted({s.round for s in r.samples})
+    rows = []
+    for v in r.variants:
+        if not (v.name.startswith("opt_") or v.name in OPTION_REFS):
+            continue
+        ref = OPTION_REFS.get(v.name, "hit")
+        pairs = [(by[(ref, k)], by[(v.name, k)]) for k in rounds
+                 if (ref, k) in by and (v.name, k) in by]
+        if not pairs:
+            continue
+        added = [b.cpu_us - a.cpu_us for a, b in pairs]
+        ratios = [b.cpu_us / a.cpu_us for a, b in pairs]
+        rows.append({"variant": v.name, "what": v.what, "ref": ref, "added_us": med(added),
+                     "ratio": med(ratios), "lo": min(ratios), "hi": max(ratios)})
+    return rows
+
+
+def option_table(r: Results) -> str:
+    lines = ["| variant | what | compared with | + µs/req | cost × (min–max) |",
+             "|---|---|---|---:|---:|"]
+    for row in option_rows(r):
+        lines.append(f"| {row['variant']} | {row['what']} | {row['ref']} | "
+                     f"{row['added_us']:+.2f} | {row['ratio']:.2f} ({row['lo']:.2f}–"
+                     f"{row['hi']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
 def target_table(r: Results) -> str:
     lines = ["| target | measured | met? | how |", "|---|---:|---|---|"]
     for t in targets(r):
@@ -211,6 +245,8 @@ def summary_text(r: Results) -> str:
     return "\n".join([
         "Cost: Envoy CPU per request (median over rounds)", "", cost_table(r),
         "Targets", "", target_table(r),
+        "Options (each against the variant it differs from by that option only)", "",
+        option_table(r),
         "Where the time goes (perf, µs of Envoy CPU per request)", "", profile_table(r),
         "Latency (one request at a time, through Envoy to the real Synapse whoami)", "",
         latency_table(r),
@@ -242,7 +278,7 @@ def cpu_model() -> str:
 
 def as_json(r: Results) -> dict:
     return {
-        "cost": cost_rows(r), "targets": targets(r), "latency": r.latency, "burst": r.burst,
+        "cost": cost_rows(r), "targets": targets(r), "options": option_rows(r), "latency": r.latency, "burst": r.burst,
         "memory": [{k: v for k, v in m.items() if k != "series"} for m in r.memory],
         "problems": r.problems, "modules": r.modules, "profile": r.profile,
         "samples": [vars(s) for s in r.samples],
@@ -322,6 +358,15 @@ runs or machines.
 
 {target_table(r)}
 
+## Options
+
+Each route-metadata option turned on alone, against the variant it differs from by that option
+only (the sync-path hit, or for `opt_room` the same room endpoint with the option off): the
+median per round of the difference in Envoy CPU per request, and of the cost ratio (> 1: the
+option costs more). `hit_shipped` is envoy.yaml's combination; `hit_trusted` saves the `:path`
+read. The hit-path figures above (`hit`) are with every option off.
+
+{option_table(r)}
 ## Where the time goes
 
 `perf record -e cpu-clock -F 4999 -p <Envoy>` (a software clock; this machine has no hardware

@@ -60,6 +60,7 @@ from procs import HOST, BenchError, Children, Envoy, envoy_version  # noqa: E402
 
 SYNC_PATH = "/_matrix/client/v3/sync?timeout=0&since=s1_2_3"
 OTHER_PATH = "/_matrix/client/v3/profile/%40bench0%3Aexample.test"
+ROOM_PATH = "/_matrix/client/v3/rooms/%21bench%3Aexample.test/messages?dir=b&limit=10"
 FIXTURES = REPO / "target/bench-fixtures/wasm32-wasip1/release"
 ROUTE_LUA = BENCH / "fixtures/route.lua"
 WHOAMI_RQ = f"cluster.{configs.WHOAMI_CLUSTER}.upstream_rq_total"
@@ -96,6 +97,20 @@ VARIANTS = [
     Variant("hit_shipped", "msr_shipped", SYNC_PATH,
             "matrix-sync-router, cache hit, envoy.yaml's options on (sync kind + route refresh, "
             "filter state)"),
+    # Each route-metadata option alone (the rest off, as in `hit`): its cost is the difference.
+    Variant("opt_sync_kind", "msr_opt_sync_kind", SYNC_PATH,
+            "hit + sync_kind_header (header set, clear_route_cache)"),
+    Variant("opt_filter_state", "msr_opt_filter_state", SYNC_PATH,
+            "hit + filter_state (two set_property calls)"),
+    Variant("opt_no_masquerade", "msr_opt_no_masquerade", SYNC_PATH,
+            "hit with appservice_masquerading off (no ?user_id= scan)"),
+    Variant("opt_local_decode", "msr_opt_local_decode", SYNC_PATH,
+            "native_token_server_name: the user decoded from the syt_ token, no cache"),
+    Variant("opt_mas_check", "msr_opt_mas_check", SYNC_PATH,
+            "hit + refuse_bad_mas_tokens (these syt_ tokens: prefix check only)"),
+    Variant("room_off", "msr", ROOM_PATH, "room endpoint, room_header_name off"),
+    Variant("opt_room", "msr_opt_room", ROOM_PATH,
+            "room endpoint, room_header_name on (room ID decoded from the path, header set)"),
     Variant("other_path", "msr", OTHER_PATH, "matrix-sync-router, non-sync path, filter on"),
     Variant("other_off", "msr_gated", OTHER_PATH,
             "matrix-sync-router, non-sync path, filter off on that route (as envoy.yaml)"),
@@ -105,6 +120,14 @@ VARIANTS = [
 # The route-metadata options envoy.yaml turns on: "hit" measures the filter without them (the
 # issue's hit path), "hit_shipped" with them, so their cost is the ratio of the two.
 OPTIONS_OFF = {"sync_kind_header": "", "room_header_name": "", "filter_state": False}
+OPTION_ON = {
+    "sync_kind": {"sync_kind_header": "x-msr-sync-kind"},
+    "filter_state": {"filter_state": True},
+    "no_masquerade": {"appservice_masquerading": False},
+    "local_decode": {"native_token_server_name": "example.test"},
+    "mas_check": {"refuse_bad_mas_tokens": True},
+    "room": {"room_header_name": "x-room-identifier"},
+}
 
 
 def _raise_interrupt(signum, _frame):
@@ -175,6 +198,10 @@ class Setup:
         if chain == "msr_trusted":
             trusted = {**OPTIONS_OFF, "trust_route_match": True, "appservice_masquerading": False}
             return [configs.wasm_filter(self.template, self.modules["msr"], overrides=trusted)]
+        if chain.startswith("msr_opt_"):
+            option = OPTION_ON[chain.removeprefix("msr_opt_")]
+            return [configs.wasm_filter(self.template, self.modules["msr"],
+                                        overrides={**OPTIONS_OFF, **option})]
         if chain == "msr_shipped":
             return [configs.wasm_filter(self.template, self.modules["msr"], overrides=overrides)]
         return [configs.wasm_filter(self.template, self.modules[chain], vm_id=f"bench_{chain}")]
@@ -344,7 +371,10 @@ def cpu_phase(setup: Setup, tokens: Tokens, whoami_port: int) -> tuple[list[Samp
         e.wait_ready()
     hit_tokens = list(tokens.users)
     dropped: set[str] = set()
-    for c in ("msr", "msr_trusted", "msr_shipped", "minimal", "lua"):
+    # local_decode never calls whoami (each round checks that it made no call).
+    warmed = [c for c in chains if c.startswith("msr")
+              and c not in ("msr_gated", "msr_opt_local_decode")]
+    for c in (*warmed, "minimal", "lua"):
         dropped |= warm(envoys[c], hit_tokens)
     hit_tokens = [t for t in hit_tokens if t not in dropped]
     scripts = {v.name: wrk_script(setup.workdir, v.name, v.path, hit_tokens) for v in VARIANTS}

@@ -23,7 +23,8 @@ from conftest import WASM
 RUN = stack.REPO / "bench" / "run.py"
 VARIANTS = [
     "none", "noop", "noop_envoy", "sdk_noop", "minimal", "lua", "hit", "hit_trusted", "hit_shipped",
-    "other_path", "other_off",
+    "opt_sync_kind", "opt_filter_state", "opt_no_masquerade", "opt_local_decode", "opt_mas_check",
+    "room_off", "opt_room", "other_path", "other_off",
 ]
 
 
@@ -61,6 +62,17 @@ def test_every_variant_has_a_sane_cost(quick_run):
         assert row["cpu_us"] > 0, name
         assert 0 < row["ratio"] < 2, (name, row["ratio"])
     assert results["problems"] == []
+
+
+def test_each_option_is_costed_against_its_own_reference(quick_run):
+    _, stdout, results = quick_run
+    rows = {r["variant"]: r for r in results["options"]}
+    assert set(rows) == {v for v in VARIANTS if v.startswith("opt_")} | {"hit_shipped",
+                                                                        "hit_trusted"}
+    assert rows["opt_room"]["ref"] == "room_off" and rows["opt_sync_kind"]["ref"] == "hit"
+    for name, row in rows.items():
+        assert 0 < row["ratio"] < 3, (name, row)
+    assert "Options (each against" in stdout
 
 
 def test_latency_burst_and_memory_are_reported(quick_run):
