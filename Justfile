@@ -54,7 +54,7 @@ lint: rust-target
             --target-dir target/bench-fixtures -- -D warnings; \
     done
 
-# Native unit tests of the sans-IO core.
+# Native unit tests of the core (parsers, codecs and the decision engine over the `Host` trait).
 unit:
     cargo test -p matrix-sync-router
 
