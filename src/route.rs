@@ -57,12 +57,22 @@ pub fn sync_kind(path: &[u8], query: Option<&[u8]>) -> SyncKind {
     }
 }
 
-/// The room a request is about, when its path is one of `room_paths` (the first `*` is the
-/// room ID): percent-decoded, and only if it looks like a room ID (`!` then 1-254 visible
-/// ASCII bytes), so a client cannot smuggle anything else into the header.
+/// The room a request is about, when its path (as the client sent it) is one of `room_paths`
+/// (the first `*` is the room ID): percent-decoded, and only if it looks like a room ID (`!`
+/// then 1-254 visible ASCII bytes), so a client cannot smuggle anything else into the header.
 pub fn room_id(room_paths: &PathSet, path: &[u8]) -> Option<Vec<u8>> {
     let raw = room_paths.capture(path)??;
-    let id: Vec<u8> = percent_decode(raw).collect();
+    checked_room_id(percent_decode(raw).collect())
+}
+
+/// The same for a path the host has already percent-decoded (ngx_wasm_module's `:path` is
+/// nginx's decoded URI): the room ID is taken as it stands, so a `%` that nginx decoded from
+/// `%25` stays a `%`, as in the room ID Synapse reads from the request.
+pub fn room_id_in_decoded_path(room_paths: &PathSet, path: &[u8]) -> Option<Vec<u8>> {
+    checked_room_id(room_paths.capture(path)??.to_vec())
+}
+
+fn checked_room_id(id: Vec<u8>) -> Option<Vec<u8>> {
     let ok = id.first() == Some(&b'!')
         && (2..=255).contains(&id.len())
         && id.iter().all(|b| (0x21..=0x7e).contains(b));
@@ -164,6 +174,32 @@ mod tests {
         assert_eq!(id("/_matrix/client/v3/rooms/%23alias%3Ax/messages"), None);
         assert_eq!(id("/_matrix/client/v3/rooms/!a%0D%0AX:1/messages"), None);
         assert_eq!(id("/_matrix/client/v3/rooms/!/messages"), None);
+        assert_eq!(id("/_matrix/client/v3/sync"), None);
+        assert_eq!(
+            id("/_matrix/client/v3/rooms/%21ab%2541:x/messages"),
+            Some("!ab%41:x".into())
+        );
+    }
+
+    #[test]
+    fn a_decoded_path_is_not_decoded_again() {
+        let paths =
+            PathSet::compile(&["/_matrix/client/{r0|v3}/rooms/*/{messages|send}/**"]).unwrap();
+        let id = |p: &str| {
+            room_id_in_decoded_path(&paths, p.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+        };
+        // What nginx makes of `/rooms/%21ab%2541:x/messages`: Synapse's room `!ab%41:x`.
+        assert_eq!(
+            id("/_matrix/client/v3/rooms/!ab%41:x/messages"),
+            Some("!ab%41:x".into())
+        );
+        assert_eq!(
+            id("/_matrix/client/v3/rooms/!abc:x/messages"),
+            Some("!abc:x".into())
+        );
+        assert_eq!(id("/_matrix/client/v3/rooms/#alias:x/messages"), None);
+        assert_eq!(id("/_matrix/client/v3/rooms/!a b:x/messages"), None);
+        assert_eq!(id("/_matrix/client/v3/rooms/!caf\u{e9}:x/messages"), None);
         assert_eq!(id("/_matrix/client/v3/sync"), None);
     }
 }

@@ -1110,6 +1110,20 @@ def test_a_client_cannot_choose_the_room_worker(split, rooms, spoof):
     assert split.upstream_head(tid).values(ROOM_HEADER) == []
 
 
+@pytest.mark.parametrize(
+    "spelled", ["%21abc%3Aexample.test", "!abc:example.test", "%21ab%2541%3Aexample.test"]
+)
+def test_the_room_key_is_the_room_synapse_reads(split, rooms, spelled):
+    """However the client encodes the room ID, nginx hashes on the room Synapse serves (named in
+    its own 403 for a room the user is not in). ngx_wasm_module hands the filter nginx's decoded
+    URI, so the filter must not decode it again: `%2541` is Synapse's `%41`, not `A`."""
+    owner, _, _ = rooms
+    r, _ = split.traced("GET", f"/_matrix/client/v3/rooms/{spelled}/members", [bearer(owner.token)])
+    assert r.status == 403, r.body[:200]
+    (served,) = re.findall(r" not in room (\S+),", r.json()["error"])
+    assert split.log_entry(r.request_id)["room"] == served, (spelled, served)
+
+
 def test_debug_headers_show_the_sync_kind_and_key_type_when_enabled(nginx_bin, workdir, synapse, nginx):
     """Off as shipped; with the two add_header lines uncommented, a client sees the sync kind
     and the kind of key (user, fallback, none), never the key or its token."""
