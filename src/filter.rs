@@ -676,7 +676,12 @@ impl Router {
     /// path holds no room ID carries none (the client's copies go).
     fn room_key<H: Host>(&self, host: &H, path: &[u8]) {
         let cfg = &self.settings.config;
-        let Some(room) = route::room_id(&self.settings.room_paths, path) else {
+        let room = if cfg.proxy.path_is_decoded() {
+            route::room_id_in_decoded_path(&self.settings.room_paths, path)
+        } else {
+            route::room_id(&self.settings.room_paths, path)
+        };
+        let Some(room) = room else {
             if !cfg.room_header_name.is_empty() && self.settings.room_paths.matches(path) {
                 host.remove_request_header(&cfg.room_header_name);
             }

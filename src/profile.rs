@@ -46,6 +46,15 @@ impl Proxy {
         matches!(self, Proxy::Envoy)
     }
 
+    /// Whether the host's `:path` is already percent-decoded. ngx_wasm_module builds it from
+    /// nginx's `r->uri` (decoded, with `.`/`..` segments resolved and slashes merged) and the raw
+    /// arguments (`ngx_proxy_wasm_maps_get_path`, 3bed2783; seen on the real nginx: a request for
+    /// `/rooms/%21ab%2541:x/members` arrives as `/rooms/!ab%41:x/members`). Envoy passes the
+    /// request's own path. The query is raw on both.
+    pub fn path_is_decoded(self) -> bool {
+        matches!(self, Proxy::NgxWasmModule)
+    }
+
     /// Checks `nginx_variable`: empty (the key goes into the header), or for ngx_wasm_module an
     /// nginx variable name (written through the `ngx.<name>` property).
     pub fn validate_variable(self, name: &str) -> Result<(), &'static str> {
@@ -122,6 +131,8 @@ mod tests {
         assert!(!Proxy::NgxWasmModule.callouts_run_in_background());
         assert!(Proxy::Envoy.resumes_other_contexts());
         assert!(!Proxy::NgxWasmModule.resumes_other_contexts());
+        assert!(!Proxy::Envoy.path_is_decoded());
+        assert!(Proxy::NgxWasmModule.path_is_decoded());
     }
 
     #[test]

@@ -57,12 +57,22 @@ pub fn sync_kind(path: &[u8], query: Option<&[u8]>) -> SyncKind {
     }
 }
 
-/// The room a request is about, when its path is one of `room_paths` (the first `*` is the
-/// room ID): percent-decoded, and only if it looks like a room ID (`!` then 1-254 visible
-/// ASCII bytes), so a client cannot smuggle anything else into the header.
+/// The room a request is about, when its path (as the client sent it) is one of `room_paths`
+/// (the first `*` is the room ID): percent-decoded, and only if it looks like a room ID (`!`
+/// then 1-254 visible ASCII bytes), so a client cannot smuggle anything else into the header.
 pub fn room_id(room_paths: &PathSet, path: &[u8]) -> Option<Vec<u8>> {
     let raw = room_paths.capture(path)??;
-    let id: Vec<u8> = percent_decode(raw).collect();
+    checked_room_id(percent_decode(raw).collect())
+}
+
+/// The same for a path the host has already percent-decoded (ngx_wasm_module's `:path` is
+/// nginx's decoded URI): the room ID is taken as it stands, so a `%` that nginx decoded from
+/// `%25` stays a `%`, as in the room ID Synapse reads from the request.
+pub fn room_id_in_decoded_path(room_paths: &PathSet, path: &[u8]) -> Option<Vec<u8>> {
+    checked_room_id(room_paths.capture(path)??.to_vec())
+}
+
+fn checked_room_id(id: Vec<u8>) -> Option<Vec<u8>> {
     let ok = id.first() == Some(&b'!')
         && (2..=255).contains(&id.len())
         && id.iter().all(|b| (0x21..=0x7e).contains(b));
@@ -148,22 +158,44 @@ mod tests {
     fn room_ids_come_only_from_room_paths_and_look_like_room_ids() {
         let paths =
             PathSet::compile(&["/_matrix/client/{r0|v3}/rooms/*/{messages|send}/**"]).unwrap();
-        let id = |p: &str| room_id(&paths, p.as_bytes()).map(|v| String::from_utf8(v).unwrap());
-        assert_eq!(
-            id("/_matrix/client/v3/rooms/%21abc%3Aexample.org/messages"),
-            Some("!abc:example.org".into())
-        );
-        assert_eq!(
-            id("/_matrix/client/v3/rooms/!abc:x/send/m.room.message/t1"),
-            Some("!abc:x".into())
-        );
-        assert_eq!(
-            id("/_matrix/client/v3/rooms/!hashonly/messages"),
-            Some("!hashonly".into())
-        );
-        assert_eq!(id("/_matrix/client/v3/rooms/%23alias%3Ax/messages"), None);
-        assert_eq!(id("/_matrix/client/v3/rooms/!a%0D%0AX:1/messages"), None);
-        assert_eq!(id("/_matrix/client/v3/rooms/!/messages"), None);
-        assert_eq!(id("/_matrix/client/v3/sync"), None);
+        let text = |id: Option<Vec<u8>>| id.map(|v| String::from_utf8(v).unwrap());
+        // (path, its room ID as a client sent it, and in a path the host already decoded)
+        for (path, sent, decoded) in [
+            (
+                "/rooms/%21abc%3Aexample.org/messages",
+                Some("!abc:example.org"),
+                None,
+            ),
+            (
+                "/rooms/!abc:x/send/m.room.message/t1",
+                Some("!abc:x"),
+                Some("!abc:x"),
+            ),
+            (
+                "/rooms/!hashonly/messages",
+                Some("!hashonly"),
+                Some("!hashonly"),
+            ),
+            ("/rooms/%23alias%3Ax/messages", None, None),
+            ("/rooms/#alias:x/messages", None, None),
+            ("/rooms/!a%0D%0AX:1/messages", None, Some("!a%0D%0AX:1")),
+            ("/rooms/!a b:x/messages", None, None),
+            ("/rooms/!caf\u{e9}:x/messages", None, None),
+            ("/rooms/!/messages", None, None),
+            // nginx hands `/rooms/%21ab%2541:x/...` over as `/rooms/!ab%41:x/...`: Synapse's
+            // room `!ab%41:x` either way.
+            ("/rooms/%21ab%2541:x/messages", Some("!ab%41:x"), None),
+            ("/rooms/!ab%41:x/messages", Some("!abA:x"), Some("!ab%41:x")),
+            ("/sync", None, None),
+        ] {
+            let path = format!("/_matrix/client/v3{path}");
+            let path = path.as_bytes();
+            assert_eq!(text(room_id(&paths, path)).as_deref(), sent, "{path:?}");
+            assert_eq!(
+                text(room_id_in_decoded_path(&paths, path)).as_deref(),
+                decoded,
+                "{path:?}"
+            );
+        }
     }
 }

@@ -47,6 +47,29 @@ NOT_SYNC_SAMPLES = [
 ]
 
 
+# The same for a room-endpoint pattern and the filter's default room_paths.
+ROOM_SAMPLES = [
+    "/_matrix/client/v3/rooms/!room:example.org/messages",
+    "/_matrix/client/r0/rooms/!room:example.org/send/m.room.message/txn1",
+    "/_matrix/client/api/v1/rooms/!room:example.org/state",
+    "/_matrix/client/unstable/rooms/!room:example.org/state/m.room.name/",
+    "/_matrix/client/v3/rooms/!room:example.org/receipt/m.read/$event",
+    "/_matrix/client/v1/rooms/!room:example.org/hierarchy",
+    "/_matrix/client/v1/rooms/!room:example.org/relations/$event/m.thread",
+    "/_matrix/client/v3/rooms/%23alias:example.org/members",
+]
+NOT_ROOM_SAMPLES = [
+    "/_matrix/client/v3/rooms/!room:example.org/initialSync",
+    "/_matrix/client/v3/rooms/!room:example.org/join",
+    "/_matrix/client/v3/rooms/!room:example.org/messagesx",
+    "/_matrix/client/v1/rooms/!room:example.org/messages",
+    "/_matrix/client/v3/rooms/!room:example.org/hierarchy",
+    "/_matrix/client/v3/rooms//messages",
+    "/_matrix/client/v3/sync",
+    "/prefix/_matrix/client/v3/rooms/!room:example.org/messages",
+]
+
+
 def config_schema() -> dict:
     return json.loads(META_JSON.read_text())["config_schema"]
 
@@ -82,15 +105,15 @@ def matches(regexes: list[str], path: str) -> bool:
     return any(re.search(r, path) for r in regexes)
 
 
-def same_family_as_the_filter(regexes: list[str]) -> list[str]:
-    """Sample paths on which a proxy's sync-route `regexes` and the filter's default sync_paths
-    (templates) disagree."""
-    defaults = [template_regex(t) for t in config_schema()["properties"]["sync_paths"]["default"]]
-    return [
-        p
-        for p in SYNC_SAMPLES + NOT_SYNC_SAMPLES
-        if matches(regexes, p) != matches(defaults, p)
-    ]
+def same_family_as_the_filter(regexes: list[str], field: str = "sync_paths") -> list[str]:
+    """Sample paths on which a proxy's route `regexes` and the filter's default `field`
+    templates (sync_paths, or room_paths) disagree."""
+    defaults = [template_regex(t) for t in config_schema()["properties"][field]["default"]]
+    samples = {
+        "sync_paths": SYNC_SAMPLES + NOT_SYNC_SAMPLES,
+        "room_paths": ROOM_SAMPLES + NOT_ROOM_SAMPLES,
+    }[field]
+    return [p for p in samples if matches(regexes, p) != matches(defaults, p)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +186,13 @@ class NginxConf:
     def code(self) -> str:
         return _strip_comments(self.text)
 
+    def plugin_configs(self) -> list[str]:
+        """The JSON of every `proxy_wasm matrix_sync_router '...'` line, in file order."""
+        return re.findall(r"^\s*proxy_wasm matrix_sync_router '(.*)';", self.code, re.MULTILINE)
+
     def plugin_config(self) -> str:
-        (conf,) = re.findall(r"^\s*proxy_wasm matrix_sync_router '(.*)';", self.code, re.MULTILINE)
+        """The filter's configuration: every location that runs the filter has the same one."""
+        (conf,) = set(self.plugin_configs())
         return conf
 
     def shm_zones(self) -> list[str]:
@@ -172,9 +200,6 @@ class NginxConf:
 
     def set_variables(self) -> list[str]:
         return re.findall(r"^\s*set \$(\w+) \"\";", self.code, re.MULTILINE)
-
-    def hash_variables(self) -> list[str]:
-        return re.findall(r"^\s*hash \$(\w+) consistent;", self.code, re.MULTILINE)
 
     def header_variables(self, name: str) -> list[str]:
         return re.findall(
@@ -193,6 +218,26 @@ class NginxConf:
             found.append((m[1].strip(), code[m.end() : i - 1]))
         return found
 
+    def filter_location(self, proxy_pass: str) -> tuple[str, str]:
+        """(regex, body) of the one location that runs the filter and proxies to `proxy_pass`."""
+        (found,) = [
+            (a.removeprefix("~").strip(), body)
+            for a, body in self.blocks("location")
+            if "proxy_wasm" in body
+            and re.search(rf"^\s*proxy_pass {re.escape(proxy_pass)};", body, re.MULTILINE)
+        ]
+        return found
+
     def sync_location_regex(self) -> str:
-        (arg,) = [a for a, body in self.blocks("location") if "proxy_wasm" in body]
-        return arg.removeprefix("~").strip()
+        return self.filter_location("http://$msr_sync_pool")[0]
+
+    def room_location_regex(self) -> str:
+        return self.filter_location("http://synapse_room_workers")[0]
+
+    def maps(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """Every `map $source $name { key value; ... }`: name → (source, {key: value})."""
+        found = {}
+        for m in re.finditer(r"^\s*map \$(\w+) \$(\w+) \{([^}]*)\}", self.code, re.MULTILINE):
+            entries = re.findall(r'^\s*("[^"]*"|\S+)\s+(\S+);', m[3], re.MULTILINE)
+            found[m[2]] = (m[1], {k.strip('"'): v for k, v in entries})
+        return found

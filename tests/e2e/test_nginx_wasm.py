@@ -6,11 +6,13 @@ they are skipped with that reason. The offline checks of nginx-wasm/nginx.conf (
 always run.
 
 nginx runs the repository's own nginx-wasm/nginx.conf with only the listen port, the upstream
-addresses and ports, the whoami upstream, the .wasm path and the log/pid paths substituted, so
-the file an operator starts from is what is tested. Which worker served a request, and the
-routing key nginx hashed on, come from the shipped JSON access log (correlated by the
-X-Request-Id nginx echoes); the headers each worker actually received are recorded by a HeaderTap
-(tests/e2e/tap.py) between nginx and each Synapse worker listener.
+addresses and ports, the whoami upstream, the .wasm path and the log/pid paths substituted (and,
+where a test says so, plugin fields or the debug headers uncommented), so the file an operator
+starts from is what is tested. Which worker served a request, and the routing key nginx hashed
+on, come from the shipped JSON access log (correlated by the X-Request-Id nginx echoes); the
+headers each worker actually received are recorded by a HeaderTap (tests/e2e/tap.py) between
+nginx and each Synapse worker listener. The initial-sync pool and the room workers are the sync
+workers' taps, or (in the tests that tell pools apart) taps of their own at other addresses.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,7 @@ NGINX_BIN = os.environ.get("NGINX_WASM_BIN", "")
 NGINX_CONF = proxyconf.NGINX_CONF
 FILTER = "matrix_sync_router"
 HEADER = "X-User-Identifier"
+ROOM_HEADER = "X-Room-Identifier"
 SKIP_REASON = (
     "NGINX_WASM_BIN not set: needs an nginx built with ngx_wasm_module, which is in no package "
     "registry"
@@ -59,28 +63,48 @@ def shipped() -> proxyconf.NginxConf:
 
 def test_the_shipped_plugin_config_passes_the_schema_and_the_filter_parser(shipped):
     """The proxy_wasm JSON is accepted by the compiled filter (harness, ngx_wasm_module profile
-    with exactly the shm_kv zones and `set` variables nginx.conf declares) and by the schema."""
+    with exactly the shm_kv zones and `set` variables nginx.conf declares) and by the schema.
+    Both locations that run the filter (sync and room) have the same configuration."""
+    assert len(shipped.plugin_configs()) == 2
     conf = shipped.plugin_config()
     assert proxyconf.schema_errors(json.loads(conf)) == []
     checked = proxyconf.filter_configure(WASM, conf, zones=shipped.shm_zones())
     assert checked.accepted, checked.output
 
 
+def server_level(shipped) -> str:
+    """The server block without its locations."""
+    ((_, server),) = shipped.blocks("server")
+    for _, body in shipped.blocks("location"):
+        server = server.replace(body, "")
+    return server
+
+
 def test_the_routing_key_is_one_nginx_variable_end_to_end(shipped):
     """What the filter writes, what `hash` uses and what the workers receive are one variable,
     declared at server level, and no location sets headers of its own (a location with any
-    proxy_set_header would inherit none of the server's, X-User-Identifier included)."""
-    variable = json.loads(shipped.plugin_config())["nginx_variable"]
-    assert variable
-    assert shipped.hash_variables() == [variable]
+    proxy_set_header would inherit none of the server's, X-User-Identifier included). The same
+    for the room ID: the room workers hash on it and receive it as X-Room-Identifier."""
+    conf = json.loads(shipped.plugin_config())
+    variable, room = conf["nginx_variable"], conf["nginx_room_variable"]
+    assert variable and room and conf["nginx_sync_kind_variable"]
+    hashed = {name: re.findall(r"^\s*hash \$(\w+) consistent;", body, re.MULTILINE)
+              for name, body in shipped.blocks("upstream")}
+    assert hashed == {
+        "synapse_sync_workers": [variable],
+        "synapse_initial_sync_workers": [variable],
+        "synapse_room_workers": [room],
+        "synapse_main": [],
+    }
     assert shipped.header_variables(HEADER) == [variable]
-    ((_, server),) = shipped.blocks("server")
-    outside_locations = server
+    assert shipped.header_variables(ROOM_HEADER) == [room]
     for _, body in shipped.blocks("location"):
         assert "proxy_set_header" not in body
-        outside_locations = outside_locations.replace(body, "")
-    assert re.search(rf'^\s*set \${variable} "";', outside_locations, re.MULTILINE)
+    outside_locations = server_level(shipped)
+    for name in (variable, room, conf["nginx_sync_kind_variable"]):
+        assert re.search(rf'^\s*set \${name} "";', outside_locations, re.MULTILINE), name
     assert re.search(rf"^\s*proxy_set_header {HEADER} \${variable};", outside_locations, re.MULTILINE)
+    assert re.search(rf"^\s*proxy_set_header {ROOM_HEADER} \${room};", outside_locations, re.MULTILINE)
 
 
 def test_the_sync_location_is_the_filters_path_family(shipped):
@@ -88,9 +112,61 @@ def test_the_sync_location_is_the_filters_path_family(shipped):
     assert "sync_paths" not in json.loads(shipped.plugin_config())  # the filter's defaults
 
 
+def test_the_room_location_is_the_filters_room_paths(shipped):
+    regex = shipped.room_location_regex()
+    assert proxyconf.same_family_as_the_filter([regex], "room_paths") == []
+    assert "room_paths" not in json.loads(shipped.plugin_config())  # the filter's defaults
+    # No path is both: the filter would treat it as a sync (sync_paths win) in either location.
+    sync = shipped.sync_location_regex()
+    for path in proxyconf.ROOM_SAMPLES + proxyconf.SYNC_SAMPLES:
+        assert not (re.search(regex, path) and re.search(sync, path)), path
+
+
+def test_initial_syncs_have_their_own_pool_with_a_fallback(shipped):
+    """The sync location proxies to the upstream a map picks from the filter's sync-kind
+    variable: `initial` → the initial-sync pool, anything else → the sync workers. nginx's own
+    502 (pool unusable) sends the request to a named location that proxies initial syncs, and only
+    those, to the sync workers."""
+    kind = json.loads(shipped.plugin_config())["nginx_sync_kind_variable"]
+    source, entries = shipped.maps()["msr_sync_pool"]
+    assert source == kind
+    assert entries == {"initial": "synapse_initial_sync_workers", "default": "synapse_sync_workers"}
+    upstreams = {name for name, _ in shipped.blocks("upstream")}
+    assert set(entries.values()) <= upstreams
+    _, sync = shipped.filter_location("http://$msr_sync_pool")
+    (target,) = re.findall(r"^\s*error_page 502 = (@\w+);", sync, re.MULTILINE)
+    assert "proxy_intercept_errors" not in shipped.code  # a worker's own 502 is never retried
+    ((_, fallback),) = [(a, b) for a, b in shipped.blocks("location") if a == target]
+    assert re.search(r"^\s*proxy_pass http://synapse_sync_workers;", fallback, re.MULTILINE)
+    assert re.search(rf"if \(\${kind} != initial\) \{{\s*return 502;\s*\}}", fallback)
+    assert "proxy_wasm" not in fallback
+    assert not re.search(r"^\s*backup\b|\sbackup;", shipped.code, re.MULTILINE)
+
+
+def test_debug_headers_are_off_and_carry_no_key(shipped):
+    """The debug response headers are in the file, commented out; uncommented they name only the
+    sync kind and the key's type (from a map that yields user/fallback/none)."""
+    assert "X-MSR-" not in shipped.code
+    lines = debug_header_lines(shipped.text)
+    assert [name for name, _ in lines] == ["X-MSR-Sync-Kind", "X-MSR-Key-Type"]
+    conf = json.loads(shipped.plugin_config())
+    assert dict(lines) == {
+        "X-MSR-Sync-Kind": f"${conf['nginx_sync_kind_variable']}",
+        "X-MSR-Key-Type": "$msr_key_type",
+    }
+    source, entries = shipped.maps()["msr_key_type"]
+    assert source == conf["nginx_variable"]
+    assert entries == {"": "none", "~^~": "fallback", "default": "user"}
+    # At server level, next to X-Request-Id: a location with its own add_header would drop both.
+    uncommented = proxyconf.NginxConf(uncomment_debug_headers(shipped.text))
+    assert "X-MSR-Sync-Kind" in server_level(uncommented)
+    for _, body in uncommented.blocks("location"):
+        assert "add_header" not in body
+
+
 def test_the_access_log_shows_worker_and_key_but_no_token(shipped):
     (fmt,) = re.findall(r"log_format matrix escape=json((?:\s*'[^']*')+);", shipped.code)
-    for variable in ("$upstream_addr", "$msr_routing_key", "$request_id"):
+    for variable in ("$upstream_addr", "$msr_routing_key", "$msr_sync_kind", "$msr_room", "$request_id"):
         assert variable in fmt
     # The query string may carry access_token; Authorization carries the token.
     for forbidden in ("$request ", "$request\"", "$request_uri", "$args", "$query_string", "$arg_", "$http_authorization"):
@@ -104,15 +180,19 @@ def test_upstreams_are_production_shaped(shipped):
     code = shipped.code
     assert re.search(r"^\s*resolver \S+", code, re.MULTILINE)
     upstreams = shipped.blocks("upstream")
-    assert {name for name, _ in upstreams} == {"synapse_sync_workers", "synapse_main"}
+    assert {name for name, _ in upstreams} == {
+        "synapse_sync_workers", "synapse_initial_sync_workers", "synapse_room_workers", "synapse_main"
+    }
     for name, body in upstreams:
         assert re.search(r"^\s*zone \S+ \S+;", body, re.MULTILINE), name
         assert re.search(r"^\s*keepalive \d+;", body, re.MULTILINE), name
         servers = re.findall(r"^\s*server (\S+)(.*);", body, re.MULTILINE)
         assert servers and all(" resolve" in params for _, params in servers), name
     assert re.search(r"^\s*gzip off;", code, re.MULTILINE)
-    (sync,) = [b for a, b in shipped.blocks("location") if "proxy_wasm" in b]
+    _, sync = shipped.filter_location("http://$msr_sync_pool")
     assert int(re.search(r"proxy_read_timeout (\d+)s;", sync)[1]) >= 120
+    ((_, fallback),) = [(a, b) for a, b in shipped.blocks("location") if a.startswith("@")]
+    assert int(re.search(r"proxy_read_timeout (\d+)s;", fallback)[1]) >= 120
     (federation,) = [b for a, b in shipped.blocks("location") if a == "/_matrix/federation/"]
     assert int(re.search(r"client_max_body_size (\d+)m;", federation)[1]) >= 100
     assert re.search(r"^\s*client_max_body_size \d+m;", code, re.MULTILINE)
@@ -181,11 +261,24 @@ def nginx_bin() -> str:
     return NGINX_BIN
 
 
-def _sub_one(pattern: str, repl, text: str, what: str) -> str:
+def _sub_one(pattern: str, repl, text: str, what: str, count: int = 1) -> str:
     new, n = re.subn(pattern, repl, text, flags=re.MULTILINE)
-    if n != 1:
-        raise stack.StackError(f"nginx-wasm/nginx.conf: expected exactly one {what}, found {n}")
+    if n != count:
+        raise stack.StackError(f"nginx-wasm/nginx.conf: expected {count} {what}, found {n}")
     return new
+
+
+_DEBUG_HEADER = r"^(\s*)# (add_header (X-MSR-[\w-]+) (\S+) always;)$"
+
+
+def debug_header_lines(text: str) -> list[tuple[str, str]]:
+    """(name, value) of the commented-out debug add_header lines of nginx.conf."""
+    return [(m[3], m[4]) for m in re.finditer(_DEBUG_HEADER, text, re.MULTILINE)]
+
+
+def uncomment_debug_headers(text: str) -> str:
+    """nginx.conf with its debug response headers switched on, as an operator would."""
+    return _sub_one(_DEBUG_HEADER, r"\1\2", text, "debug add_header lines", count=2)
 
 
 def _upstream(text: str, name: str, ports: list[int]) -> str:
@@ -213,16 +306,25 @@ def render_nginx_config(
     listen_port: int | None = None,
     main_port: int | None = None,
     worker_ports: list[int] | None = None,
+    initial_sync_ports: list[int] | None = None,
+    room_ports: list[int] | None = None,
     plugin_overrides: dict | None = None,
     drop_lines: tuple[str, ...] = (),
+    debug_headers: bool = False,
     source: Path = NGINX_CONF,
 ) -> str:
     """The shipped nginx.conf with its paths substituted and, when given, its listen port, its
-    upstream servers (as 127.0.0.1:<port>), the whoami upstream and plugin fields. `drop_lines`
-    removes lines (only for tests that show why a line is there)."""
+    upstream servers (as 127.0.0.1:<port>), the whoami upstream and plugin fields (in every
+    proxy_wasm line). The initial-sync pool and the room workers get the sync workers' servers
+    unless their own are given: with the same servers, `hash ... consistent` picks the same one
+    for a key, so initial syncs then land where a deployment without that pool sends them.
+    `drop_lines` removes lines (only for tests that show why a line is there); `debug_headers`
+    uncomments the debug response headers."""
     text = source.read_text()
     for line in drop_lines:
         text = _sub_one(rf"^\s*{re.escape(line)}\n", "", text, f"line {line!r}")
+    if debug_headers:
+        text = uncomment_debug_headers(text)
     preamble = [
         "daemon off;",
         f"pid {workdir / 'nginx.pid'};",
@@ -242,6 +344,8 @@ def render_nginx_config(
     )
     if worker_ports is not None:
         text = _upstream(text, "synapse_sync_workers", worker_ports)
+        text = _upstream(text, "synapse_initial_sync_workers", initial_sync_ports or worker_ports)
+        text = _upstream(text, "synapse_room_workers", room_ports or worker_ports)
     if main_port is not None:
         text = _upstream(text, "synapse_main", [main_port])
     if listen_port is not None:
@@ -259,11 +363,17 @@ def render_nginx_config(
         conf.update(plugin_overrides or {})
         return f"{m[1]}'{json.dumps(conf)}';"
 
-    return _sub_one(rf"^(\s*proxy_wasm {FILTER} )'(.*)';", plugin, text, "proxy_wasm line")
+    return _sub_one(rf"^(\s*proxy_wasm {FILTER} )'(.*)';", plugin, text, "proxy_wasm lines", 2)
 
 
 class Nginx(stack.Service):
-    """nginx running the substituted nginx.conf; each sync worker behind a HeaderTap."""
+    """nginx running the substituted nginx.conf; each worker behind a HeaderTap.
+
+    The sync workers are taps in front of Synapse's worker listeners. By default the initial-sync
+    pool and the room workers are those same taps; `initial_sync_pool` / `room_pool` taps (in
+    front of the same listeners, but at their own addresses) give them upstreams of their own,
+    and `initial_sync_ports` / `sync_ports` point the initial-sync pool / the sync workers at
+    exactly these ports, untapped (e.g. ports nothing listens on)."""
 
     def __init__(
         self,
@@ -272,6 +382,12 @@ class Nginx(stack.Service):
         synapse: stack.Synapse,
         wasm: Path,
         drop_lines: tuple[str, ...] = (),
+        *,
+        initial_sync_pool: int = 0,
+        initial_sync_ports: list[int] | None = None,
+        sync_ports: list[int] | None = None,
+        room_pool: int = 0,
+        debug_headers: bool = False,
         **overrides,
     ):
         self.binary = binary
@@ -279,22 +395,34 @@ class Nginx(stack.Service):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.synapse = synapse
         (self.port,) = stack.free_ports(1)
-        self.taps = [HeaderTap(p) for p in synapse.worker_ports]
+        listeners = synapse.worker_ports
+        self.taps = [HeaderTap(p) for p in listeners] if sync_ports is None else []
+        self.initial_taps = [HeaderTap(listeners[i % len(listeners)]) for i in range(initial_sync_pool)]
+        self.room_taps = [HeaderTap(listeners[i % len(listeners)]) for i in range(room_pool)]
+        if initial_sync_ports is None and self.initial_taps:
+            initial_sync_ports = [t.port for t in self.initial_taps]
         self.conf = self.dir / "nginx.conf"
         self.conf.write_text(
             render_nginx_config(
                 workdir=self.dir,
                 listen_port=self.port,
                 main_port=synapse.main_port,
-                worker_ports=[t.port for t in self.taps],
+                worker_ports=[t.port for t in self.taps] if sync_ports is None else sync_ports,
+                initial_sync_ports=initial_sync_ports,
+                room_ports=[t.port for t in self.room_taps] or None,
                 wasm=Path(wasm).resolve(),
                 plugin_overrides=overrides or None,
                 drop_lines=drop_lines,
+                debug_headers=debug_headers,
             )
         )
         self.access_log = self.dir / "access.log"
         self.error_log = self.dir / "error.log"
-        self.workers = {f"{stack.HOST}:{t.port}": f"sync-{i + 1}" for i, t in enumerate(self.taps)}
+        self.workers = {
+            f"{stack.HOST}:{t.port}": f"{pool}-{i + 1}"
+            for pool, taps in (("sync", self.taps), ("initial", self.initial_taps), ("room", self.room_taps))
+            for i, t in enumerate(taps)
+        }
         self._log_offset = 0
         self._log_partial = b""
         self._entries: dict[str, dict] = {}
@@ -313,20 +441,29 @@ class Nginx(stack.Service):
         )
         return self
 
+    @property
+    def all_taps(self) -> list[HeaderTap]:
+        return self.taps + self.initial_taps + self.room_taps
+
     def stop(self) -> None:
         super().stop()
-        for t in self.taps:
+        for t in self.all_taps:
             t.close()
 
     def request(self, method: str, path: str, headers=(), body=None, timeout: float = 60.0):
         return stack.http_request(self.port, method, path, headers, body, timeout)
 
-    def sync(self, headers=()) -> tuple[stack.Response, str]:
-        """GET /sync?timeout=0 through nginx with exactly `headers` (plus the test's own
-        X-Test-Id and User-Agent first); returns (response, test id)."""
+    def sync(self, headers=(), query: str = "") -> tuple[stack.Response, str]:
+        """GET /sync?timeout=0 (an initial sync; `query` adds parameters) through nginx with
+        exactly `headers` (plus the test's own X-Test-Id and User-Agent first); returns
+        (response, test id)."""
+        return self.traced("GET", f"{stack.SYNC_PATH}?timeout=0{query}", headers)
+
+    def traced(self, method: str, path: str, headers=(), body=None) -> tuple[stack.Response, str]:
+        """A request with the test's X-Test-Id and User-Agent first; returns (response, test id)."""
         test_id = secrets.token_hex(8)
         sent = [("X-Test-Id", test_id), ("User-Agent", USER_AGENT), *headers]
-        return self.request("GET", f"{stack.SYNC_PATH}?timeout=0", sent), test_id
+        return self.request(method, path, sent, body), test_id
 
     # The shipped access log is JSON lines with a request_id, like Envoy's: same reader.
     _read_access_log = stack.Envoy._read_access_log
@@ -335,15 +472,17 @@ class Nginx(stack.Service):
     login = stack.Envoy.login  # password login through nginx's /_matrix/ location
 
     def served(self, response: stack.Response) -> tuple[str, str]:
-        """(worker name, routing key nginx hashed on) of one request, from the access log."""
+        """(worker name, routing key nginx hashed on) of one request, from the access log. The
+        worker is the last upstream tried (`a, b : c` after retries and an error_page)."""
         entry = self.log_entry(response.request_id)
-        return self.workers.get(entry["upstream"], entry["upstream"]), entry["user"]
+        last = re.split(r", | : ", entry["upstream"])[-1]
+        return self.workers.get(last, last), entry["user"]
 
     def upstream_head(self, test_id: str, timeout: float = 10.0) -> RequestHead:
         """The request as the worker received it (exactly one must have arrived)."""
 
         def find():
-            heads = [h for t in self.taps for h in t.find("X-Test-Id", test_id)]
+            heads = [h for t in self.all_taps for h in t.find("X-Test-Id", test_id)]
             return heads or None
 
         heads = stack.wait_until(find, timeout, f"request {test_id} at a worker", interval=0.02)
@@ -670,6 +809,359 @@ def test_counters_are_visible(nginx):
         "ngx_wasm_module keeps proxy-wasm metrics (pw:matrix_sync_router:*) in shared memory and "
         "exposes them only through its OpenResty Lua FFI; a plain nginx has no endpoint to read them"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# route metadata (issue 7): initial syncs to their own pool, room endpoints hashed by room
+
+
+@pytest.fixture(scope="module")
+def split(nginx_bin, workdir, synapse):
+    """nginx.conf with pools of their own: three initial-sync and three room-worker taps (in
+    front of Synapse's listeners, at addresses of their own) next to the three sync workers."""
+    with running(
+        Nginx(nginx_bin, workdir / "split", synapse, WASM, initial_sync_pool=3, room_pool=3)
+    ) as n:
+        yield n
+
+
+def pool_of(worker: str) -> str:
+    return worker.rsplit("-", 1)[0]
+
+
+def only(items: set[str], what: str) -> str:
+    assert len(items) == 1, f"{what}: {sorted(items)}"
+    return next(iter(items))
+
+
+def since_of(response: stack.Response) -> str:
+    return "&since=" + urllib.parse.quote(response.json()["next_batch"], safe="")
+
+
+def test_initial_and_incremental_syncs_keep_each_user_on_one_worker_of_each_pool(split, placed):
+    """No `since`, or `full_state=true` → the initial-sync pool; `since` → the sync workers.
+    Every sync of a user (all devices) lands on one worker of each pool, keyed by the user ID;
+    users spread over both pools."""
+    initial_of, incremental_of = {}, {}
+    for user_id, devices, _ in placed:
+        seen = collections.defaultdict(set)
+        for device in devices:
+            auth = [bearer(device.token)]
+            first, tid = split.sync(auth)
+            assert first.status == 200, first.body[:200]
+            later, _ = split.sync(auth, since_of(first))
+            full, _ = split.sync(auth, since_of(first) + "&full_state=true")
+            for r, kind in ((first, "initial"), (later, "incremental"), (full, "initial")):
+                assert r.status == 200, r.body[:200]
+                assert split.log_entry(r.request_id)["sync_kind"] == kind
+                worker, key = split.served(r)
+                assert key == user_id, (kind, key)
+                seen[kind].add(worker)
+            assert split.upstream_head(tid).values(HEADER) == [user_id]
+        initial_of[user_id] = only(seen["initial"], f"{user_id}'s initial syncs")
+        incremental_of[user_id] = only(seen["incremental"], f"{user_id}'s incremental syncs")
+    assert {pool_of(w) for w in initial_of.values()} == {"initial"}, initial_of
+    assert {pool_of(w) for w in incremental_of.values()} == {"sync"}, incremental_of
+    assert len(set(initial_of.values())) >= 2, f"initial syncs all on one worker: {initial_of}"
+    assert len(set(incremental_of.values())) >= 2, f"all users on one worker: {incremental_of}"
+
+
+CHOOSERS = {
+    "X-MSR-Sync-Kind header": ([("X-MSR-Sync-Kind", "{kind}")], ""),
+    "msr_sync_kind header": ([("Msr-Sync-Kind", "{kind}")], ""),
+    "msr_sync_kind argument": ([], "&msr_sync_kind={kind}&msr_sync_pool=synapse_{kind}_workers"),
+    "X-User-Identifier": ([(HEADER, "@someone:else")], ""),
+}
+
+
+@pytest.mark.parametrize("chooser", list(CHOOSERS))
+def test_a_client_cannot_choose_the_pool(split, placed, chooser):
+    """Whatever a client sends, the pool follows the filter's reading of the query."""
+    user_id, devices, _ = placed[1]
+    auth = [bearer(devices[0].token)]
+    headers, query = CHOOSERS[chooser]
+    first, _ = split.sync(auth)
+    # (what the client claims, the query that makes the other kind, that kind's pool)
+    for claim, real, pool in (("initial", since_of(first), "sync"), ("incremental", "", "initial")):
+        sent = [(n, v.format(kind=claim)) for n, v in headers]
+        r, _ = split.sync(sent + auth, real + query.format(kind=claim))
+        assert r.status == 200, r.body[:200]
+        assert pool_of(split.served(r)[0]) == pool, (claim, split.log_entry(r.request_id))
+        assert split.served(r)[1] == user_id
+
+
+def test_with_every_initial_sync_worker_down_the_sync_workers_answer(nginx_bin, workdir, synapse):
+    """Nothing listens on the initial-sync pool's ports: nginx answers 502 itself (connections
+    refused, then "no live upstreams" while the servers are marked failed), and the error_page
+    sends the initial sync on to the sync workers, still hashed by user: to the worker that serves
+    the user's incremental syncs."""
+    dead = stack.free_ports(2)
+    n = Nginx(nginx_bin, workdir / "initial-down", synapse, WASM, initial_sync_ports=dead)
+    with running(n):
+        for i in range(4):
+            device = synapse.register(f"ngxnopool{i}")
+            auth = [bearer(device.token)]
+            first, tid = n.sync(auth)
+            assert first.status == 200, first.body[:200]
+            worker, key = n.served(first)
+            assert pool_of(worker) == "sync" and key == device.user_id, (worker, key)
+            entry = n.log_entry(first.request_id)
+            assert entry["sync_kind"] == "initial"
+            tried, _, final = entry["upstream"].rpartition(" : ")
+            assert tried and final in n.workers, entry["upstream"]
+            assert set(re.split(r", ", tried)) <= {f"{stack.HOST}:{p}" for p in dead} | {
+                "synapse_initial_sync_workers"
+            }, entry["upstream"]
+            assert n.upstream_head(tid).values(HEADER) == [device.user_id]
+            later, _ = n.sync(auth, since_of(first))
+            assert later.status == 200 and n.served(later) == (worker, device.user_id)
+            assert " : " not in n.log_entry(later.request_id)["upstream"]
+        log = n.error_log.read_text()
+        assert "connect() failed (111: Connection refused)" in log, log[-3000:]
+
+
+def test_only_initial_syncs_fall_back(nginx_bin, workdir, synapse):
+    """With the sync workers down, an incremental sync gets nginx's 502 and is not proxied a
+    second time by the fallback location (no second upstream group in $upstream_addr), while
+    initial syncs are still served by their own pool."""
+    dead = stack.free_ports(2)
+    n = Nginx(nginx_bin, workdir / "sync-down", synapse, WASM, sync_ports=dead, initial_sync_pool=1)
+    with running(n):
+        device = synapse.register("ngxsyncdown")
+        first, _ = n.sync([bearer(device.token)])
+        assert first.status == 200 and n.served(first) == ("initial-1", device.user_id)
+        later, _ = n.sync([bearer(device.token)], since_of(first))
+        assert later.status == 502, later.body[:200]
+        entry = n.log_entry(later.request_id)
+        assert entry["sync_kind"] == "incremental"
+        assert " : " not in entry["upstream"], entry["upstream"]
+
+
+@pytest.mark.parametrize(
+    "servers,expected", [(2, [504, 504, 200, 200]), (1, [504, 504])], ids=["two servers", "one server"]
+)
+def test_servers_that_drop_connections_cost_a_504_before_the_fallback(
+    nginx_bin, workdir, synapse, servers, expected
+):
+    """Initial-sync servers whose listen queues are full (SYNs dropped: no refusal, as with a host
+    gone from the network): an initial sync sent to one waits proxy_connect_timeout (5 s) and gets
+    nginx's 504, which the error_page leaves alone. That marks the server failed (max_fails=1);
+    once every server is, initial syncs fall back to the sync workers at once. nginx never marks
+    the only server of a group failed: with one server, every initial sync waits and gets 504."""
+    silent, held = [], []
+    for _ in range(servers):
+        listener = socket.socket()
+        listener.bind((stack.HOST, 0))
+        listener.listen(0)
+        for _ in range(3):  # one fills the accept queue, the rest hang: so would nginx
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            held.append(s)
+        silent.append(listener.getsockname()[1])
+        held.append(listener)
+    try:
+        n = Nginx(nginx_bin, workdir / f"silent-{servers}", synapse, WASM, initial_sync_ports=silent)
+        with running(n):
+            outcomes = []
+            for i in range(len(expected)):
+                device = synapse.register(f"ngxsilent{servers}x{i}")
+                started = time.monotonic()
+                r, _ = n.sync([bearer(device.token)])
+                outcomes.append((r.status, time.monotonic() - started, n.served(r)))
+            assert [s for s, _, _ in outcomes] == expected, outcomes
+            for status, took, (worker, _) in outcomes:
+                if status == 504:
+                    assert took >= 4.5, outcomes  # proxy_connect_timeout
+                else:
+                    assert took < 3 and pool_of(worker) == "sync", outcomes
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_nginx_refuses_backup_servers_with_hash(nginx_bin, workdir):
+    """Why the fallback is an error_page: a `backup` server in a hashed upstream is refused."""
+    d = workdir / "backup"
+    d.mkdir()
+    text = render_nginx_config(workdir=d, wasm=WASM.resolve())
+    text = _sub_one(
+        r"^(\s*server synapse-initial-sync-1:8083 )",
+        r"        server synapse-sync-1:8083 resolve backup;\n\1",
+        text,
+        "initial-sync server line",
+    )
+    (d / "nginx.conf").write_text(text)
+    proc = subprocess.run(
+        [nginx_bin, "-t", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert 'balancing method does not support parameter "backup"' in proc.stderr, proc.stderr
+
+
+def create_room(nginx: Nginx, token: str) -> str:
+    r = nginx.request(
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        [bearer(token), ("Content-Type", "application/json")],
+        json.dumps({"preset": "public_chat"}).encode(),
+    )
+    assert r.status == 200, r.body[:300]
+    return r.json()["room_id"]
+
+
+@pytest.fixture(scope="module")
+def rooms(split, synapse):
+    """samples_for_spread() rooms created through nginx (main location, no filter) by a user who
+    never syncs; a second user who is in none of them."""
+    owner = synapse.register(f"ngxroomowner{secrets.token_hex(3)}")
+    reader = synapse.register(f"ngxroomreader{secrets.token_hex(3)}")
+    return owner, reader, [create_room(split, owner.token) for _ in range(samples_for_spread())]
+
+
+def room_requests(room: str, owner: stack.Device, reader: stack.Device):
+    """(method, path, headers, body) of room-endpoint requests about `room`: several endpoints,
+    askers (the owner, a non-member, no token) and spellings of the room ID."""
+    quoted = urllib.parse.quote(room, safe="")
+    txn = secrets.token_hex(4)
+    message = json.dumps({"msgtype": "m.text", "body": "hello"}).encode()
+    base = "/_matrix/client"
+    return [
+        ("GET", f"{base}/v3/rooms/{quoted}/messages?dir=b&limit=1", [bearer(owner.token)], None),
+        ("GET", f"{base}/v3/rooms/{room}/members", [bearer(owner.token)], None),
+        ("GET", f"{base}/r0/rooms/{quoted}/state", [bearer(reader.token)], None),
+        ("GET", f"{base}/v3/rooms/{quoted}/joined_members", [], None),
+        ("PUT", f"{base}/v3/rooms/{quoted}/send/m.room.message/{txn}",
+         [bearer(owner.token), ("Content-Type", "application/json")], message),
+        ("GET", f"{base}/v1/rooms/{quoted}/hierarchy", [bearer(owner.token)], None),
+    ]
+
+
+def test_room_requests_reach_one_room_worker_per_room_and_rooms_spread(split, synapse, rooms):
+    """Every request about one room (any endpoint, asker or spelling of its ID) reaches the same
+    room worker, hashed on the room ID the filter wrote ($msr_room, which the worker also gets as
+    its one X-Room-Identifier); rooms spread over the room workers. The filter makes no whoami
+    callout for room endpoints: the two users' tokens reach Synapse's whoami only once one of
+    them syncs."""
+    owner, reader, room_ids = rooms
+    worker_of = {}
+    for room in room_ids:
+        workers = set()
+        for method, path, headers, body in room_requests(room, owner, reader):
+            r, tid = split.traced(method, path, headers, body)
+            assert r.status in (200, 401, 403), (path, r.status, r.body[:200])
+            entry = split.log_entry(r.request_id)
+            assert (entry["room"], entry["user"], entry["sync_kind"]) == (room, "", ""), entry
+            workers.add(split.served(r)[0])
+            head = split.upstream_head(tid)
+            assert head.values(ROOM_HEADER) == [room] and head.values(HEADER) == [], head.headers
+        worker_of[room] = only(workers, f"requests about {room}")
+    assert {pool_of(w) for w in worker_of.values()} == {"room"}, worker_of
+    assert len(set(worker_of.values())) >= 2, f"rooms all on one worker: {worker_of}"
+
+    def whoami_of(device):
+        return [
+            p for p in synapse.processed_requests(USER_AGENT)
+            if p.path == stack.WHOAMI_PATH and p.requester == device.user_id
+        ]
+
+    assert whoami_of(owner) == [] and whoami_of(reader) == []
+    r, _ = split.sync([bearer(owner.token)])  # the same token on a sync path: one callout
+    assert r.status == 200 and split.served(r)[1] == owner.user_id
+    assert len(whoami_of(owner)) == 1 and whoami_of(reader) == []
+
+
+ROOM_SPOOFS = {
+    "X-Room-Identifier": lambda victim: [(ROOM_HEADER, victim)],
+    "x-room-identifier twice": lambda victim: [("x-room-identifier", victim)] * 2,
+    "every case": lambda victim: [(c, victim) for c in ("X-ROOM-IDENTIFIER", "x-Room-identifier")],
+    "Msr-Room header": lambda victim: [("Msr-Room", victim)],
+}
+
+
+@pytest.mark.parametrize("spoof", list(ROOM_SPOOFS))
+def test_a_client_cannot_choose_the_room_worker(split, rooms, spoof):
+    """A request about room A that names room B (on another room worker) in a header or an
+    argument stays on A's worker, and the worker receives A as its one X-Room-Identifier. A room
+    endpoint with an alias in the path has no key: the worker receives no X-Room-Identifier."""
+    owner, _, room_ids = rooms
+    by_worker = {}
+    for room in room_ids:
+        r, _ = split.traced("GET", f"/_matrix/client/v3/rooms/{room}/members", [bearer(owner.token)])
+        by_worker.setdefault(split.served(r)[0], room)
+    assert len(by_worker) >= 2, by_worker
+    (home, room), (_, victim) = list(by_worker.items())[:2]
+    quoted = urllib.parse.quote(victim, safe="")
+    path = f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1&room_id={quoted}&msr_room={quoted}"
+    r, tid = split.traced("GET", path, [*ROOM_SPOOFS[spoof](victim), bearer(owner.token)])
+    assert r.status == 200, r.body[:200]
+    assert split.served(r)[0] == home and split.log_entry(r.request_id)["room"] == room
+    assert split.upstream_head(tid).values(ROOM_HEADER) == [room]
+
+    alias = urllib.parse.quote(f"#nowhere:{stack.SERVER_NAME}", safe="")
+    r, tid = split.traced(
+        "GET", f"/_matrix/client/v3/rooms/{alias}/members", [*ROOM_SPOOFS[spoof](victim), bearer(owner.token)]
+    )
+    entry = split.log_entry(r.request_id)
+    assert (entry["room"], pool_of(split.served(r)[0])) == ("", "room"), entry
+    assert split.upstream_head(tid).values(ROOM_HEADER) == []
+
+
+@pytest.mark.parametrize(
+    "spelled", ["%21abc%3Aexample.test", "!abc:example.test", "%21ab%2541%3Aexample.test"]
+)
+def test_the_room_key_is_the_room_synapse_reads(split, rooms, spelled):
+    """However the client encodes the room ID, nginx hashes on the room Synapse serves (named in
+    its own 403 for a room the user is not in). ngx_wasm_module hands the filter nginx's decoded
+    URI, so the filter must not decode it again: `%2541` is Synapse's `%41`, not `A`."""
+    owner, _, _ = rooms
+    r, _ = split.traced("GET", f"/_matrix/client/v3/rooms/{spelled}/members", [bearer(owner.token)])
+    assert r.status == 403, r.body[:200]
+    (served,) = re.findall(r" not in room (\S+),", r.json()["error"])
+    assert split.log_entry(r.request_id)["room"] == served, (spelled, served)
+
+
+def test_debug_headers_show_the_sync_kind_and_key_type_when_enabled(nginx_bin, workdir, synapse, nginx):
+    """Off as shipped; with the two add_header lines uncommented, a client sees the sync kind
+    and the kind of key (user, fallback, none), never the key or its token."""
+    device = synapse.register(f"ngxdebug{secrets.token_hex(3)}")
+    r, _ = nginx.sync([bearer(device.token)])
+    assert r.status == 200 and not [h for h in r.headers if h.startswith("x-msr-")], r.headers
+
+    n = Nginx(nginx_bin, workdir / "debug-headers", synapse, WASM, debug_headers=True)
+    with running(n):
+        auth = [bearer(device.token)]
+        first, _ = n.sync(auth)  # a new token: whoami
+        later, _ = n.sync(auth, since_of(first))  # cached
+        rejected_token = f"msr_not_a_token_{secrets.token_hex(8)}"
+        rejected, _ = n.sync([bearer(rejected_token)])
+        none, _ = n.sync()
+        room = create_room(n, device.token)
+        in_room, _ = n.traced("GET", f"/_matrix/client/v3/rooms/{room}/members", auth)
+        other, _ = n.traced("GET", READY_PATH)
+        seen = {
+            name: (r.status, r.headers.get("x-msr-sync-kind"), r.headers.get("x-msr-key-type"))
+            for name, r in (("initial", first), ("incremental", later), ("rejected", rejected),
+                            ("no token", none), ("room", in_room), ("other", other))
+        }
+        assert seen == {
+            "initial": (200, "initial", "user"),
+            "incremental": (200, "incremental", "user"),
+            "rejected": (401, "initial", "fallback"),
+            "no token": (401, "initial", "none"),
+            "room": (200, None, "none"),
+            "other": (200, None, "none"),
+        }, seen
+        assert n.served(later)[1] == device.user_id
+        assert n.served(rejected)[1].startswith("~")
+        for r in (first, later, rejected, none, in_room, other):
+            assert r.request_id  # X-Request-Id still added
+            shown = " ".join(v for k, v in r.headers.items() if k.startswith("x-msr-"))
+            for secret in (device.token, rejected_token, device.user_id):
+                assert secret not in shown
 
 
 BAD = [
