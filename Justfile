@@ -9,7 +9,7 @@ venv := ".venv"
 build: rust-target wasm-opt
     @echo "building the filter (cargo build --release --target wasm32-wasip1; a first build compiles ~30 crates: about a minute) ..."
     cargo build --release --target wasm32-wasip1 -p matrix-sync-router
-    @# Binaryen's size pass makes the module smaller (start-up and reload time; README: Code layout).
+    @# Binaryen's size pass makes the module smaller (start-up and reload time).
     @if command -v wasm-opt >/dev/null; then \
         wasm-opt -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
             --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
