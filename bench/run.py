@@ -415,7 +415,7 @@ def _region(dso: str) -> str:
     anonymous executable memory, which perf cannot name."""
     if dso == "envoy":
         return "envoy"
-    if dso.startswith("[kernel") or dso in ("[vdso]",):
+    if dso.startswith("[kernel") or dso == "[vdso]":
         return "kernel"
     if dso in ("[unknown]", "[anon]") or dso.startswith(("[JIT]", "//anon", "perf-")):
         return "jit"

@@ -309,23 +309,19 @@ fn check_lengths(config: &Config) -> Result<(), ConfigError> {
     for (field, value) in fields {
         check_length(field, value)?;
     }
-    if config.sync_paths.len() > MAX_SYNC_PATHS {
-        return Err(err(
-            "sync_paths",
-            format!("must list at most {MAX_SYNC_PATHS} patterns"),
-        ));
-    }
-    for (i, p) in config.sync_paths.iter().enumerate() {
-        check_length(&format!("sync_paths[{i}]"), p)?;
-    }
-    if config.room_paths.len() > MAX_SYNC_PATHS {
-        return Err(err(
-            "room_paths",
-            format!("must list at most {MAX_SYNC_PATHS} patterns"),
-        ));
-    }
-    for (i, p) in config.room_paths.iter().enumerate() {
-        check_length(&format!("room_paths[{i}]"), p)?;
+    for (field, patterns) in [
+        ("sync_paths", &config.sync_paths),
+        ("room_paths", &config.room_paths),
+    ] {
+        if patterns.len() > MAX_SYNC_PATHS {
+            return Err(err(
+                field,
+                format!("must list at most {MAX_SYNC_PATHS} patterns"),
+            ));
+        }
+        for (i, p) in patterns.iter().enumerate() {
+            check_length(&format!("{field}[{i}]"), p)?;
+        }
     }
     // Optional names: empty means off, but never longer than the bound.
     for (field, value) in [

@@ -81,13 +81,19 @@ def test_shipped_nginx_conf_is_valid():
         assert any(line.startswith("skipped: `nginx -t`: NGINX_WASM_BIN is not set") for line in lines)
 
 
-def test_edited_nginx_conf_names_the_bad_field_last(tmp_path):
-    path = tmp_path / "nginx.conf"
+def validate_edited_nginx_conf(tmp_path, old: str, new: str) -> tuple[int, list[str]]:
+    """`just validate` on nginx.conf with `old` (which must be there) replaced by `new`."""
     text = NGINX_CONF.read_text()
-    assert '"whoami_authority":"localhost"' in text
-    path.write_text(text.replace(
-        '"whoami_authority":"localhost"', '"whoami_authority":"localhost","whoami_timeout_ms":0'))
-    code, lines = validate(path)
+    assert old in text
+    path = tmp_path / "nginx.conf"
+    path.write_text(text.replace(old, new))
+    return validate(path)
+
+
+def test_edited_nginx_conf_names_the_bad_field_last(tmp_path):
+    code, lines = validate_edited_nginx_conf(
+        tmp_path, '"whoami_authority":"localhost"',
+        '"whoami_authority":"localhost","whoami_timeout_ms":0')
     assert code == 1, lines
     assert "field `whoami_timeout_ms`" in lines[-1], lines
 
@@ -95,11 +101,7 @@ def test_edited_nginx_conf_names_the_bad_field_last(tmp_path):
 def test_nginx_conf_without_the_shm_kv_zone_is_refused(tmp_path):
     """ngx_wasm_module traps on the cache's first shared-data access when the zone named like
     `shared_data_prefix` is missing; check-config plays the zones nginx.conf declares."""
-    path = tmp_path / "nginx.conf"
-    text = NGINX_CONF.read_text()
-    assert "shm_kv msr 16m;" in text
-    path.write_text(text.replace("shm_kv msr 16m;", ""))
-    code, lines = validate(path)
+    code, lines = validate_edited_nginx_conf(tmp_path, "shm_kv msr 16m;", "")
     assert code == 1, lines
     assert any("needs `shm_kv <shared_data_prefix> SIZE;`" in line for line in lines), lines
     assert "shm" in lines[-1], lines
@@ -122,10 +124,6 @@ def test_just_validate_is_the_one_command(tmp_path):
 def test_nginx_conf_must_say_proxy_ngx_wasm_module(tmp_path):
     """Without `"proxy": "ngx_wasm_module"` the filter accepts the configuration but would
     dispatch whoami like Envoy does; validate says so."""
-    path = tmp_path / "nginx.conf"
-    text = NGINX_CONF.read_text()
-    assert '"proxy":"ngx_wasm_module",' in text
-    path.write_text(text.replace('"proxy":"ngx_wasm_module",', ""))
-    code, lines = validate(path)
+    code, lines = validate_edited_nginx_conf(tmp_path, '"proxy":"ngx_wasm_module",', "")
     assert code == 1, lines
     assert any('set "proxy": "ngx_wasm_module"' in line for line in lines), lines

@@ -131,6 +131,12 @@ impl StreamState {
     pub fn header(&self, name: &str) -> Option<String> {
         self.request_headers.get_str(name)
     }
+
+    /// This stream's value of a property path (joined with dots, e.g. `ngx.msr_room`): given by
+    /// the test or set by the filter.
+    pub fn property(&self, path: &str) -> Option<&[u8]> {
+        self.properties.get(path).map(Vec::as_slice)
+    }
 }
 
 /// How a callout can fail; each profile delivers it in its own form.

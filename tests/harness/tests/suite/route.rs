@@ -46,14 +46,8 @@ fn envoy_gets_the_sync_kind_header_a_route_refresh_and_filter_state() -> TestRes
     let call = only_call(&vm, first)?;
     vm.respond(call, 200, JSON, &whoami_body("@k:example.org"))?;
     let state = vm.stream(first)?;
-    assert_eq!(
-        state.properties.get("msr_sync_kind").map(Vec::as_slice),
-        Some(&b"initial"[..])
-    );
-    assert_eq!(
-        state.properties.get("msr_source").map(Vec::as_slice),
-        Some(&b"whoami"[..])
-    );
+    assert_eq!(state.property("msr_sync_kind"), Some(&b"initial"[..]));
+    assert_eq!(state.property("msr_source"), Some(&b"whoami"[..]));
     let later = get(
         &mut vm,
         "/_matrix/client/v3/sync?since=s1",
@@ -65,10 +59,7 @@ fn envoy_gets_the_sync_kind_header_a_route_refresh_and_filter_state() -> TestRes
         state.header("x-msr-sync-kind").as_deref(),
         Some("incremental")
     );
-    assert_eq!(
-        state.properties.get("msr_source").map(Vec::as_slice),
-        Some(&b"cache"[..])
-    );
+    assert_eq!(state.property("msr_source"), Some(&b"cache"[..]));
     no_anomalies(&vm)
 }
 
@@ -94,14 +85,8 @@ fn ngx_gets_variables_and_its_headers_stay_untouched() -> TestResult {
     let call = only_call(&vm, s)?;
     vm.respond(call, 200, JSON, &whoami_body("@n:example.org"))?;
     let state = vm.stream(s)?;
-    assert_eq!(
-        state.properties.get("ngx.msr_user").map(Vec::as_slice),
-        Some(&b"@n:example.org"[..])
-    );
-    assert_eq!(
-        state.properties.get("ngx.msr_kind").map(Vec::as_slice),
-        Some(&b"incremental"[..])
-    );
+    assert_eq!(state.property("ngx.msr_user"), Some(&b"@n:example.org"[..]));
+    assert_eq!(state.property("ngx.msr_kind"), Some(&b"incremental"[..]));
     assert_eq!(
         state.header("X-User-Identifier").as_deref(),
         Some("@victim:x"),
@@ -114,7 +99,7 @@ fn ngx_gets_variables_and_its_headers_stay_untouched() -> TestResult {
         Some("tok_n"),
         &[],
     )?;
-    let room = vm.stream(r)?.properties.get("ngx.msr_room").cloned();
+    let room = vm.stream(r)?.property("ngx.msr_room").map(<[u8]>::to_vec);
     assert_eq!(room.as_deref(), Some(&b"!r:example.org"[..]));
     assert!(
         vm.foreign_calls().is_empty(),
