@@ -23,7 +23,24 @@ wasm-opt:
         || echo "could not install binaryen (wasm-opt); the module will be built unoptimized"
 
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
-test: lint unit wasm-unit harness fuzz-smoke e2e
+test: lint unit wasm-unit harness docs-check fuzz-smoke e2e
+
+# Docs that cannot drift: docs/configuration.md's field table and default paths against the filter's
+# schema, every relative link and #anchor (tests/harness/tests/docs.rs), and docs/alerts.yml through promtool.
+docs-check: promtool
+    cargo test -p proxy-wasm-harness --test docs
+    @p=$(command -v promtool || echo target/tools/prometheus/usr/bin/promtool); \
+    if test -x "$p"; then "$p" check rules docs/alerts.yml && "$p" test rules docs/alerts.test.yml; \
+    else echo "SKIPPED: docs/alerts.yml not checked: promtool (Debian package prometheus) could not be fetched"; fi
+
+# promtool from Debian's `prometheus` package, unpacked into target/tools (no service installed; idempotent, tolerant).
+promtool:
+    @command -v promtool >/dev/null || test -x target/tools/prometheus/usr/bin/promtool || { \
+        echo "fetching promtool (Debian package prometheus, unpacked into target/tools/prometheus) ..."; \
+        d=$(mktemp -d); \
+        { (cd "$d" && apt-get download prometheus 2>/dev/null) || { apt-get update -qq && (cd "$d" && apt-get download prometheus); }; } \
+        && mkdir -p target/tools/prometheus && dpkg-deb -x "$d"/prometheus_*.deb target/tools/prometheus; \
+        rm -rf "$d"; } || echo "could not fetch the prometheus package: docs-check will skip the alert-rule checks"
 
 # exec: no shell in between; demo.py handles Ctrl-C (stops everything, exits 0).
 # Start Synapse + Envoy + the filter on 127.0.0.1, show users pinned to workers, stay up until Ctrl-C (`just demo --once`: print and exit).

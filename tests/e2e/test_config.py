@@ -73,9 +73,10 @@ def test_routes_and_plugin_config_match_the_filter_contract():
     assert rooms["route"]["hash_policy"] == [{"header": {"header_name": conf["room_header_name"]}}]
     assert "typed_per_filter_config" not in rooms, "the filter must run on the room route"
 
-    # The routes' regexes and the filter's path templates (README defaults unless the plugin
-    # configuration sets its own) accept exactly the same paths.
-    readme = (stack.REPO / "README.md").read_text()
+    # The routes' regexes and the filter's path templates (docs/configuration.md's defaults, which
+    # tests/harness/tests/docs.rs holds to the filter, unless the plugin configuration sets its
+    # own) accept exactly the same paths.
+    readme = (stack.REPO / "docs" / "configuration.md").read_text()
     templates = conf.get("sync_paths") or _readme_block(readme, "sync_paths")
     regexes = [r["match"]["safe_regex"]["regex"] for r in sync_routes]
     room_templates = conf.get("room_paths") or _readme_block(readme, "room_paths")
@@ -101,12 +102,12 @@ SAMPLE_PATHS = [
 
 def _readme_block(readme: str, field: str) -> list[str]:
     block = re.search(rf"Default `{field}`:\s*```\s*\n(.*?)```", readme, re.S)
-    assert block, f"README lost its default {field} block"
+    assert block, f"docs/configuration.md lost its default {field} block"
     return block.group(1).split()
 
 
 def _template_regex(template: str) -> str:
-    """The filter's path-template language (README) as a regex: `{a|b}` alternatives, `*` one
+    """The filter's path-template language (docs/configuration.md) as a regex: `{a|b}` alternatives, `*` one
     segment, a final `**` anything after (or nothing)."""
     out = ""
     for part in re.split(r"(\{[^}]*\}|\*\*|\*)", template):

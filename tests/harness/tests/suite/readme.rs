@@ -1,4 +1,5 @@
-//! The README's "Test harness" example, verbatim, so that it keeps compiling and passing.
+//! tests/harness/README.md's example, verbatim (tests/docs.rs checks that they match), so
+//! that it keeps compiling and passing.
 
 use proxy_wasm_harness::{Action, Filter, Host, Profile};
 
