@@ -66,9 +66,9 @@ const TABLE_HEADER: &str = "| field | type | default | bounds | meaning |";
 /// The rows of the field table: field name → its cells.
 fn field_table(doc: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
     let mut lines = doc.lines().skip_while(|l| l.trim() != TABLE_HEADER);
-    lines
-        .next()
-        .ok_or(format!("docs/configuration.md: no table headed `{TABLE_HEADER}`"))?;
+    lines.next().ok_or(format!(
+        "docs/configuration.md: no table headed `{TABLE_HEADER}`"
+    ))?;
     lines.next(); // |---|
     let mut rows = BTreeMap::new();
     for line in lines.take_while(|l| l.trim_start().starts_with('|')) {
@@ -83,7 +83,10 @@ fn field_table(doc: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
 
 fn type_cell(spec: &Value) -> String {
     match spec["type"].as_str() {
-        Some("array") => format!("array of {}s", spec["items"]["type"].as_str().unwrap_or("?")),
+        Some("array") => format!(
+            "array of {}s",
+            spec["items"]["type"].as_str().unwrap_or("?")
+        ),
         Some(other) => other.to_string(),
         None => "?".to_string(),
     }
@@ -114,7 +117,10 @@ fn bounds_cell(spec: &Value) -> String {
         }
         Some("array") => {
             if let Some(n) = spec["minItems"].as_u64() {
-                parts.push(format!("at least {n} item{}", if n == 1 { "" } else { "s" }));
+                parts.push(format!(
+                    "at least {n} item{}",
+                    if n == 1 { "" } else { "s" }
+                ));
             }
         }
         _ => {}
@@ -168,10 +174,11 @@ fn the_configuration_table_is_the_filter_configuration() -> TestResult {
     Ok(())
 }
 
-/// The lines of the fenced block right after `Default `FIELD`:`.
+/// The lines of the fenced block right after `Default `FIELD`:` (the marker
+/// tests/e2e/test_config.py looks for too).
 fn default_block(doc: &str, field: &str) -> Result<Vec<String>, String> {
-    let marker = format!("Default `{field}`");
-    let mut lines = doc.lines().skip_while(|l| !l.starts_with(&marker));
+    let marker = format!("Default `{field}`:");
+    let mut lines = doc.lines().skip_while(|l| !l.contains(&marker));
     lines
         .next()
         .ok_or(format!("docs/configuration.md lost its `{marker}` block"))?;
@@ -310,7 +317,11 @@ fn every_relative_link_and_anchor_resolves() -> TestResult {
     for page in checked_pages()? {
         let text = fs::read_to_string(&page).map_err(|e| format!("{}: {e}", page.display()))?;
         let dir = page.parent().ok_or("page without a directory")?;
-        let name = page.strip_prefix(repo()).unwrap_or(&page).display().to_string();
+        let name = page
+            .strip_prefix(repo())
+            .unwrap_or(&page)
+            .display()
+            .to_string();
         for (line, target) in links(&text) {
             if target.starts_with("http://")
                 || target.starts_with("https://")
@@ -345,7 +356,10 @@ fn every_relative_link_and_anchor_resolves() -> TestResult {
         }
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
-    assert!(checked > 20, "only {checked} relative links found: is the parser broken?");
+    assert!(
+        checked > 20,
+        "only {checked} relative links found: is the parser broken?"
+    );
     Ok(())
 }
 
@@ -354,7 +368,12 @@ fn the_anchor_rule_is_githubs() {
     let page = "# A\n## Path templates (`sync_paths`)\n## Not in kong.yml: the split\n\
                 ```\n# not a heading\n```\n## A\n";
     let found = anchors(page);
-    for anchor in ["a", "path-templates-sync_paths", "not-in-kongyml-the-split", "a-1"] {
+    for anchor in [
+        "a",
+        "path-templates-sync_paths",
+        "not-in-kongyml-the-split",
+        "a-1",
+    ] {
         assert!(found.contains(anchor), "{anchor} not in {found:?}");
     }
     assert!(!found.contains("not-a-heading"));
@@ -374,7 +393,10 @@ fn the_harness_readme_example_is_the_suite_test() -> TestResult {
         .filter(|l| !l.starts_with("//!"))
         .collect();
     let squeeze = |s: &str| -> String { s.chars().filter(|c| !c.is_whitespace()).collect() };
-    assert!(!block.is_empty(), "tests/harness/README.md has no ```rust example");
+    assert!(
+        !block.is_empty(),
+        "tests/harness/README.md has no ```rust example"
+    );
     assert_eq!(
         squeeze(&block),
         squeeze(&test),
