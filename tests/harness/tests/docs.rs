@@ -122,6 +122,12 @@ fn bounds_cell(spec: &Value) -> String {
                     if n == 1 { "" } else { "s" }
                 ));
             }
+            if let Some(n) = spec["maxItems"].as_u64() {
+                parts.push(format!("at most {n} items"));
+            }
+            if let Some(n) = spec["items"]["maxLength"].as_u64() {
+                parts.push(format!("each at most {n} characters"));
+            }
         }
         _ => {}
     }

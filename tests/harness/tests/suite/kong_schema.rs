@@ -1,7 +1,8 @@
 //! nginx-wasm/matrix_sync_router.meta.json's `config_schema` is what Kong validates a filter
 //! configuration against before the filter sees it. These tests hold it to the filter's own
 //! configuration type, through the compiled filter: the same fields, the same JSON type of each,
-//! the same integer bounds, and defaults that behave exactly like the filter's own.
+//! the same integer bounds, string lengths and list sizes, and defaults that behave exactly like
+//! the filter's own.
 
 use std::error::Error;
 use std::fmt::Write as _;
@@ -43,9 +44,13 @@ fn configure(config: &Value) -> Result<(bool, Vec<String>), Box<dyn Error>> {
 }
 
 fn refused_naming(config: &Value, field: &str) -> Result<(), Box<dyn Error>> {
+    refused_with(config, &format!("field `{field}`"))
+}
+
+/// Refused, with an error line containing `named`.
+fn refused_with(config: &Value, named: &str) -> Result<(), Box<dyn Error>> {
     let (accepted, errors) = configure(config)?;
-    let named = format!("field `{field}`");
-    if accepted || !errors.iter().any(|line| line.contains(&named)) {
+    if accepted || !errors.iter().any(|line| line.contains(named)) {
         return Err(format!("{config} was not refused naming {named}: {errors:?}").into());
     }
     Ok(())
@@ -324,6 +329,82 @@ fn schema_defaults_behave_exactly_like_the_filter_defaults() -> TestResult {
             changed != trace(&context)?,
             "{field} = {value} left the trace unchanged"
         );
+    }
+    Ok(())
+}
+
+/// A value of exactly `len` bytes that the filter would accept for `field` if it were short
+/// enough: the shape each field's grammar asks for.
+fn string_of_len(field: &str, len: usize) -> String {
+    let fill = |n: usize| "a".repeat(n);
+    match field {
+        "whoami_path" => format!("/{}", fill(len.saturating_sub(1))),
+        "header_name" | "sync_kind_header" | "room_header_name" => {
+            format!("x-{}", fill(len.saturating_sub(2)))
+        }
+        // A host name and the longest port: `host:port` is what makes the longest server name.
+        "native_token_server_name" => format!("{}:65535", fill(len.saturating_sub(6))),
+        _ => fill(len),
+    }
+}
+
+/// Fields that only ngx_wasm_module accepts are tried with it.
+fn base_for(field: &str) -> Value {
+    if field.starts_with("nginx_") {
+        json!({"proxy": "ngx_wasm_module", "whoami_upstream": NGX_UPSTREAM})
+    } else {
+        json!({})
+    }
+}
+
+/// Every string has a length bound and every list a size bound in the schema, and they are the
+/// filter's: the longest value is accepted, one byte (or item) more is refused naming the field.
+/// (docs/configuration.md's bounds column is held to these by tests/docs.rs.)
+#[test]
+fn string_and_list_bounds_are_the_filter_bounds() -> TestResult {
+    for (field, spec) in properties() {
+        let base = base_for(&field);
+        match spec["type"].as_str() {
+            Some("string") if spec.get("enum").is_none() => {
+                let max = spec["maxLength"]
+                    .as_u64()
+                    .ok_or(format!("{field}: no maxLength"))? as usize;
+                let longest = merged(
+                    &base,
+                    &json!({ field.as_str(): string_of_len(&field, max) }),
+                );
+                let (accepted, errors) = configure(&longest)?;
+                assert!(
+                    accepted,
+                    "{field}: {max} bytes are in the schema but refused: {errors:?}"
+                );
+                let over = string_of_len(&field, max + 1);
+                refused_naming(&merged(&base, &json!({ field.as_str(): over })), &field)?;
+            }
+            Some("array") => {
+                let max_items = spec["maxItems"]
+                    .as_u64()
+                    .ok_or(format!("{field}: no maxItems"))?
+                    as usize;
+                let max_len = spec["items"]["maxLength"]
+                    .as_u64()
+                    .ok_or(format!("{field}: items have no maxLength"))?
+                    as usize;
+                let longest = format!("/{}", "a".repeat(max_len - 1));
+                let full = json!({ field.as_str(): vec![longest.clone(); max_items] });
+                let (accepted, errors) = configure(&full)?;
+                assert!(
+                    accepted,
+                    "{field}: {max_items} items of {max_len} bytes are in the schema but refused: {errors:?}"
+                );
+                let too_many = json!({ field.as_str(): vec!["/a"; max_items + 1] });
+                refused_naming(&too_many, &field)?;
+                let too_long = json!({ field.as_str(): [format!("{longest}a")] });
+                // The item is named: `field `sync_paths[0]``.
+                refused_with(&too_long, &format!("field `{field}["))?;
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
