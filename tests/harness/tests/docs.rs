@@ -5,7 +5,7 @@
 //!   filter's configuration type (fields, types, integer bounds, defaults). Together: a field, a
 //!   default or a bound that changes in the filter fails one of the two until the docs follow.
 //! - Every relative link (and `#anchor`) in README.md, docs/, tests/harness/README.md and
-//!   fuzz/README.md resolves.
+//!   fuzz/README.md resolves, and every repository file those pages name in code spans exists.
 //! - tests/harness/README.md's example is `suite/readme.rs`, which keeps it compiling and passing.
 //!
 //! Needs no compiled filter.
@@ -238,6 +238,37 @@ fn checked_pages() -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
     Ok(pages)
 }
 
+/// A checked page: its path, directory, name relative to the repository, and text.
+struct Page {
+    path: PathBuf,
+    dir: PathBuf,
+    name: String,
+    text: String,
+}
+
+fn pages() -> Result<Vec<Page>, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for path in checked_pages()? {
+        let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let dir = path
+            .parent()
+            .ok_or("page without a directory")?
+            .to_path_buf();
+        let name = path
+            .strip_prefix(repo())
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        out.push(Page {
+            path,
+            dir,
+            name,
+            text,
+        });
+    }
+    Ok(out)
+}
+
 /// The page's lines outside fenced code blocks, with inline code spans blanked.
 fn prose_lines(text: &str) -> Vec<String> {
     let mut fenced = false;
@@ -320,14 +351,13 @@ fn links(text: &str) -> Vec<(usize, String)> {
 fn every_relative_link_and_anchor_resolves() -> TestResult {
     let mut broken = Vec::new();
     let mut checked = 0;
-    for page in checked_pages()? {
-        let text = fs::read_to_string(&page).map_err(|e| format!("{}: {e}", page.display()))?;
-        let dir = page.parent().ok_or("page without a directory")?;
-        let name = page
-            .strip_prefix(repo())
-            .unwrap_or(&page)
-            .display()
-            .to_string();
+    for Page {
+        path: page,
+        dir,
+        name,
+        text,
+    } in pages()?
+    {
         for (line, target) in links(&text) {
             if target.starts_with("http://")
                 || target.starts_with("https://")
@@ -407,6 +437,70 @@ fn the_harness_readme_example_is_the_suite_test() -> TestResult {
         squeeze(&block),
         squeeze(&test),
         "tests/harness/README.md's example and suite/readme.rs differ (beyond whitespace)"
+    );
+    Ok(())
+}
+
+/// The inline code spans of the page's prose: `(line number, span)`.
+fn code_spans(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut fenced = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let mut parts = line.split('`');
+        parts.next();
+        while let (Some(span), Some(_)) = (parts.next(), parts.next()) {
+            out.push((i + 1, span.to_string()));
+        }
+    }
+    out
+}
+
+/// A span that names a file of this repository: under one of its top-level directories, with a
+/// source or configuration extension (`.c` files named in the docs are nginx's or the module's).
+fn names_a_repository_file(span: &str) -> bool {
+    const DIRS: &[&str] = &["src/", "tests/", "bench/", "fuzz/", "nginx-wasm/", ".ci/"];
+    const EXTENSIONS: &[&str] = &[
+        ".rs", ".py", ".yml", ".yaml", ".toml", ".json", ".conf", ".lua", ".txt", ".svg", ".md",
+    ];
+    !span.contains(|c: char| c.is_whitespace() || "<>*{}$:".contains(c))
+        && DIRS.iter().any(|d| span.starts_with(d))
+        && EXTENSIONS.iter().any(|e| span.ends_with(e))
+}
+
+#[test]
+fn every_repository_file_the_docs_name_exists() -> TestResult {
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for Page {
+        dir, name, text, ..
+    } in pages()?
+    {
+        for (line, span) in code_spans(&text) {
+            if !names_a_repository_file(&span) {
+                continue;
+            }
+            checked += 1;
+            // From the repository root, or from the page's own directory.
+            if !repo().join(&span).exists() && !dir.join(&span).exists() {
+                missing.push(format!("{name}:{line}: `{span}`"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the docs name files that do not exist (moved or removed? update the page):\n{}",
+        missing.join("\n")
+    );
+    assert!(
+        checked > 20,
+        "only {checked} file names found: is the parser broken?"
     );
     Ok(())
 }
