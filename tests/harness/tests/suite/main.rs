@@ -15,3 +15,4 @@ mod privacy;
 mod readme;
 mod robustness;
 mod route;
+mod version;
