@@ -104,9 +104,12 @@ harness-long: build
     MSR_WASM="$PWD/{{wasm}}" cargo test --release -p proxy-wasm-harness --test suite -- --ignored
 
 # Release files in dist/: the module, SHA256SUMS, Kong's meta.json, OCI images, release notes (docs/deploying.md).
+# With another wasm-opt than the pinned one the files are written with a warning (their digests
+# are not the release's); MSR_RELEASE=1 (the release workflow) makes that an error.
 dist: build
     @test "$(wasm-opt --version 2>/dev/null | awk '{print $3}')" = "{{binaryen_version}}" || { \
-        echo "just dist: needs binaryen's wasm-opt {{binaryen_version}} (Debian: binaryen={{binaryen_deb}}); found: $(wasm-opt --version 2>&1 || true)"; exit 1; }
+        echo "just dist: WARNING: not a release build: binaryen's wasm-opt {{binaryen_version}} (Debian: binaryen={{binaryen_deb}}) is pinned, found: $(wasm-opt --version 2>&1 || echo none)"; \
+        test -z "${MSR_RELEASE:-}" || exit 1; }
     python3 release/dist.py --wasm {{wasm}} --out dist
 
 # Tolerant: without them tests/e2e/test_release.py's registry round trip skips, with the reason.
