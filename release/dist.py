@@ -14,8 +14,8 @@ dist/
   matrix_sync_router.meta.json    Kong's filter metadata (config_schema), beside the module
   SHA256SUMS                      `sha256sum -c SHA256SUMS` format: the module, meta.json, the tar
   oci/                            an OCI image layout with two images of the module:
-                                    tag <version>          Wasm "compat" image (Istio, Envoy Gateway)
-                                    tag <version>-artifact Wasm OCI artifact (raw module layer)
+                                    tag <version>: Wasm "compat" image (Istio, Envoy Gateway)
+                                    tag <version>-artifact: Wasm OCI artifact (the module)
   matrix_sync_router-<version>-oci.tar   the same layout as one file (a release asset)
   RELEASE_NOTES.md                release/NOTES.md.in filled in (digests, image references)
   deploy/                         deploy/kubernetes/*.yaml with the image and its digest filled in
@@ -169,7 +169,7 @@ class Layout:
 
 def write_oci(root: Path, wasm: bytes, version: str, rev: str, epoch: int) -> dict[str, str]:
     """Both images into an OCI layout at `root`; returns their manifest and layer digests."""
-    created = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    created = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     created_s = created.strftime("%Y-%m-%dT%H:%M:%SZ")
     common = {
         "org.opencontainers.image.created": created_s,
@@ -243,7 +243,7 @@ def build(wasm_path: Path, out: Path, image: str) -> dict[str, str]:
     values = {
         "version": version,
         "revision": rev,
-        "date": datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d"),
         "wasm_sha256": sha256(wasm),
         "wasm_size": str(len(wasm)),
         "meta_sha256": sha256(meta),
