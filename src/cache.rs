@@ -2,6 +2,8 @@
 //!
 //! The raw token is never stored: an entry is addressed and identified by a SipHash-2-4-128 of
 //! the token keyed with a random secret that all VMs of the process share (`<prefix>/secret`).
+//! The fallback key is the start of that hash, unless the operator sets `fallback_key_secret`:
+//! then it is a hash keyed with that secret, the same in every process that has it.
 //! A fixed number of slots bounds the cache. Each token has two candidate slots (two-choice
 //! hashing), so two busy tokens sharing one slot do not evict each other on every request. An
 //! entry carries the full 128-bit hash, so a slot collision (or ngx_wasm_module's crc32-only key
@@ -14,17 +16,48 @@ use std::hash::Hasher;
 /// Length of the shared secret in shared data.
 pub const SECRET_LEN: usize = 16;
 
-/// The key of a token hash. Random per process; shared by all VMs through shared data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Secret([u8; SECRET_LEN]);
+/// The key of a token hash. Random per process; shared by all VMs through shared data. It may
+/// carry the operator's `fallback_key_secret`, which keys the fallback key instead.
+#[derive(Debug, Clone, Copy)]
+pub struct Secret {
+    key: [u8; SECRET_LEN],
+    fallback: Option<[u8; SECRET_LEN]>,
+}
+
+/// Two secrets are the same when their cache keys are: the fallback secret comes from the
+/// configuration, the same in every VM.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     pub fn from_bytes(bytes: &[u8]) -> Option<Secret> {
-        bytes.try_into().ok().map(Secret)
+        bytes.try_into().ok().map(|key| Secret {
+            key,
+            fallback: None,
+        })
     }
 
+    /// The cache key, as kept in shared data (never the fallback secret).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.key
+    }
+
+    /// This secret with the fallback key keyed by `fallback` (None: by the cache key).
+    pub fn with_fallback(self, fallback: Option<[u8; SECRET_LEN]>) -> Secret {
+        Secret { fallback, ..self }
+    }
+
+    /// `other`'s cache key with this secret's fallback secret.
+    pub fn with_key_of(self, other: Secret) -> Secret {
+        Secret {
+            key: other.key,
+            ..self
+        }
     }
 
     pub fn hash(&self, token: &[u8]) -> TokenHash {
@@ -34,19 +67,33 @@ impl Secret {
     /// The hash of `token` used as appservice user `masquerade` (`?user_id=`): a different
     /// entry per masqueraded user. `0xff` never occurs in a token, so the parts cannot blur.
     pub fn hash_as(&self, token: &[u8], masquerade: Option<&str>) -> TokenHash {
-        let mut h = SipHasher24::new_with_key(&self.0);
-        h.write(token);
-        if let Some(user) = masquerade {
-            h.write(&[0xff]);
-            h.write(user.as_bytes());
+        let keyed = |key: &[u8; SECRET_LEN]| {
+            let mut h = SipHasher24::new_with_key(key);
+            h.write(token);
+            if let Some(user) = masquerade {
+                h.write(&[0xff]);
+                h.write(user.as_bytes());
+            }
+            h.finish128().as_bytes()
+        };
+        let hash = keyed(&self.key);
+        let fallback = match &self.fallback {
+            Some(key) => keyed(key),
+            None => hash,
+        };
+        let mut start = [0; 8];
+        for (to, from) in start.iter_mut().zip(fallback) {
+            *to = from;
         }
-        TokenHash(h.finish128().as_bytes())
+        TokenHash(hash, start)
     }
 }
 
-/// A keyed 128-bit hash of a token: the only form of a token that leaves the request.
+/// A keyed 128-bit hash of a token: the only form of a token that leaves the request. With it,
+/// the 64 bits its fallback key shows (the hash's first half, or with `fallback_key_secret` the
+/// first half of a hash keyed with that secret).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenHash(pub [u8; 16]);
+pub struct TokenHash(pub [u8; 16], pub [u8; 8]);
 
 /// The fallback hash-key value: `~` and 16 hex digits. It cannot be mistaken for a user ID (which
 /// starts with `@`) and keeps one device's requests together when the user is unknown.
@@ -78,7 +125,7 @@ impl TokenHash {
     pub fn fallback_key(&self) -> FallbackKey {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b'~'; 17];
-        let digits = self.0.iter().flat_map(|b| [b >> 4, b & 0xf]);
+        let digits = self.1.iter().flat_map(|b| [b >> 4, b & 0xf]);
         for (slot, d) in out.iter_mut().skip(1).zip(digits) {
             *slot = HEX.get(usize::from(d)).copied().unwrap_or(b'0');
         }
@@ -344,14 +391,17 @@ pub fn holds_fresh_user(bytes: &[u8], hash: &TokenHash, now_ms: u64) -> bool {
 mod tests {
     use super::*;
 
-    const SECRET: Secret = Secret([7; 16]);
+    const SECRET: Secret = Secret {
+        key: [7; 16],
+        fallback: None,
+    };
 
     #[test]
     fn hash_is_keyed_and_stable() {
         let a = SECRET.hash(b"syt_token");
         assert_eq!(a, SECRET.hash(b"syt_token"));
         assert_ne!(a, SECRET.hash(b"syt_tokeN"));
-        assert_ne!(a, Secret([8; 16]).hash(b"syt_token"));
+        assert_ne!(a, Secret::from_bytes(&[8; 16]).unwrap().hash(b"syt_token"));
     }
 
     #[test]
@@ -420,6 +470,37 @@ mod tests {
         assert_eq!(lookup(&p, &h, 10), Lookup::Pending { until: 500 });
         assert_eq!(lookup(&p, &h, 500), Lookup::Miss);
         assert!(!holds_fresh_user(&p, &h, 10));
+    }
+
+    #[test]
+    fn a_fallback_secret_keys_the_fallback_key_only() {
+        let token = b"mat_unknown";
+        let shared = |key: u8, fallback: u8| {
+            Secret {
+                key: [key; 16],
+                fallback: None,
+            }
+            .with_fallback(Some([fallback; 16]))
+            .hash(token)
+        };
+        // Two processes (cache keys 1 and 2) with one fallback secret: one fallback key, but
+        // their cache hashes (shared-data slots and entries) stay their own.
+        let (a, b) = (shared(1, 5), shared(2, 5));
+        assert_eq!(a.fallback_key(), b.fallback_key());
+        assert_ne!(a.0, b.0);
+        assert_ne!(a.slots(1 << 20), b.slots(1 << 20));
+        // Another fallback secret, another key; none at all, per process as before.
+        assert_ne!(shared(1, 6).fallback_key(), a.fallback_key());
+        let own = |key: u8| Secret::from_bytes(&[key; 16]).unwrap().hash(token);
+        assert_ne!(own(1).fallback_key(), own(2).fallback_key());
+        assert_eq!(own(1).0, a.0);
+        // A secret read back from shared data keeps this VM's fallback secret.
+        let mine = Secret::from_bytes(&[1; 16])
+            .unwrap()
+            .with_fallback(Some([5; 16]));
+        let adopted = mine.with_key_of(Secret::from_bytes(&[2; 16]).unwrap());
+        assert_eq!(adopted.hash(token), b);
+        assert_eq!(adopted.as_bytes(), &[2; 16]);
     }
 
     #[test]

@@ -8,10 +8,13 @@ use std::fmt;
 
 /// Default sync path family (Synapse's worker docs plus sliding sync), as path templates
 /// (`paths.rs` documents the language).
-pub const DEFAULT_SYNC_PATHS: [&str; 3] = [
+pub const DEFAULT_SYNC_PATHS: [&str; 4] = [
     "/_matrix/client/{api/v1|r0|v3|unstable}/{sync|events|initialSync}",
     "/_matrix/client/{api/v1|r0|v3|unstable}/rooms/*/initialSync",
     "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+    // MSC4186 (stable simplified sliding sync). Synapse 1.163 answers it 404 on every process,
+    // so routing it to the sync workers costs nothing and is right the day Synapse serves it.
+    "/_matrix/client/v4/sync",
 ];
 
 /// Default room endpoints for `room_paths`: the room-scoped client endpoints Synapse's worker
@@ -26,6 +29,14 @@ pub const MAX_IN_FLIGHT: u32 = 4096;
 
 /// Upper bound of `cache_capacity`: 16 Mi slots is far beyond any homeserver's active tokens.
 pub const MAX_CACHE_CAPACITY: u32 = 1 << 24;
+
+/// Upper bound of `cache_ttl_s` and `negative_ttl_s`: one week. Synapse's own caches and token
+/// lifetimes are far shorter; a longer TTL would only keep a logged-out token's user longer.
+pub const MAX_TTL_S: u32 = 7 * 24 * 3600;
+
+/// Upper bound of `failure_backoff_s`: one hour. A longer back-off would pin a device to its
+/// fallback key long after Synapse is back.
+pub const MAX_BACKOFF_S: u32 = 3600;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -55,6 +66,7 @@ pub struct Config {
     pub native_token_server_name: String,
     pub refuse_bad_mas_tokens: bool,
     pub trust_route_match: bool,
+    pub fallback_key_secret: String,
 }
 
 impl Default for Config {
@@ -85,6 +97,7 @@ impl Default for Config {
             native_token_server_name: String::new(),
             refuse_bad_mas_tokens: false,
             trust_route_match: false,
+            fallback_key_secret: String::new(),
         }
     }
 }
@@ -116,6 +129,9 @@ pub struct Settings {
     pub sync_paths: PathSet,
     /// Compiled `room_paths`, empty unless room keys are on.
     pub room_paths: PathSet,
+    /// `fallback_key_secret` as a hash key: every replica that has it gives a token the same
+    /// fallback key. None: the fallback key is keyed per process.
+    pub fallback_secret: Option<[u8; crate::cache::SECRET_LEN]>,
 }
 
 impl Settings {
@@ -192,8 +208,23 @@ impl Config {
                 format!("must be between 1 and {MAX_CACHE_CAPACITY}"),
             ));
         }
-        if self.cache_ttl_s == 0 {
-            return Err(err("cache_ttl_s", "must be at least 1"));
+        if !(1..=MAX_TTL_S).contains(&self.cache_ttl_s) {
+            return Err(err(
+                "cache_ttl_s",
+                format!("must be between 1 and {MAX_TTL_S} (one week)"),
+            ));
+        }
+        if self.negative_ttl_s > MAX_TTL_S {
+            return Err(err(
+                "negative_ttl_s",
+                format!("must be between 0 and {MAX_TTL_S} (one week)"),
+            ));
+        }
+        if self.failure_backoff_s > MAX_BACKOFF_S {
+            return Err(err(
+                "failure_backoff_s",
+                format!("must be between 0 and {MAX_BACKOFF_S} (one hour)"),
+            ));
         }
         let prefix_ok = !self.shared_data_prefix.is_empty()
             && self.shared_data_prefix.len() <= 64
@@ -252,12 +283,48 @@ impl Config {
         }
         let room_paths = PathSet::compile(&self.room_paths)
             .map_err(|(i, m)| err(&format!("room_paths[{i}]"), m))?;
+        let fallback_secret = fallback_secret(&self.fallback_key_secret)?;
         Ok(Settings {
             config: self,
             sync_paths,
             room_paths,
+            fallback_secret,
         })
     }
+}
+
+/// `fallback_key_secret`: empty, or exactly 32 hex digits (128 bits). The refusal never shows
+/// the value.
+fn fallback_secret(text: &str) -> Result<Option<[u8; crate::cache::SECRET_LEN]>, ConfigError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let refused = || {
+        err(
+            "fallback_key_secret",
+            format!(
+                "must be empty or exactly 32 hexadecimal digits (128 bits, e.g. from \
+                 `openssl rand -hex 16`), not {} characters of which some may not be hex \
+                 (the value is not shown)",
+                text.len()
+            ),
+        )
+    };
+    let digit = |b: u8| char::from(b).to_digit(16);
+    let mut key = [0u8; crate::cache::SECRET_LEN];
+    if text.len() != 2 * key.len() {
+        return Err(refused());
+    }
+    for (byte, pair) in key.iter_mut().zip(text.as_bytes().chunks(2)) {
+        let (Some(&hi), Some(&lo)) = (pair.first(), pair.get(1)) else {
+            return Err(refused());
+        };
+        match (digit(hi), digit(lo)) {
+            (Some(hi), Some(lo)) => *byte = (hi * 16 + lo) as u8,
+            _ => return Err(refused()),
+        }
+    }
+    Ok(Some(key))
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
@@ -456,6 +523,17 @@ mod tests {
         assert_eq!(field_of(r#"{"cache_capacity":0}"#), "cache_capacity");
         assert_eq!(field_of(r#"{"cache_capacity":-1}"#), "cache_capacity");
         assert_eq!(field_of(r#"{"cache_ttl_s":0}"#), "cache_ttl_s");
+        assert_eq!(field_of(r#"{"cache_ttl_s":604801}"#), "cache_ttl_s");
+        assert_eq!(field_of(r#"{"cache_ttl_s":4294967295}"#), "cache_ttl_s");
+        assert_eq!(field_of(r#"{"negative_ttl_s":604801}"#), "negative_ttl_s");
+        assert_eq!(
+            field_of(r#"{"failure_backoff_s":3601}"#),
+            "failure_backoff_s"
+        );
+        assert_eq!(
+            field_of(r#"{"failure_backoff_s":4294967295}"#),
+            "failure_backoff_s"
+        );
         assert_eq!(field_of(r#"{"whoami_timeout_ms":0}"#), "whoami_timeout_ms");
         assert_eq!(field_of(r#"{"whoami_upstream":""}"#), "whoami_upstream");
         assert_eq!(field_of(r#"{"whoami_path":"whoami"}"#), "whoami_path");
@@ -530,12 +608,14 @@ mod tests {
             "/_matrix/client/unstable/initialSync",
             "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            "/_matrix/client/v4/sync",
         ] {
             assert!(s.sync_paths.matches(p.as_bytes()), "{p}");
         }
         for p in [
             "/_matrix/client/v3/sync/extra",
-            "/_matrix/client/v4/sync",
+            "/_matrix/client/v4/sync/x",
+            "/_matrix/client/v4/events",
             "/_matrix/client/v3/rooms/a/b/initialSync",
             "/_matrix/client/v3/account/whoami",
             "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
@@ -583,6 +663,55 @@ mod bounds_tests {
             "sync_paths": vec!["/a"; MAX_SYNC_PATHS],
         });
         Config::parse(ok.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn the_fallback_key_secret_is_32_hex_digits_and_never_echoed() {
+        let ok = "00112233445566778899aAbBcCdDeEfF";
+        let s = Config::parse(
+            serde_json::json!({ "fallback_key_secret": ok })
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut expected = [0u8; 16];
+        for (i, b) in expected.iter_mut().enumerate() {
+            *b = (i as u8) * 0x11;
+        }
+        assert_eq!(s.fallback_secret, Some(expected));
+        assert_eq!(Config::parse(b"{}").unwrap().fallback_secret, None);
+        let secret_like = "zz112233445566778899aabbccddeeff";
+        for bad in [
+            "00112233",
+            secret_like,
+            "00112233445566778899aabbccddeeff00",
+            "0011223344556677 8899aabbccddeeff",
+            &"a".repeat(1 << 20),
+        ] {
+            let e = refusal(&serde_json::json!({ "fallback_key_secret": bad }));
+            assert_eq!(e.field, "fallback_key_secret", "{e}");
+            assert!(!e.to_string().contains("112233"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_number_has_an_upper_bound_the_refusal_names() {
+        for (field, max) in [
+            ("whoami_timeout_ms", 60_000),
+            ("cache_capacity", MAX_CACHE_CAPACITY),
+            ("cache_ttl_s", MAX_TTL_S),
+            ("negative_ttl_s", MAX_TTL_S),
+            ("failure_backoff_s", MAX_BACKOFF_S),
+            ("max_whoami_in_flight", MAX_IN_FLIGHT),
+        ] {
+            let ok = serde_json::json!({ field: max });
+            Config::parse(ok.to_string().as_bytes()).unwrap();
+            for bad in [u64::from(max) + 1, u64::from(u32::MAX)] {
+                let e = refusal(&serde_json::json!({ field: bad }));
+                assert_eq!(e.field, field, "{e}");
+                assert!(e.message.contains(&max.to_string()), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -112,7 +112,9 @@ impl Router {
     pub fn new<H: Host>(settings: Settings, host: &H) -> Result<Router, String> {
         let cfg = &settings.config;
         let slots = Slots::new(&cfg.shared_data_prefix, cfg.cache_capacity);
-        let secret = slots.load_or_create_secret(host)?;
+        let secret = slots
+            .load_or_create_secret(host)?
+            .with_fallback(settings.fallback_secret);
         host.set_tick_period(TICK_MS);
         Ok(Router {
             secret: Cell::new(secret),
@@ -155,6 +157,10 @@ impl Router {
             return Verdict::Continue;
         };
         let (path_only, query) = request::split_path(&path);
+        if path_only.len() > crate::paths::MAX_PATH_LEN {
+            self.overlong(host);
+            return Verdict::Continue;
+        }
         if !self.settings.sync_paths.matches(path_only) {
             if self.settings.room_keys() {
                 self.room_key(host, path_only);
@@ -749,6 +755,21 @@ impl Router {
             self.scrub(host);
         }
         host.set_request_header(&cfg.header_name, value);
+    }
+
+    /// A path longer than `MAX_PATH_LEN` is matched against nothing (no sync path and no room
+    /// path is that long): it passes as a non-sync request, counted, and carries no key of the
+    /// filter's — client copies of the headers the filter owns go, so a client cannot choose
+    /// its key by lengthening the path.
+    fn overlong<H: Host>(&self, host: &H) {
+        self.count(host, Counter::OverlongPaths);
+        self.clear_key(host);
+        let cfg = &self.settings.config;
+        for name in [&cfg.sync_kind_header, &cfg.room_header_name] {
+            if !name.is_empty() {
+                host.remove_request_header(name);
+            }
+        }
     }
 
     /// A request without a token carries no key: any client copy of the header goes.

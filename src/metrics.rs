@@ -36,6 +36,7 @@ counters! {
     Refreshes => "matrix_sync_router_refreshes",
     Coalesced => "matrix_sync_router_coalesced",
     Shed => "matrix_sync_router_shed",
+    OverlongPaths => "matrix_sync_router_overlong_paths",
 }
 
 /// Counts not yet added to the host's counters.

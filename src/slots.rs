@@ -219,7 +219,7 @@ impl Slots {
     pub fn newer_secret<H: Host>(&self, host: &H, mine: Secret) -> Option<Secret> {
         let (value, cas) = host.shared_get(&self.secret_key);
         match value.as_deref().and_then(Secret::from_bytes) {
-            Some(shared) if shared != mine => Some(shared),
+            Some(shared) if shared != mine => Some(mine.with_key_of(shared)),
             Some(_) => None,
             None => {
                 let _ = host.shared_set(&self.secret_key, mine.as_bytes(), cas);

@@ -34,10 +34,12 @@ SYNC_SAMPLES = [
     "/_matrix/client/api/v1/rooms/!room:example.org/initialSync",
     "/_matrix/client/v3/sync",
     "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+    "/_matrix/client/v4/sync",
 ]
 NOT_SYNC_SAMPLES = [
     "/_matrix/client/v3/sync/",
-    "/_matrix/client/v4/sync",
+    "/_matrix/client/v4/sync/",
+    "/_matrix/client/v4/events",
     "/_matrix/client/v3/rooms/!room:example.org/messages",
     "/_matrix/client/v3/rooms/a/b/initialSync",
     "/_matrix/client/unstable/org_matrix_simplified_msc3575/sync",

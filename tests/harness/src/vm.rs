@@ -307,6 +307,7 @@ pub struct Vm {
     instance: Instance,
     failed: Option<String>,
     fuel: u64,
+    fuel_spent: u64,
     next_context: u32,
 }
 
@@ -401,6 +402,7 @@ impl Vm {
             instance,
             failed: None,
             fuel: DEFAULT_FUEL,
+            fuel_spent: 0,
             next_context: 2,
         };
         for init in ["_initialize", "_start"] {
@@ -431,6 +433,13 @@ impl Vm {
     /// Fuel (roughly, wasm instructions) each guest call may burn before it traps.
     pub fn set_fuel_per_call(&mut self, fuel: u64) {
         self.fuel = fuel;
+    }
+
+    /// Fuel all guest calls of this VM have burnt so far: a deterministic measure of the work
+    /// the filter did (about one unit per wasm instruction), for cost bounds that a loaded
+    /// machine cannot make flaky.
+    pub fn fuel_spent(&self) -> u64 {
+        self.fuel_spent
     }
 
     /// Why the VM failed, if it did.
@@ -487,6 +496,10 @@ impl Vm {
             data.effective = context;
         }
         let result = func.call(&mut self.store, params);
+        let left = self.store.get_fuel().unwrap_or(0);
+        self.fuel_spent = self
+            .fuel_spent
+            .saturating_add(self.fuel.saturating_sub(left));
         {
             let data = self.store.data_mut();
             data.running = None;

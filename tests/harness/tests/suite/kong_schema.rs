@@ -281,6 +281,7 @@ fn other_value(field: &str) -> (Value, Value) {
         // Effective only with the path-using options off; then a Bearer request to a non-sync
         // path is resolved too.
         "trust_route_match" => (json!(true), json!({"appservice_masquerading": false})),
+        "fallback_key_secret" => (json!("00112233445566778899aabbccddeeff"), none),
         other => panic!("field {other} is new: give it a non-default value here"),
     }
 }

@@ -273,10 +273,12 @@ fn every_sync_path_of_the_family_is_handled_and_neighbours_are_not() -> TestResu
         "/_matrix/client/unstable/initialSync",
         "/_matrix/client/v3/rooms/!abc:example.org/initialSync",
         "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        "/_matrix/client/v4/sync",
     ];
     let ignored = [
         "/_matrix/client/v3/sync/extra",
-        "/_matrix/client/v4/sync",
+        "/_matrix/client/v4/sync/",
+        "/_matrix/client/v4/events",
         "/_matrix/client/v3/rooms/a/b/initialSync",
         "/_matrix/client/unstable/org.matrix.simplified_msc3575/syncX",
         "/_matrix/client/v3/account/whoami",

@@ -11,6 +11,7 @@ mod failures;
 mod handmade;
 mod kong_schema;
 mod lifecycle;
+mod path_limit;
 mod privacy;
 mod readme;
 mod robustness;
