@@ -73,10 +73,10 @@ impl PathSet {
         if path.len() > MAX_PATH_LEN {
             return None;
         }
-        let slashes = Slashes::new(path);
+        let mut slashes = Slashes::new(path);
         self.templates
             .iter()
-            .find_map(|t| capture(t, path, &slashes))
+            .find_map(|t| capture(t, path, &mut slashes))
     }
 }
 
@@ -85,45 +85,65 @@ impl PathSet {
 const MAX_SLASHES: usize = MAX_SEGMENTS + 1;
 
 /// Offsets of a path's first `MAX_SLASHES` slashes (the path is at most `MAX_PATH_LEN` bytes, so
-/// they fit in u16): where each segment ends, found in one pass for all templates.
-struct Slashes {
+/// they fit in u16), found as templates need them: each byte of the path is scanned at most once
+/// for all templates, and not at all when no template gets as far as a `*`.
+struct Slashes<'p> {
+    path: &'p [u8],
     at: [u16; MAX_SLASHES],
     len: usize,
-    /// Every slash of the path is indexed.
-    complete: bool,
+    /// Where the scan for the next slash resumes.
+    scanned: usize,
 }
 
-impl Slashes {
-    fn new(path: &[u8]) -> Slashes {
-        let mut slashes = Slashes {
+impl<'p> Slashes<'p> {
+    fn new(path: &'p [u8]) -> Slashes<'p> {
+        Slashes {
+            path,
             at: [0; MAX_SLASHES],
             len: 0,
-            complete: true,
-        };
-        for (i, _) in path.iter().enumerate().filter(|(_, &b)| b == b'/') {
-            let (Some(slot), Ok(offset)) = (slashes.at.get_mut(slashes.len), u16::try_from(i))
-            else {
-                slashes.complete = false;
-                break;
-            };
-            *slot = offset;
-            slashes.len += 1;
+            scanned: 0,
         }
-        slashes
     }
 
     /// Offset of the `n`th slash (from 0), or the path's length when it has only `n`; None when
-    /// the index cannot tell (scan instead).
-    fn nth(&self, n: usize, path_len: usize) -> Option<usize> {
-        if n < self.len {
-            self.at.get(n).map(|&at| usize::from(at))
-        } else {
-            self.complete.then_some(path_len)
+    /// past the index (scan instead).
+    fn nth(&mut self, n: usize) -> Option<usize> {
+        while self.len <= n {
+            let rest = self.path.get(self.scanned..).unwrap_or_default();
+            let Some(i) = rest.iter().position(|&b| b == b'/') else {
+                self.scanned = self.path.len();
+                return (self.len == n).then_some(self.path.len());
+            };
+            let offset = self.scanned + i;
+            *self.at.get_mut(self.len)? = u16::try_from(offset).ok()?;
+            self.len += 1;
+            self.scanned = offset + 1;
         }
+        self.at.get(n).map(|&at| usize::from(at))
     }
 }
 
-fn capture<'p>(template: &[Piece], path: &'p [u8], slashes: &Slashes) -> Option<Option<&'p [u8]>> {
+/// Whether `text` starts with `prefix`, compared eight bytes at a time: in wasm a byte-wise
+/// `memcmp` is most of the cost of long literals.
+fn starts_with(text: &[u8], prefix: &[u8]) -> bool {
+    let Some(head) = text.get(..prefix.len()) else {
+        return false;
+    };
+    // Slices of one length under 8: equal folds mean equal bytes.
+    let tail = |c: &[u8]| c.iter().fold(0u64, |w, &b| (w << 8) | u64::from(b));
+    if prefix.len() < 8 {
+        return tail(head) == tail(prefix);
+    }
+    let (a, b) = (head.chunks_exact(8), prefix.chunks_exact(8));
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map(u64::from_ne_bytes).unwrap_or(0);
+    tail(a.remainder()) == tail(b.remainder()) && a.zip(b).all(|(x, y)| word(x) == word(y))
+}
+
+fn capture<'p>(
+    template: &[Piece],
+    path: &'p [u8],
+    slashes: &mut Slashes<'_>,
+) -> Option<Option<&'p [u8]>> {
     let mut at = 0;
     // Slashes in path[..at]: the next one, if any, ends the segment that starts at `at`.
     let mut seen = 0;
@@ -132,14 +152,14 @@ fn capture<'p>(template: &[Piece], path: &'p [u8], slashes: &Slashes) -> Option<
         let rest = path.get(at..)?;
         match piece {
             Piece::Literal(lit, lit_slashes) => {
-                if !rest.starts_with(lit) {
+                if !starts_with(rest, lit) {
                     return None;
                 }
                 at += lit.len();
                 seen += lit_slashes;
             }
             Piece::Segment => {
-                let len = match slashes.nth(seen, path.len()) {
+                let len = match slashes.nth(seen) {
                     Some(end) => end.checked_sub(at)?,
                     None => rest.iter().position(|&b| b == b'/').unwrap_or(rest.len()),
                 };

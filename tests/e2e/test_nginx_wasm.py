@@ -1203,3 +1203,14 @@ def test_a_bad_plugin_config_stops_every_worker_naming_the_field(
             n.request("GET", READY_PATH, timeout=2)
     finally:
         n.stop()
+
+
+def test_v4_sliding_sync_of_two_devices_goes_to_the_users_worker(nginx, placed):
+    """MSC4186's `POST /_matrix/client/v4/sync` is in the shipped sync location: keyed by the
+    user, on the user's worker (Synapse 1.163.2 answers it 404 from that worker)."""
+    user_id, devices, workers = next(p for p in placed if len(p[2]) == 1)
+    for n, device in enumerate(devices[:2]):
+        body = json.dumps({"conn_id": f"conn-{n}", "lists": {}, "timeout": 0}).encode()
+        headers = [bearer(device.token), ("Content-Type", "application/json")]
+        r, _ = nginx.traced("POST", "/_matrix/client/v4/sync", headers, body)
+        assert nginx.served(r) == (next(iter(workers)), user_id), (r.status, r.body[:200])

@@ -33,7 +33,7 @@ pub mod wasi;
 
 pub use headers::{HeaderMap, NameCase};
 pub use host::{Filter, Host, LogLine, Metric, MetricKind};
-pub use profile::{Eviction, HostKind, Profile, Zone};
+pub use profile::{Delivery, Eviction, HostKind, Profile, Zone};
 pub use shared::{SetAttempt, SharedData, SharedEntry, SharedStats};
 pub use util::Rng;
 pub use vm::{CallFailure, CallOutcome, CallRecord, Callback, LocalResponse, StreamState, Vm};

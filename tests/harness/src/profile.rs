@@ -30,6 +30,15 @@ pub struct Zone {
     pub eviction: Eviction,
 }
 
+/// What a host does with a client's request headers before any filter runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The filter sees these headers, in order.
+    Headers(Vec<(String, String)>),
+    /// The host answers with this status itself; no filter runs.
+    Refused(u32),
+}
+
 /// The host being played, with the knobs tests may turn.
 #[derive(Clone, Debug)]
 pub struct Profile {
@@ -150,6 +159,49 @@ impl Profile {
     pub fn with_property(mut self, path: &str, value: &[u8]) -> Profile {
         self.properties.insert(path.into(), value.to_vec());
         self
+    }
+
+    /// The request headers a filter gets when a client sends `client`, for the repeated
+    /// headers whose handling matters to the filter. Envoy 1.40 joins repeated `Authorization`
+    /// headers into one value separated by `,` (`Bearer A,Bearer B`; checked on the real host by
+    /// tests/e2e). nginx 1.27 answers 400 ("client sent duplicate header line") to a second
+    /// `Authorization` or `Host` line before any filter runs (its unique request headers; the
+    /// Authorization case checked on a real nginx + ngx_wasm_module build). Other headers are
+    /// delivered as sent.
+    pub fn deliver(&self, client: &[(&str, &str)]) -> Delivery {
+        let count = |name: &str| {
+            client
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .count()
+        };
+        match self.kind {
+            HostKind::Ngx => {
+                if count("authorization") > 1 || count("host") > 1 {
+                    return Delivery::Refused(400);
+                }
+                Delivery::Headers(
+                    client
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
+                )
+            }
+            HostKind::Envoy => {
+                let mut out: Vec<(String, String)> = Vec::new();
+                for (name, value) in client {
+                    let name = name.to_ascii_lowercase();
+                    match out.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, joined)) if name == "authorization" => {
+                            joined.push(',');
+                            joined.push_str(value);
+                        }
+                        _ => out.push((name, value.to_string())),
+                    }
+                }
+                Delivery::Headers(out)
+            }
+        }
     }
 
     /// Metric name as the host shows it (ngx_wasm_module prefixes `pw:<filter>:`).

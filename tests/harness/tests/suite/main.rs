@@ -14,6 +14,7 @@ mod lifecycle;
 mod path_limit;
 mod privacy;
 mod readme;
+mod repeated_auth;
 mod robustness;
 mod route;
 mod version;

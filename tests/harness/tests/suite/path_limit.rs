@@ -86,10 +86,12 @@ fn an_overlong_path_passes_unkeyed_and_is_counted() -> TestResult {
 }
 
 /// Most fuel one request through the worst allowed template set may burn (sync_paths and
-/// room_paths each at 64 expanded templates, on the longest path that is matched). Measured at
-/// about 65,000 on 2026-12-02; before the path limit and the slash index, a 4 KiB path cost
-/// more than 2,000,000 and a 60 KiB one more than 30,000,000.
-const WORST_FUEL: u64 = 150_000;
+/// room_paths each at 64 expanded templates, on the longest path that is matched). Measured on
+/// 2026-12-02: at most 645,212 (every template walking 16 segments; about 70 µs under the
+/// harness's wasmtime on a loaded 2-core machine), against 31,353 for a plain /sync miss. The
+/// filter before the path limit and the slash index (c02977f) burnt 12,704,390 (817 µs) on the
+/// one-long-segment set at 4 KiB, and linearly more on longer paths.
+const WORST_FUEL: u64 = 1_000_000;
 
 /// A plain /sync miss with the default configuration, for scale.
 fn plain_request_fuel() -> Result<u64, Box<dyn std::error::Error>> {
@@ -126,7 +128,8 @@ fn the_worst_template_set_on_the_longest_path_costs_microseconds() -> TestResult
     // Each a set the filter accepts at its limits: 32 patterns, 64 templates after expansion,
     // templates of up to 512 bytes and 16 segments; the same set as room_paths (room keys on,
     // so a non-sync path is matched twice).
-    let literal = "a".repeat(490);
+    // Templates are at most 256 bytes (MAX_FIELD_LEN in src/config.rs).
+    let literal = "a".repeat(240);
     let stars = "/*".repeat(15);
     let sets: Vec<(&str, Vec<String>, String)> = vec![
         (
@@ -139,7 +142,7 @@ fn the_worst_template_set_on_the_longest_path_costs_microseconds() -> TestResult
             (0..32)
                 .map(|i| format!("/{literal}{i:02}/{{b|c}}"))
                 .collect(),
-            format!("/{literal}99/{}", "x".repeat(MAX_PATH_LEN - 494)),
+            format!("/{literal}99/{}", "x".repeat(MAX_PATH_LEN - 244)),
         ),
         (
             "every template walking 16 segments",
