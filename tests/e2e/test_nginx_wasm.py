@@ -1214,3 +1214,13 @@ def test_v4_sliding_sync_of_two_devices_goes_to_the_users_worker(nginx, placed):
         headers = [bearer(device.token), ("Content-Type", "application/json")]
         r, _ = nginx.traced("POST", "/_matrix/client/v4/sync", headers, body)
         assert nginx.served(r) == (next(iter(workers)), user_id), (r.status, r.body[:200])
+
+
+def test_two_authorization_lines_are_answered_400_before_the_filter(nginx, placed):
+    """nginx refuses a second Authorization line itself ("client sent duplicate header line"):
+    the request reaches neither the filter nor a worker."""
+    _, devices, _ = placed[0]
+    r, test_id = nginx.sync([bearer(devices[0].token), bearer(devices[1].token)])
+    assert r.status == 400, (r.status, r.body[:200])
+    heads = [h for t in nginx.all_taps for h in t.find("X-Test-Id", test_id)]
+    assert heads == [], "a worker received the request"
