@@ -87,8 +87,8 @@ fn an_overlong_path_passes_unkeyed_and_is_counted() -> TestResult {
 
 /// Most fuel one request through the worst allowed template set may burn (sync_paths and
 /// room_paths each at 64 expanded templates, on the longest path that is matched). Measured on
-/// 2026-12-02: at most 645,212 (every template walking 16 segments; about 70 µs under the
-/// harness's wasmtime on a loaded 2-core machine), against 31,353 for a plain /sync miss. The
+/// 2026-12-02 at c746892: at most 645,212 (every template walking 16 segments; 70-95 µs under
+/// the harness's wasmtime on a loaded 2-core machine), against 31,353 for a plain /sync miss. The
 /// filter before the path limit and the slash index (c02977f) burnt 12,704,390 (817 µs) on the
 /// one-long-segment set at 4 KiB, and linearly more on longer paths.
 const WORST_FUEL: u64 = 1_000_000;
