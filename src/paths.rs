@@ -382,4 +382,81 @@ mod tests {
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
+
+    /// The matcher before the slash index: each `*` scans to the next `/`.
+    fn naive<'p>(template: &[Piece], path: &'p [u8]) -> Option<Option<&'p [u8]>> {
+        let mut rest = path;
+        let mut first = None;
+        for piece in template {
+            match piece {
+                Piece::Literal(lit, _) => rest = rest.strip_prefix(&lit[..])?,
+                Piece::Segment => {
+                    let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+                    if end == 0 {
+                        return None;
+                    }
+                    let (segment, after) = rest.split_at(end);
+                    first = first.or(Some(segment));
+                    rest = after;
+                }
+                Piece::Rest => {
+                    return (rest.is_empty() || rest.starts_with(b"/")).then_some(first);
+                }
+            }
+        }
+        rest.is_empty().then_some(first)
+    }
+
+    #[test]
+    fn the_indexed_matcher_agrees_with_the_naive_one() {
+        // A small alphabet makes matches, near misses and long literals (word-wise compares)
+        // frequent; templates and paths are drawn from the same pieces.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let words = [
+            "a",
+            "ab",
+            "abcdefghij",
+            "abcdefghijk",
+            "b",
+            "_matrix",
+            "sync",
+        ];
+        let (mut matched, mut captured) = (0, 0);
+        for _ in 0..20_000 {
+            let mut template = String::new();
+            for i in 0..=next(5) {
+                template.push('/');
+                match next(6) {
+                    0 => template.push('*'),
+                    1 if i > 0 => {
+                        template.push_str("**");
+                        break;
+                    }
+                    _ => template.push_str(words[next(words.len() as u64) as usize]),
+                }
+            }
+            let mut path = String::new();
+            for _ in 0..next(7) {
+                path.push('/');
+                for _ in 0..next(3) {
+                    path.push_str(words[next(words.len() as u64) as usize]);
+                }
+            }
+            let Ok(set) = PathSet::compile(&[template.as_str()]) else {
+                continue;
+            };
+            let expected = naive(&set.templates[0], path.as_bytes());
+            assert_eq!(set.capture(path.as_bytes()), expected, "{template} {path}");
+            matched += usize::from(expected.is_some());
+            captured += usize::from(matches!(expected, Some(Some(_))));
+        }
+        // The draw exercises matches and captures, not only misses.
+        assert!(matched > 300 && captured > 150, "{matched} {captured}");
+    }
 }
