@@ -8,6 +8,7 @@ mod common;
 mod config;
 mod expiry;
 mod failures;
+mod fallback_secret;
 mod handmade;
 mod kong_schema;
 mod lifecycle;
