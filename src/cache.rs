@@ -9,7 +9,7 @@
 //! entry carries the full 128-bit hash, so a slot collision (or ngx_wasm_module's crc32-only key
 //! comparison) is detected, never misread as a hit.
 
-use crate::whoami::{is_user_id, Errcode, Rejection};
+use crate::matrix::{is_user_id, Errcode, Rejection};
 use siphasher::sip128::{Hasher128, SipHasher24};
 use std::hash::Hasher;
 

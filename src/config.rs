@@ -274,7 +274,7 @@ impl Config {
             return Err(err("filter_state", "is only for `\"proxy\": \"envoy\"`"));
         }
         if !self.native_token_server_name.is_empty()
-            && !crate::whoami::is_user_id(&format!("@a:{}", self.native_token_server_name))
+            && !crate::matrix::is_user_id(&format!("@a:{}", self.native_token_server_name))
         {
             return Err(err(
                 "native_token_server_name",
@@ -328,12 +328,21 @@ fn fallback_secret(text: &str) -> Result<Option<[u8; crate::cache::SECRET_LEN]>,
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = match e.inner().classify() {
+            // A value of the wrong type or range, or an unknown field: the path names it.
+            serde_json::error::Category::Data => e.path().to_string(),
+            // Broken JSON is about the document, never attributed to a field.
+            _ => String::new(),
+        };
+        // The root is `.`; an empty field name (`{"": 1}`, found by fuzzing) is the root's too.
+        let field = Some(field.as_str()).filter(|f| !f.is_empty() && *f != ".");
+        err(field.unwrap_or("(root)"), e.inner().to_string())
+    })?;
     // Bytes after the object (a templating slip such as two objects) are an error, not ignored.
-    crate::json::from_slice::<Config>(bytes).map_err(|e| {
-        // An empty field name (`{"": 1}`, found by fuzzing) is reported as the root's.
-        let field = e.field.as_deref().filter(|f| !f.is_empty());
-        err(field.unwrap_or("(root)"), e.message)
-    })
+    de.end().map_err(|e| err("(root)", e.to_string()))?;
+    Ok(config)
 }
 
 fn is_header_value(s: &str) -> bool {

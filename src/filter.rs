@@ -9,6 +9,7 @@
 
 use crate::cache::{Entry, Secret, TokenHash};
 use crate::config::Settings;
+use crate::matrix::{self, Rejection};
 use crate::memory::Memory;
 use crate::metrics::{Counter, Tally};
 use crate::port::{ContextId, Host, Level, Verdict};
@@ -16,7 +17,7 @@ use crate::request::{self, Token};
 use crate::route::{self, Source, SyncKind};
 use crate::slots::{Cached, Claim, Read, Slots};
 use crate::tokens;
-use crate::whoami::{self, Failure, Outcome, Rejection, MAX_BODY};
+use crate::whoami::{self, Failure, Outcome, MAX_BODY};
 use std::cell::{Cell, RefCell};
 
 /// Tick period while nothing waits (counter flush, clock).
@@ -208,7 +209,7 @@ impl Router {
                 let masquerade = masquerade
                     .as_deref()
                     .and_then(|u| std::str::from_utf8(u).ok())
-                    .filter(|u| whoami::is_user_id(u));
+                    .filter(|u| matrix::is_user_id(u));
                 let now = self.coarse_now(host);
                 let req = Req {
                     id,
@@ -645,7 +646,7 @@ impl Router {
             tokens::Native::Other => return None,
             tokens::Native::Localpart(local) => {
                 let user = format!("@{local}:{}", self.settings.config.native_token_server_name);
-                if whoami::is_user_id(&user) {
+                if matrix::is_user_id(&user) {
                     self.count(host, Counter::CacheHits);
                     self.route(host, Key::User(&user, Source::Local));
                     return Some(Verdict::Continue);

@@ -9,8 +9,8 @@
 use crate::config::Config;
 use crate::filter::Router;
 use crate::metrics::Counter;
+use crate::port::HeaderBlock;
 use crate::port::{ContextId, Host, Level, SetStatus, Verdict};
-use crate::request::HeaderBlock;
 use crate::whoami::MAX_BODY;
 use std::alloc::{alloc, dealloc, Layout};
 use std::cell::{Cell, RefCell, UnsafeCell};

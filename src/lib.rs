@@ -2,7 +2,7 @@
 //! one sync worker, by resolving the access token to the user through Synapse's whoami.
 //!
 //! Pure parsers and codecs plus a decision engine written against the `Host` port, unit tested
-//! natively: `config` (the plugin configuration), `json` (its reader), `paths` (sync-path templates), `profile` (host
+//! natively: `config` (the plugin configuration), `paths` (sync-path templates), `profile` (host
 //! differences), `request` (which token), `route` (sync kind, room key, key source), `tokens` (what a token says by itself), `cache` (keyed token hashes, slot keys, entry codec),
 //! `slots` (the shared-data protocol), `memory` (each VM's recent answers), `metrics` (the
 //! counters), `whoami` (the callout and what its answer means), `port` (the `Host` trait) and
@@ -23,7 +23,7 @@
 pub mod cache;
 pub mod config;
 pub mod filter;
-pub mod json;
+pub mod matrix;
 pub mod memory;
 pub mod metrics;
 pub mod paths;

@@ -1,5 +1,6 @@
 //! What a request is: its path without the query, and which access token it carries.
 
+use crate::port::HeaderBlock;
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
 
@@ -22,90 +23,6 @@ pub enum Token<'a> {
     /// these bytes) without asking whoami: a callout could only get 401, or resolve a token
     /// that is not the one Synapse serves, and it can never inject a header.
     Malformed(Cow<'a, [u8]>),
-}
-
-/// A request's headers as proxy-wasm serializes a header map: a u32 count, a (name length, value
-/// length) u32 pair per header, then each name and value followed by a NUL. Read in one host call
-/// (each data-returning call costs about a microsecond in Envoy) and parsed with bounds checks,
-/// so a surprising host answer yields fewer headers, never a trap.
-#[derive(Debug, Clone, Default)]
-pub struct HeaderBlock(Vec<u8>);
-
-impl HeaderBlock {
-    pub fn from_bytes(bytes: Vec<u8>) -> HeaderBlock {
-        HeaderBlock(bytes)
-    }
-
-    /// Serializes `pairs` in the same format (for local responses and for tests).
-    pub fn serialize<V: AsRef<[u8]>>(pairs: &[(&str, V)]) -> HeaderBlock {
-        let size: usize = pairs
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().len() + 10)
-            .sum();
-        let mut out = Vec::with_capacity(4 + size);
-        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend_from_slice(k.as_bytes());
-            out.push(0);
-            out.extend_from_slice(v.as_ref());
-            out.push(0);
-        }
-        HeaderBlock(out)
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Every (name, value) in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let bytes = &self.0[..];
-        let word = move |at: usize| -> Option<usize> {
-            let b = bytes.get(at..)?.first_chunk::<4>()?;
-            Some(u32::from_le_bytes(*b) as usize)
-        };
-        let count = word(0).unwrap_or(0);
-        let mut data = count.checked_mul(8).and_then(|n| n.checked_add(4));
-        (0..count).map_while(move |n| {
-            let (klen, vlen) = (word(4 + n * 8)?, word(8 + n * 8)?);
-            let start = data?;
-            let name = bytes.get(start..start.checked_add(klen)?)?;
-            let vstart = start.checked_add(klen)?.checked_add(1)?;
-            let value = bytes.get(vstart..vstart.checked_add(vlen)?)?;
-            data = vstart.checked_add(vlen)?.checked_add(1);
-            Some((name, value))
-        })
-    }
-
-    /// The first value of `name` (ASCII case-insensitive: Envoy lower-cases names,
-    /// ngx_wasm_module keeps the client's spelling).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    /// Every value of `name`, in order (ASCII case-insensitive).
-    pub fn get_all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    /// The distinct spellings of `name` present (for hosts that remove headers by exact name).
-    pub fn spellings(&self, name: &str) -> Vec<&[u8]> {
-        let mut found: Vec<&[u8]> = Vec::new();
-        for (n, _) in self.iter() {
-            if n.eq_ignore_ascii_case(name.as_bytes()) && !found.contains(&n) {
-                found.push(n);
-            }
-        }
-        found
-    }
 }
 
 /// Splits `:path` into the path and the query string (without `?`), at the first `?` like
@@ -278,34 +195,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_blocks_round_trip_and_survive_garbage() {
-        let block = HeaderBlock::serialize(&[
-            (":path", &b"/sync"[..]),
-            ("Authorization", b"Bearer t"),
-            ("x-empty", b""),
-            ("AUTHORIZATION", b"second"),
-        ]);
-        assert_eq!(block.get(":path"), Some(&b"/sync"[..]));
-        assert_eq!(block.get("authorization"), Some(&b"Bearer t"[..]));
-        assert_eq!(block.get("x-empty"), Some(&b""[..]));
-        assert_eq!(block.get("missing"), None);
-        assert_eq!(
-            block.spellings("authorization"),
-            vec![&b"Authorization"[..], &b"AUTHORIZATION"[..]]
-        );
-        assert_eq!(block.iter().count(), 4);
-        // Truncated at every length, or with a huge count: fewer headers, no panic.
-        for cut in 0..block.as_bytes().len() {
-            let partial = HeaderBlock::from_bytes(block.as_bytes()[..cut].to_vec());
-            assert!(partial.iter().count() <= 4);
-        }
-        let mut huge = block.as_bytes().to_vec();
-        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(HeaderBlock::from_bytes(huge).iter().count() <= 4);
-        assert_eq!(HeaderBlock::default().iter().count(), 0);
-    }
 
     #[test]
     fn splits_query() {

@@ -3,8 +3,8 @@
 //! treats CAS 0 on an existing key as a mismatch), plus the process-wide hash secret.
 
 use crate::cache::{self, Entry, Lookup, Secret, SlotKey, TokenHash};
+use crate::matrix::Rejection;
 use crate::port::{Host, SetStatus};
-use crate::whoami::Rejection;
 
 /// How often a write is retried after a CAS mismatch before it is given up.
 const WRITE_ATTEMPTS: usize = 4;

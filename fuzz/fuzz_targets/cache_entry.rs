@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use matrix_sync_router::cache::{
     claim, encode, holds_fresh_user, holds_token, lookup, Entry, Lookup, TokenHash,
 };
-use matrix_sync_router::whoami::is_user_id;
+use matrix_sync_router::matrix::is_user_id;
 
 fuzz_target!(|data: &[u8]| {
     let Some((now, value)) = data.split_first_chunk::<8>() else {

@@ -4,7 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use matrix_sync_router::request::{request_token, HeaderBlock};
+use matrix_sync_router::port::HeaderBlock;
+use matrix_sync_router::request::request_token;
 
 fuzz_target!(|data: &[u8]| {
     let block = HeaderBlock::from_bytes(data.to_vec());

@@ -7,9 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use matrix_sync_router::request::{
-    find_token, form_decode, request_token, HeaderBlock, Token, MAX_TOKEN_LEN,
-};
+use matrix_sync_router::port::HeaderBlock;
+use matrix_sync_router::request::{find_token, form_decode, request_token, Token, MAX_TOKEN_LEN};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)

@@ -4,7 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use matrix_sync_router::whoami::{interpret, is_user_id, Outcome};
+use matrix_sync_router::matrix::is_user_id;
+use matrix_sync_router::whoami::{interpret, Outcome};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {

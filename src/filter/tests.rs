@@ -4,8 +4,8 @@
 
 use super::*;
 use crate::config::Config;
+use crate::port::HeaderBlock;
 use crate::port::SetStatus;
-use crate::request::HeaderBlock;
 use std::collections::HashMap;
 use std::rc::Rc;
 

@@ -20,7 +20,7 @@ pub const NGX_UPSTREAM: &str = "127.0.0.1:8008";
 /// Both host profiles, for tests that hold under either.
 pub const BOTH: [HostKind; 2] = [HostKind::Envoy, HostKind::Ngx];
 
-fn wasm_path() -> PathBuf {
+pub fn wasm_path() -> PathBuf {
     match std::env::var_os("MSR_WASM") {
         Some(path) => PathBuf::from(path),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))

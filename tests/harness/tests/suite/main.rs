@@ -18,4 +18,5 @@ mod readme;
 mod repeated_auth;
 mod robustness;
 mod route;
+mod size;
 mod version;
