@@ -2,7 +2,7 @@
 //! validation that names the offending field.
 
 use crate::paths::PathSet;
-use crate::profile::Proxy;
+use crate::profile::{Capabilities, Proxy};
 use serde::Deserialize;
 use std::fmt;
 
@@ -122,42 +122,116 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// A validated configuration with its compiled sync-path matcher.
+/// The configuration compiled into what the engine uses: each part typed, each optional output
+/// an `Option` of its target, and what the host can do derived from `proxy` once. Nothing in
+/// the engine reads a raw configuration string.
 #[derive(Debug)]
 pub struct Settings {
-    pub config: Config,
-    pub sync_paths: PathSet,
-    /// Compiled `room_paths`, empty unless room keys are on.
-    pub room_paths: PathSet,
+    /// What the host can do (from `proxy`).
+    pub caps: Capabilities,
+    pub whoami: WhoamiSettings,
+    pub cache: CacheSettings,
+    pub keys: KeySettings,
+    pub requests: RequestSettings,
+}
+
+/// Where and how whoami is called.
+#[derive(Debug, Clone)]
+pub struct WhoamiSettings {
+    pub upstream: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u32,
+    /// `max_whoami_in_flight`.
+    pub max_in_flight: usize,
+}
+
+/// The shared-data cache and how long each kind of answer is kept.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub prefix: String,
+    pub capacity: u32,
+    pub ttl_ms: u64,
+    /// 0: rejections are not cached.
+    pub negative_ttl_ms: u64,
+    pub backoff_ms: u64,
     /// `fallback_key_secret` as a hash key: every replica that has it gives a token the same
     /// fallback key. None: the fallback key is keyed per process.
     pub fallback_secret: Option<[u8; crate::cache::SECRET_LEN]>,
 }
 
+/// Where the routing key goes: the proxy routes on one or the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyTarget {
+    /// A request header (`header_name`); client copies are scrubbed.
+    Header(String),
+    /// An nginx variable (`nginx_variable`), written through the `ngx.<name>` property.
+    NginxVariable(String),
+}
+
+/// A request header and/or an nginx variable carrying one piece of route metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outputs {
+    pub header: Option<String>,
+    pub variable: Option<String>,
+}
+
+impl Outputs {
+    fn new(header: &str, variable: &str) -> Outputs {
+        let some = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
+        Outputs {
+            header: some(header),
+            variable: some(variable),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.header.is_some() || self.variable.is_some()
+    }
+}
+
+/// What is written onto a request: the key and the route metadata.
+#[derive(Debug)]
+pub struct KeySettings {
+    pub target: KeyTarget,
+    /// The sync kind (`sync_kind_header`, `nginx_sync_kind_variable`).
+    pub sync_kind: Outputs,
+    /// The room ID of a room request (`room_header_name`, `nginx_room_variable`).
+    pub room: Outputs,
+    /// Compiled `room_paths` (used only when `room` has an output).
+    pub room_paths: PathSet,
+    /// Envoy filter state (`msr_source`, `msr_sync_kind`) for the access log.
+    pub filter_state: bool,
+    /// Answer a rejected token at the edge instead of forwarding it with the fallback key.
+    pub reject_invalid_tokens: bool,
+}
+
+/// How a request is read: which paths are handled and what may decide a key without whoami.
+#[derive(Debug)]
+pub struct RequestSettings {
+    pub sync_paths: PathSet,
+    /// Resolve `?user_id=` for appservice tokens (`appservice_masquerading`).
+    pub masquerading: bool,
+    /// Decode native Synapse tokens locally as users of this server.
+    pub native_server_name: Option<String>,
+    pub refuse_bad_mas_tokens: bool,
+    /// The sync kind is needed (an output or Envoy filter state).
+    pub sync_kind_needed: bool,
+    /// A request with a Bearer token can be handled without reading its `:path`: the proxy
+    /// only runs the filter on sync routes (`trust_route_match`), and no option needs the path
+    /// or the query (sync kind, filter state, room keys, `?user_id=` masquerading, native-token
+    /// decoding, MAS checks).
+    pub path_unneeded: bool,
+}
+
 impl Settings {
-    /// Whether room requests get a room key (header or nginx variable).
-    pub fn room_keys(&self) -> bool {
-        !self.config.room_header_name.is_empty() || !self.config.nginx_room_variable.is_empty()
-    }
-
-    /// Whether a request with a Bearer token can be handled without reading its `:path`: the
-    /// proxy only runs the filter on sync routes (`trust_route_match`), and no option needs the
-    /// path or the query (sync kind, filter state, room keys, `?user_id=` masquerading,
-    /// native-token decoding, MAS checks).
-    pub fn path_unneeded(&self) -> bool {
-        let c = &self.config;
-        c.trust_route_match
-            && !self.sync_kinds()
-            && !self.room_keys()
-            && !c.filter_state
-            && !c.appservice_masquerading
-            && c.native_token_server_name.is_empty()
-            && !c.refuse_bad_mas_tokens
-    }
-
-    /// Whether handled requests carry their sync kind (header or nginx variable).
-    pub fn sync_kinds(&self) -> bool {
-        !self.config.sync_kind_header.is_empty() || !self.config.nginx_sync_kind_variable.is_empty()
+    /// One line for the start-up log: where the key goes and where whoami is called.
+    pub fn summary(&self) -> String {
+        let target = match &self.keys.target {
+            KeyTarget::Header(name) => format!("header `{name}`"),
+            KeyTarget::NginxVariable(name) => format!("nginx variable `${name}`"),
+        };
+        format!("{target}, whoami via `{}`", self.whoami.upstream)
     }
 }
 
@@ -284,12 +358,66 @@ impl Config {
         let room_paths = PathSet::compile(&self.room_paths)
             .map_err(|(i, m)| err(&format!("room_paths[{i}]"), m))?;
         let fallback_secret = fallback_secret(&self.fallback_key_secret)?;
-        Ok(Settings {
-            config: self,
-            sync_paths,
-            room_paths,
-            fallback_secret,
-        })
+        Ok(self.compile(sync_paths, room_paths, fallback_secret))
+    }
+
+    /// The validated configuration as the engine's typed settings.
+    fn compile(
+        self,
+        sync_paths: PathSet,
+        room_paths: PathSet,
+        fallback_secret: Option<[u8; crate::cache::SECRET_LEN]>,
+    ) -> Settings {
+        let sync_kind = Outputs::new(&self.sync_kind_header, &self.nginx_sync_kind_variable);
+        let room = Outputs::new(&self.room_header_name, &self.nginx_room_variable);
+        let native_server_name =
+            Some(self.native_token_server_name).filter(|name| !name.is_empty());
+        let path_unneeded = self.trust_route_match
+            && !sync_kind.any()
+            && !room.any()
+            && !self.filter_state
+            && !self.appservice_masquerading
+            && native_server_name.is_none()
+            && !self.refuse_bad_mas_tokens;
+        let target = if self.nginx_variable.is_empty() {
+            KeyTarget::Header(self.header_name)
+        } else {
+            KeyTarget::NginxVariable(self.nginx_variable)
+        };
+        Settings {
+            caps: self.proxy.capabilities(),
+            whoami: WhoamiSettings {
+                upstream: self.whoami_upstream,
+                authority: self.whoami_authority,
+                path: self.whoami_path,
+                timeout_ms: self.whoami_timeout_ms,
+                max_in_flight: self.max_whoami_in_flight as usize,
+            },
+            cache: CacheSettings {
+                prefix: self.shared_data_prefix,
+                capacity: self.cache_capacity,
+                ttl_ms: u64::from(self.cache_ttl_s) * 1000,
+                negative_ttl_ms: u64::from(self.negative_ttl_s) * 1000,
+                backoff_ms: u64::from(self.failure_backoff_s) * 1000,
+                fallback_secret,
+            },
+            requests: RequestSettings {
+                sync_paths,
+                masquerading: self.appservice_masquerading,
+                native_server_name,
+                refuse_bad_mas_tokens: self.refuse_bad_mas_tokens,
+                sync_kind_needed: sync_kind.any() || self.filter_state,
+                path_unneeded,
+            },
+            keys: KeySettings {
+                target,
+                sync_kind,
+                room,
+                room_paths,
+                filter_state: self.filter_state,
+                reject_invalid_tokens: self.reject_invalid_tokens,
+            },
+        }
     }
 }
 
@@ -505,10 +633,14 @@ mod tests {
     fn empty_config_is_all_defaults() {
         for input in ["", "  \n", "{}"] {
             let s = Config::parse(input.as_bytes()).unwrap();
-            assert_eq!(s.config.header_name, "x-user-identifier");
-            assert_eq!(s.config.whoami_timeout_ms, 2000);
-            assert_eq!(s.config.cache_capacity, 65536);
-            assert!(!s.config.reject_invalid_tokens);
+            assert_eq!(s.keys.target, KeyTarget::Header("x-user-identifier".into()));
+            assert_eq!(s.whoami.timeout_ms, 2000);
+            assert_eq!(s.cache.capacity, 65536);
+            assert_eq!(s.cache.ttl_ms, 3_600_000);
+            assert!(!s.keys.reject_invalid_tokens);
+            assert_eq!(s.keys.sync_kind, Outputs::default());
+            assert_eq!(s.requests.native_server_name, None);
+            assert!(!s.requests.path_unneeded);
         }
     }
 
@@ -519,10 +651,21 @@ mod tests {
                  "header_name":"x-mxid","cache_capacity":10,"reject_invalid_tokens":true}"#,
         )
         .unwrap();
-        assert_eq!(s.config.proxy, Proxy::NgxWasmModule);
-        assert_eq!(s.config.header_name, "x-mxid");
-        assert_eq!(s.config.cache_capacity, 10);
-        assert!(s.config.reject_invalid_tokens);
+        assert_eq!(s.caps, Proxy::NgxWasmModule.capabilities());
+        assert_eq!(s.keys.target, KeyTarget::Header("x-mxid".into()));
+        assert_eq!(s.cache.capacity, 10);
+        assert!(s.keys.reject_invalid_tokens);
+        let s = Config::parse(
+            br#"{"proxy":"ngx_wasm_module","whoami_upstream":"127.0.0.1:8008",
+                 "nginx_variable":"msr_key","nginx_room_variable":"msr_room",
+                 "trust_route_match":true,"appservice_masquerading":false}"#,
+        )
+        .unwrap();
+        assert_eq!(s.keys.target, KeyTarget::NginxVariable("msr_key".into()));
+        assert_eq!(s.keys.room.variable.as_deref(), Some("msr_room"));
+        assert_eq!(s.keys.room.header, None);
+        // Room keys need the path.
+        assert!(!s.requests.path_unneeded);
     }
 
     #[test]
@@ -573,6 +716,8 @@ mod tests {
             "nginx_variable"
         );
         assert_eq!(field_of(r#"{"proxy":"haproxy"}"#), "proxy");
+        assert_eq!(field_of(r#"{"proxy":1}"#), "proxy");
+        assert_eq!(field_of(r#"{"proxy":{"envoy":null}}"#), "proxy");
         assert_eq!(
             field_of(r#"{"shared_data_prefix":"a/b"}"#),
             "shared_data_prefix"
@@ -619,7 +764,7 @@ mod tests {
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             "/_matrix/client/v4/sync",
         ] {
-            assert!(s.sync_paths.matches(p.as_bytes()), "{p}");
+            assert!(s.requests.sync_paths.matches(p.as_bytes()), "{p}");
         }
         for p in [
             "/_matrix/client/v3/sync/extra",
@@ -630,7 +775,7 @@ mod tests {
             "/_matrix/client/unstable/orgXmatrix.simplified_msc3575/sync",
             "/x/_matrix/client/v3/sync",
         ] {
-            assert!(!s.sync_paths.matches(p.as_bytes()), "{p}");
+            assert!(!s.requests.sync_paths.matches(p.as_bytes()), "{p}");
         }
     }
 }
@@ -687,8 +832,8 @@ mod bounds_tests {
         for (i, b) in expected.iter_mut().enumerate() {
             *b = (i as u8) * 0x11;
         }
-        assert_eq!(s.fallback_secret, Some(expected));
-        assert_eq!(Config::parse(b"{}").unwrap().fallback_secret, None);
+        assert_eq!(s.cache.fallback_secret, Some(expected));
+        assert_eq!(Config::parse(b"{}").unwrap().cache.fallback_secret, None);
         let secret_like = "zz112233445566778899aabbccddeeff";
         for bad in [
             "00112233",
@@ -765,7 +910,7 @@ mod bounds_tests {
                     .as_bytes(),
             )
             .unwrap();
-            assert_eq!(s.config.header_name, name);
+            assert_eq!(s.keys.target, KeyTarget::Header(name.into()));
         }
     }
 }

@@ -192,6 +192,16 @@ pub struct HostBytes {
     len: usize,
 }
 
+impl Default for HostBytes {
+    /// No bytes (what a failed read gives).
+    fn default() -> HostBytes {
+        HostBytes {
+            ptr: null_mut(),
+            len: 0,
+        }
+    }
+}
+
 impl HostBytes {
     fn take(status: u32, ptr: *mut u8, len: usize) -> Option<HostBytes> {
         (status == STATUS_OK).then_some(HostBytes { ptr, len })
@@ -230,8 +240,28 @@ fn returned(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Option<HostBy
     HostBytes::take(status, data, size)
 }
 
-fn property_path(path: &[&str]) -> String {
-    path.join("\0")
+/// Runs `f` with a property path as the ABI wants it (segments joined by NUL): on the stack
+/// when it fits (every path the filter sets does), so setting a property allocates nothing.
+fn with_property_path<R>(path: &[&str], f: impl FnOnce(&[u8]) -> R) -> R {
+    let mut buf = [0u8; 128];
+    let len = path
+        .iter()
+        .map(|p| p.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    match buf.get_mut(..len) {
+        Some(out) => {
+            let bytes = path.iter().enumerate().flat_map(|(i, p)| {
+                let sep: &[u8] = if i == 0 { b"" } else { b"\0" };
+                sep.iter().chain(p.as_bytes())
+            });
+            for (slot, b) in out.iter_mut().zip(bytes) {
+                *slot = *b;
+            }
+            f(out)
+        }
+        None => f(path.join("\0").as_bytes()),
+    }
 }
 
 // ---- the port ----------------------------------------------------------------------------------
@@ -269,12 +299,12 @@ impl Host for HostCalls<'_> {
         })
     }
 
-    fn request_headers(&self) -> HeaderBlock {
+    fn request_headers(&self) -> HeaderBlock<HostBytes> {
         // SAFETY: out-pointers to live locals.
         let bytes = returned(|data, size| unsafe {
             proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, data, size)
         });
-        HeaderBlock::from_bytes(bytes.map(|b| b.to_vec()).unwrap_or_default())
+        HeaderBlock::from_bytes(bytes.unwrap_or_default())
     }
 
     fn set_request_header(&self, name: &str, value: &[u8]) {
@@ -296,18 +326,23 @@ impl Host for HostCalls<'_> {
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let path = property_path(path);
-        // SAFETY: out-pointers to live locals; the path outlives the call.
-        returned(|data, size| unsafe { proxy_get_property(path.as_ptr(), path.len(), data, size) })
+        with_property_path(path, |path| {
+            // SAFETY: out-pointers to live locals; the path outlives the call.
+            returned(|data, size| unsafe {
+                proxy_get_property(path.as_ptr(), path.len(), data, size)
+            })
             .map(|b| b.to_vec())
+        })
     }
 
     fn set_property(&self, path: &[&str], value: &[u8]) -> bool {
-        let path = property_path(path);
-        // SAFETY: slices outlive the call.
-        let status =
-            unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
-        status == STATUS_OK
+        with_property_path(path, |path| {
+            // SAFETY: slices outlive the call.
+            let status = unsafe {
+                proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len())
+            };
+            status == STATUS_OK
+        })
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
@@ -472,38 +507,47 @@ static VM: VmCell = VmCell(Vm {
 });
 
 impl Vm {
+    /// The plugins, held for one callback. The host never re-enters a callback (Envoy defers
+    /// a callout failure reported during `proxy_http_call` until the call returns), so they are
+    /// always free; if they ever are not, the callback is logged and does nothing.
+    fn plugins(&self) -> Option<std::cell::RefMut<'_, Vec<Plugin>>> {
+        let plugins = self.plugins.try_borrow_mut().ok();
+        if plugins.is_none() {
+            log(
+                Level::Error,
+                "a callback re-entered the filter; it was ignored",
+            );
+        }
+        plugins
+    }
+
     /// Runs `f` with the plugin of `context` (a root, or a request created under one).
-    fn with_plugin<R>(&self, context: ContextId, f: impl FnOnce(&Plugin) -> R) -> Option<R> {
-        let plugins = self.plugins.try_borrow().ok()?;
-        let plugin = match plugins.as_slice() {
-            [only] => only,
-            many => {
-                let root = match many.iter().find(|p| p.root == context) {
-                    Some(p) => p.root,
-                    None => {
-                        let (ctx, root) = self.parents.get(context as usize % PARENTS)?.get();
-                        if ctx != context {
-                            return None;
-                        }
-                        root
-                    }
-                };
-                many.iter().find(|p| p.root == root)?
+    fn with_plugin<R>(&self, context: ContextId, f: impl FnOnce(&mut Plugin) -> R) -> Option<R> {
+        let mut plugins = self.plugins()?;
+        let root = match plugins.as_slice() {
+            [only] => only.root,
+            many if many.iter().any(|p| p.root == context) => context,
+            _ => {
+                let (ctx, root) = self.parents.get(context as usize % PARENTS)?.get();
+                if ctx != context {
+                    return None;
+                }
+                root
             }
         };
-        Some(f(plugin))
+        plugins.iter_mut().find(|p| p.root == root).map(f)
     }
 }
 
-fn with_router<R>(context: ContextId, f: impl FnOnce(&Router, &HostCalls<'_>) -> R) -> Option<R> {
+fn with_router<R>(
+    context: ContextId,
+    f: impl FnOnce(&mut Router, &HostCalls<'_>) -> R,
+) -> Option<R> {
     VM.0.with_plugin(context, |plugin| {
-        let router = plugin.router.as_ref()?;
-        Some(f(
-            router,
-            &HostCalls {
-                metrics: &plugin.metrics,
-            },
-        ))
+        let Plugin {
+            metrics, router, ..
+        } = plugin;
+        Some(f(router.as_mut()?, &HostCalls { metrics }))
     })
     .flatten()
 }
@@ -516,7 +560,7 @@ pub extern "C" fn proxy_on_context_create(context: ContextId, parent: ContextId)
     callback(|| {
         let vm = &VM.0;
         if parent == 0 {
-            if let Ok(mut plugins) = vm.plugins.try_borrow_mut() {
+            if let Some(mut plugins) = vm.plugins() {
                 if !plugins.iter().any(|p| p.root == context) {
                     plugins.push(Plugin {
                         root: context,
@@ -551,7 +595,7 @@ pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
         };
         {
             let vm = &VM.0;
-            let Ok(mut plugins) = vm.plugins.try_borrow_mut() else {
+            let Some(mut plugins) = vm.plugins() else {
                 return 0;
             };
             let Some(plugin) = plugins.iter_mut().find(|p| p.root == root) else {
@@ -571,20 +615,14 @@ pub extern "C" fn proxy_on_configure(root: ContextId, size: usize) -> u32 {
             let host = HostCalls {
                 metrics: &plugin.metrics,
             };
+            let summary = settings.summary();
             match Router::new(settings, &host) {
                 Ok(router) => {
-                    let cfg = &router.settings.config;
-                    let target = if cfg.nginx_variable.is_empty() {
-                        format!("header `{}`", cfg.header_name)
-                    } else {
-                        format!("nginx variable `${}`", cfg.nginx_variable)
-                    };
                     log(
                         Level::Info,
                         &format!(
-                            "configured: matrix-sync-router {}, {target}, whoami via `{}`",
-                            env!("CARGO_PKG_VERSION"),
-                            cfg.whoami_upstream
+                            "configured: matrix-sync-router {}, {summary}",
+                            env!("CARGO_PKG_VERSION")
                         ),
                     );
                     plugin.router = Some(router);

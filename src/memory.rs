@@ -3,7 +3,6 @@
 //! window opens, so a refresh, a logout or a new secret is seen by every VM within one TTL tenth.
 
 use crate::cache::TokenHash;
-use std::cell::RefCell;
 
 /// Size of the table (a power of two). 4096 slots of ~40 bytes plus the user IDs.
 pub const LOCAL_SLOTS: usize = 4096;
@@ -15,49 +14,48 @@ struct Local {
 }
 
 pub struct Memory {
-    slots: RefCell<Vec<Option<Local>>>,
+    slots: Vec<Option<Local>>,
 }
 
 impl Default for Memory {
     fn default() -> Self {
         Memory {
-            slots: RefCell::new((0..LOCAL_SLOTS).map(|_| None).collect()),
+            slots: (0..LOCAL_SLOTS).map(|_| None).collect(),
         }
     }
 }
 
 impl Memory {
-    /// The user remembered for `hash`, while `now` is before its refresh window; `f` sees it
-    /// without a copy.
-    pub fn with_user<R>(&self, hash: &TokenHash, now: u64, f: impl FnOnce(&str) -> R) -> Option<R> {
-        let slots = self.slots.try_borrow().ok()?;
-        match slots.get(hash.local_index(LOCAL_SLOTS)) {
-            Some(Some(e)) if e.hash == *hash && now < e.refresh_at => Some(f(&e.user)),
+    fn slot(&mut self, hash: &TokenHash) -> Option<&mut Option<Local>> {
+        self.slots.get_mut(hash.local_index(LOCAL_SLOTS))
+    }
+
+    /// The user remembered for `hash`, while `now` is before its refresh window (no copy).
+    pub fn user(&self, hash: &TokenHash, now: u64) -> Option<&str> {
+        match self.slots.get(hash.local_index(LOCAL_SLOTS)) {
+            Some(Some(e)) if e.hash == *hash && now < e.refresh_at => Some(&e.user),
             _ => None,
         }
     }
 
-    pub fn remember(&self, hash: &TokenHash, refresh_at: u64, user: &str, now: u64) {
+    /// Remembers an answer until `refresh_at` (replacing whatever shared its slot).
+    pub fn remember(&mut self, hash: &TokenHash, refresh_at: u64, user: &str, now: u64) {
         if now >= refresh_at {
             return;
         }
-        if let Ok(mut slots) = self.slots.try_borrow_mut() {
-            if let Some(slot) = slots.get_mut(hash.local_index(LOCAL_SLOTS)) {
-                *slot = Some(Local {
-                    hash: *hash,
-                    refresh_at,
-                    user: user.into(),
-                });
-            }
+        if let Some(slot) = self.slot(hash) {
+            *slot = Some(Local {
+                hash: *hash,
+                refresh_at,
+                user: user.into(),
+            });
         }
     }
 
-    pub fn forget(&self, hash: &TokenHash) {
-        if let Ok(mut slots) = self.slots.try_borrow_mut() {
-            if let Some(slot) = slots.get_mut(hash.local_index(LOCAL_SLOTS)) {
-                if slot.as_ref().is_some_and(|e| e.hash == *hash) {
-                    *slot = None;
-                }
+    pub fn forget(&mut self, hash: &TokenHash) {
+        if let Some(slot) = self.slot(hash) {
+            if slot.as_ref().is_some_and(|e| e.hash == *hash) {
+                *slot = None;
             }
         }
     }
@@ -72,16 +70,16 @@ mod tests {
     fn remembers_until_the_refresh_window() {
         let secret = Secret::from_bytes(&[3; 16]).unwrap();
         let (a, b) = (secret.hash(b"a"), secret.hash(b"b"));
-        let m = Memory::default();
+        let mut m = Memory::default();
         m.remember(&a, 100, "@a:x", 10);
-        assert_eq!(m.with_user(&a, 99, str::to_string), Some("@a:x".into()));
-        assert_eq!(m.with_user(&a, 100, str::to_string), None);
-        assert_eq!(m.with_user(&b, 10, str::to_string), None);
+        assert_eq!(m.user(&a, 99), Some("@a:x"));
+        assert_eq!(m.user(&a, 100), None);
+        assert_eq!(m.user(&b, 10), None);
         m.forget(&b);
-        assert!(m.with_user(&a, 50, |_| ()).is_some());
+        assert!(m.user(&a, 50).is_some());
         m.forget(&a);
-        assert!(m.with_user(&a, 50, |_| ()).is_none());
+        assert!(m.user(&a, 50).is_none());
         m.remember(&a, 100, "@a:x", 100);
-        assert!(m.with_user(&a, 50, |_| ()).is_none());
+        assert!(m.user(&a, 50).is_none());
     }
 }

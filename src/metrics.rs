@@ -2,8 +2,6 @@
 //! kept in VM memory so the hit path makes no metric host call. The tally is flushed to the host
 //! on every tick (once a second), so a scrape is exact to within a second.
 
-use std::cell::Cell;
-
 macro_rules! counters {
     ($($variant:ident => $name:literal,)*) => {
         /// The filter's counters. Names are stable: operators alert on them.
@@ -42,8 +40,8 @@ counters! {
 /// Counts not yet added to the host's counters.
 #[derive(Default)]
 pub struct Tally {
-    counts: [Cell<u64>; Counter::ALL.len()],
-    unflushed: Cell<u32>,
+    counts: [u64; Counter::ALL.len()],
+    unflushed: u32,
 }
 
 /// Counts above this are flushed without waiting for a tick (a host that never ticks still
@@ -52,22 +50,21 @@ const FLUSH_EVERY: u32 = 4096;
 
 impl Tally {
     /// Counts one; true when it is time to flush without waiting for the tick.
-    pub fn add(&self, counter: Counter) -> bool {
-        if let Some(c) = self.counts.get(counter as usize) {
-            c.set(c.get().wrapping_add(1));
+    pub fn add(&mut self, counter: Counter) -> bool {
+        if let Some(c) = self.counts.get_mut(counter as usize) {
+            *c = c.wrapping_add(1);
         }
-        let n = self.unflushed.get().wrapping_add(1);
-        self.unflushed.set(n);
-        n >= FLUSH_EVERY
+        self.unflushed = self.unflushed.wrapping_add(1);
+        self.unflushed >= FLUSH_EVERY
     }
 
     /// Takes every non-zero count, resetting it.
-    pub fn take(&self) -> impl Iterator<Item = (Counter, u64)> + '_ {
-        self.unflushed.set(0);
+    pub fn take(&mut self) -> impl Iterator<Item = (Counter, u64)> + '_ {
+        self.unflushed = 0;
         Counter::ALL
             .into_iter()
-            .zip(self.counts.iter())
-            .filter_map(|(counter, c)| Some((counter, c.take())).filter(|(_, n)| *n > 0))
+            .zip(self.counts.iter_mut())
+            .filter_map(|(counter, c)| Some((counter, std::mem::take(c))).filter(|(_, n)| *n > 0))
     }
 }
 
@@ -87,7 +84,7 @@ mod tests {
 
     #[test]
     fn tally_adds_up_and_resets() {
-        let t = Tally::default();
+        let mut t = Tally::default();
         for _ in 0..3 {
             t.add(Counter::CacheHits);
         }

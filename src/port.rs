@@ -37,7 +37,7 @@ pub trait Host {
     /// One request header (or pseudo-header) of the current context.
     fn request_header(&self, name: &str) -> Option<Self::Bytes>;
     /// All request headers, in one host call (only where a header scan is needed).
-    fn request_headers(&self) -> HeaderBlock;
+    fn request_headers(&self) -> HeaderBlock<Self::Bytes>;
     fn set_request_header(&self, name: &str, value: &[u8]);
     fn remove_request_header(&self, name: &str);
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
@@ -66,33 +66,13 @@ pub trait Host {
 /// length) u32 pair per header, then each name and value followed by a NUL. Read in one host call
 /// (each data-returning call costs about a microsecond in Envoy) and parsed with bounds checks,
 /// so a surprising host answer yields fewer headers, never a trap.
+/// The bytes are the host's own (`Host::Bytes`), so reading a block copies nothing.
 #[derive(Debug, Clone, Default)]
-pub struct HeaderBlock(Vec<u8>);
+pub struct HeaderBlock<B = Vec<u8>>(B);
 
-impl HeaderBlock {
-    pub fn from_bytes(bytes: Vec<u8>) -> HeaderBlock {
+impl<B: std::ops::Deref<Target = [u8]>> HeaderBlock<B> {
+    pub fn from_bytes(bytes: B) -> HeaderBlock<B> {
         HeaderBlock(bytes)
-    }
-
-    /// Serializes `pairs` in the same format (for local responses and for tests).
-    pub fn serialize<V: AsRef<[u8]>>(pairs: &[(&str, V)]) -> HeaderBlock {
-        let size: usize = pairs
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().len() + 10)
-            .sum();
-        let mut out = Vec::with_capacity(4 + size);
-        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend_from_slice(k.as_bytes());
-            out.push(0);
-            out.extend_from_slice(v.as_ref());
-            out.push(0);
-        }
-        HeaderBlock(out)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -134,15 +114,37 @@ impl HeaderBlock {
             .map(|(_, v)| v)
     }
 
-    /// The distinct spellings of `name` present (for hosts that remove headers by exact name).
-    pub fn spellings(&self, name: &str) -> Vec<&[u8]> {
-        let mut found: Vec<&[u8]> = Vec::new();
-        for (n, _) in self.iter() {
-            if n.eq_ignore_ascii_case(name.as_bytes()) && !found.contains(&n) {
-                found.push(n);
-            }
+    /// The distinct spellings of `name` present, in order (for hosts that remove headers by
+    /// exact name); no allocation.
+    pub fn spellings<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        let matches = move |n: &[u8]| n.eq_ignore_ascii_case(name.as_bytes());
+        self.iter().enumerate().filter_map(move |(i, (n, _))| {
+            let first = || !self.iter().take(i).any(|(m, _)| m == n);
+            (matches(n) && first()).then_some(n)
+        })
+    }
+}
+
+impl HeaderBlock<Vec<u8>> {
+    /// Serializes `pairs` in the same format (for local responses and for tests).
+    pub fn serialize<V: AsRef<[u8]>>(pairs: &[(&str, V)]) -> HeaderBlock {
+        let size: usize = pairs
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().len() + 10)
+            .sum();
+        let mut out = Vec::with_capacity(4 + size);
+        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+        for (k, v) in pairs {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
         }
-        found
+        for (k, v) in pairs {
+            out.extend_from_slice(k.as_bytes());
+            out.push(0);
+            out.extend_from_slice(v.as_ref());
+            out.push(0);
+        }
+        HeaderBlock(out)
     }
 }
 
@@ -163,7 +165,7 @@ mod tests {
         assert_eq!(block.get("x-empty"), Some(&b""[..]));
         assert_eq!(block.get("missing"), None);
         assert_eq!(
-            block.spellings("authorization"),
+            block.spellings("authorization").collect::<Vec<_>>(),
             vec![&b"Authorization"[..], &b"AUTHORIZATION"[..]]
         );
         assert_eq!(block.iter().count(), 4);
@@ -175,6 +177,6 @@ mod tests {
         let mut huge = block.as_bytes().to_vec();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(HeaderBlock::from_bytes(huge).iter().count() <= 4);
-        assert_eq!(HeaderBlock::default().iter().count(), 0);
+        assert_eq!(HeaderBlock::<Vec<u8>>::default().iter().count(), 0);
     }
 }

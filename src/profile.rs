@@ -1,10 +1,9 @@
 //! Every behavioural difference between the hosts the filter runs in, in one place.
 
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 
 /// The proxy-wasm host flavour, chosen by the `proxy` configuration field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proxy {
     /// Envoy: callouts go to a cluster name; header names arrive lower-cased.
     Envoy,
@@ -13,46 +12,65 @@ pub enum Proxy {
     NgxWasmModule,
 }
 
-impl Proxy {
-    /// ngx_wasm_module keeps the client's spelling of header names. The 0.6.0 prerelease verified
-    /// here removes and replaces them case-insensitively, but the filter does not rely on it:
-    /// there every spelling present is removed by its own name. Envoy lower-cases all names, so
-    /// removing or replacing the lower-case name is enough. (With `nginx_variable` set no header
-    /// is touched at all.)
-    pub fn scrub_needs_header_scan(self) -> bool {
-        matches!(self, Proxy::NgxWasmModule)
+impl<'de> Deserialize<'de> for Proxy {
+    /// Read as a string first: serde_json reports a derived enum given a number (`"proxy": 1`)
+    /// as broken JSON, which names no field.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Proxy, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "envoy" => Ok(Proxy::Envoy),
+            "ngx_wasm_module" => Ok(Proxy::NgxWasmModule),
+            other => Err(de::Error::unknown_variant(
+                other,
+                &["envoy", "ngx_wasm_module"],
+            )),
+        }
     }
+}
 
+/// What a host can do, derived once from `proxy`: the engine branches on these, never on the
+/// host's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// ngx_wasm_module keeps the client's spelling of header names. The 0.6.0 prerelease
+    /// verified here removes and replaces them case-insensitively, but the filter does not rely
+    /// on it: there every spelling present is removed by its own name. Envoy lower-cases all
+    /// names, so removing or replacing the lower-case name is enough. (With `nginx_variable` set
+    /// no header is touched at all.)
+    pub scrub_needs_header_scan: bool,
     /// Whether a callout may run while the request that made it goes on. Envoy delivers the
     /// answer to the context whatever the request did meanwhile. A real nginx + ngx_wasm_module
-    /// dropped such a call ("ResponseHeaders returned PAUSE: local response expected"), so there
-    /// a refresh pauses its one request (already routed by the cached user) until the answer.
-    pub fn callouts_run_in_background(self) -> bool {
-        matches!(self, Proxy::Envoy)
-    }
-
+    /// dropped such a call ("ResponseHeaders returned PAUSE: local response expected"), so
+    /// there a refresh pauses its one request (already routed by the cached user) until the
+    /// answer.
+    pub callouts_run_in_background: bool,
     /// Whether a callout's answer can resume requests other than the one that made it
-    /// (`proxy_set_effective_context`). Envoy: yes, so concurrent requests of one token wait for
-    /// one call. ngx_wasm_module makes that call a no-op, so there they are routed with the
+    /// (`proxy_set_effective_context`). Envoy: yes, so concurrent requests of one token wait
+    /// for one call. ngx_wasm_module makes that call a no-op, so there they are routed with the
     /// fallback key instead of waiting.
-    pub fn resumes_other_contexts(self) -> bool {
-        matches!(self, Proxy::Envoy)
-    }
-
+    pub resumes_other_contexts: bool,
     /// Whether a header the filter sets can take part in route matching only after the route
     /// cache is cleared (Envoy's `clear_route_cache` foreign function; since 2024-10 header
     /// changes from Wasm no longer clear it). nginx matches locations before the filter runs.
-    pub fn clears_route_cache(self) -> bool {
-        matches!(self, Proxy::Envoy)
-    }
-
+    pub clears_route_cache: bool,
     /// Whether the host's `:path` is already percent-decoded. ngx_wasm_module builds it from
-    /// nginx's `r->uri` (decoded, with `.`/`..` segments resolved and slashes merged) and the raw
-    /// arguments (`ngx_proxy_wasm_maps_get_path`, 3bed2783; seen on the real nginx: a request for
-    /// `/rooms/%21ab%2541:x/members` arrives as `/rooms/!ab%41:x/members`). Envoy passes the
-    /// request's own path. The query is raw on both.
-    pub fn path_is_decoded(self) -> bool {
-        matches!(self, Proxy::NgxWasmModule)
+    /// nginx's `r->uri` (decoded, with `.`/`..` segments resolved and slashes merged) and the
+    /// raw arguments (`ngx_proxy_wasm_maps_get_path`, 3bed2783; seen on the real nginx: a
+    /// request for `/rooms/%21ab%2541:x/members` arrives as `/rooms/!ab%41:x/members`). Envoy
+    /// passes the request's own path. The query is raw on both.
+    pub path_is_decoded: bool,
+}
+
+impl Proxy {
+    pub fn capabilities(self) -> Capabilities {
+        let envoy = self == Proxy::Envoy;
+        Capabilities {
+            scrub_needs_header_scan: !envoy,
+            callouts_run_in_background: envoy,
+            resumes_other_contexts: envoy,
+            clears_route_cache: envoy,
+            path_is_decoded: !envoy,
+        }
     }
 
     /// Checks `nginx_variable`: empty (the key goes into the header), or for ngx_wasm_module an
@@ -125,14 +143,20 @@ mod tests {
 
     #[test]
     fn only_ngx_needs_a_header_scan_and_a_paused_refresh() {
-        assert!(!Proxy::Envoy.scrub_needs_header_scan());
-        assert!(Proxy::NgxWasmModule.scrub_needs_header_scan());
-        assert!(Proxy::Envoy.callouts_run_in_background());
-        assert!(!Proxy::NgxWasmModule.callouts_run_in_background());
-        assert!(Proxy::Envoy.resumes_other_contexts());
-        assert!(!Proxy::NgxWasmModule.resumes_other_contexts());
-        assert!(!Proxy::Envoy.path_is_decoded());
-        assert!(Proxy::NgxWasmModule.path_is_decoded());
+        let (envoy, ngx) = (
+            Proxy::Envoy.capabilities(),
+            Proxy::NgxWasmModule.capabilities(),
+        );
+        assert!(!envoy.scrub_needs_header_scan);
+        assert!(ngx.scrub_needs_header_scan);
+        assert!(envoy.callouts_run_in_background);
+        assert!(!ngx.callouts_run_in_background);
+        assert!(envoy.resumes_other_contexts);
+        assert!(!ngx.resumes_other_contexts);
+        assert!(envoy.clears_route_cache);
+        assert!(!ngx.clears_route_cache);
+        assert!(!envoy.path_is_decoded);
+        assert!(ngx.path_is_decoded);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! What a request is: its path without the query, and which access token it carries.
 
-use crate::port::HeaderBlock;
+use crate::config::RequestSettings;
+use crate::matrix::is_user_id;
+use crate::port::{HeaderBlock, Host};
+use crate::tokens;
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
 
@@ -23,6 +26,49 @@ pub enum Token<'a> {
     /// these bytes) without asking whoami: a callout could only get 401, or resolve a token
     /// that is not the one Synapse serves, and it can never inject a header.
     Malformed(Cow<'a, [u8]>),
+}
+
+/// What the filter does with a well-formed token before asking anyone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan<'q> {
+    /// A native Synapse token names its user (`native_token_server_name`): no callout.
+    Local(String),
+    /// Never resolved: a native token whose checksum or localpart fails, or garbage shaped like
+    /// a MAS token (`refuse_bad_mas_tokens`). Synapse can only refuse it.
+    Fallback,
+    /// Looked up, and resolved through whoami when unknown; for an appservice token as the
+    /// user it masquerades as (`?user_id=`, with `appservice_masquerading`).
+    Resolve(Option<Cow<'q, str>>),
+}
+
+/// The plan for `token` (a `Token::Valid`) of a request with `query`.
+pub fn plan<'q>(settings: &RequestSettings, token: &[u8], query: Option<&'q [u8]>) -> Plan<'q> {
+    if let Some(server) = &settings.native_server_name {
+        match tokens::native(token) {
+            tokens::Native::Other => {}
+            tokens::Native::Localpart(local) => {
+                let user = format!("@{local}:{server}");
+                return if is_user_id(&user) {
+                    Plan::Local(user)
+                } else {
+                    Plan::Fallback
+                };
+            }
+            tokens::Native::Broken => return Plan::Fallback,
+        }
+    }
+    if settings.refuse_bad_mas_tokens && tokens::mas_checksum_ok(token) == Some(false) {
+        return Plan::Fallback;
+    }
+    let masquerade = query
+        .filter(|_| settings.masquerading)
+        .and_then(|q| query_param(q, b"user_id"))
+        .and_then(|user| match user {
+            Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+            Cow::Owned(b) => String::from_utf8(b).ok().map(Cow::Owned),
+        })
+        .filter(|user| is_user_id(user));
+    Plan::Resolve(masquerade)
 }
 
 /// Splits `:path` into the path and the query string (without `?`), at the first `?` like
@@ -85,6 +131,13 @@ pub fn body_may_carry_token(headers: &HeaderBlock) -> bool {
 /// [`body_may_carry_token`] from a request's `:method` and (first) `content-type` values.
 pub fn form_body_possible(method: Option<&[u8]>, content_type: Option<&[u8]>) -> bool {
     method == Some(&b"POST"[..]) && form_content_type(content_type)
+}
+
+/// [`form_body_possible`] for the current request of `host` (two header reads).
+pub fn form_body_possible_in<H: Host>(host: &H) -> bool {
+    let method = host.request_header(":method");
+    let content_type = host.request_header("content-type");
+    form_body_possible(method.as_deref(), content_type.as_deref())
 }
 
 fn form_content_type(value: Option<&[u8]>) -> bool {

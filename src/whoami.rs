@@ -1,7 +1,9 @@
 //! The whoami callout: the request the filter sends and what Synapse's answer means.
 
-use crate::config::Config;
+use crate::config::WhoamiSettings;
 use crate::matrix::{is_user_id, Errcode, Rejection};
+use crate::metrics::Counter;
+use crate::port::Host;
 use serde::Deserialize;
 
 /// Largest whoami body read. Synapse's answers are ~100 bytes; more is not whoami.
@@ -33,20 +35,24 @@ pub struct ClientInfo<'a> {
 
 /// Builds the whoami request for `token` (already checked to be visible ASCII), carrying the
 /// client's user agent and address so Synapse records the real client.
-pub fn callout_headers(config: &Config, token: &str, client: ClientInfo<'_>) -> CalloutHeaders {
+pub fn callout_headers(
+    config: &WhoamiSettings,
+    token: &str,
+    client: ClientInfo<'_>,
+) -> CalloutHeaders {
     let path = match client.masquerade {
         // Synapse honours `user_id` for appservice tokens (and ignores it for others).
         Some(user) => format!(
             "{}?user_id={}",
-            config.whoami_path,
+            config.path,
             percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
         ),
-        None => config.whoami_path.clone(),
+        None => config.path.clone(),
     };
     let mut pairs = vec![
         (":method", "GET".to_string()),
         (":path", path),
-        (":authority", config.whoami_authority.clone()),
+        (":authority", config.authority.clone()),
         ("authorization", format!("Bearer {token}")),
     ];
     if let Some(ua) = client.user_agent.filter(|v| is_header_text(v)) {
@@ -62,6 +68,41 @@ pub fn callout_headers(config: &Config, token: &str, client: ClientInfo<'_>) -> 
         pairs.push(("x-forwarded-proto", proto.to_string()));
     }
     CalloutHeaders { pairs }
+}
+
+/// Starts the whoami call for `token` (visible ASCII: `request::find_token` lets nothing else
+/// through) from the current request, copying its client's user agent and address; the call's
+/// token, or None when the host refused it. Call it from the request's own callback.
+pub fn dispatch<H: Host>(
+    host: &H,
+    config: &WhoamiSettings,
+    token: &[u8],
+    masquerade: Option<&str>,
+) -> Option<u32> {
+    let token = std::str::from_utf8(token).ok()?;
+    let ua = host.request_header("user-agent");
+    let xff = host.request_header("x-forwarded-for");
+    let proto = host.request_header("x-forwarded-proto");
+    fn text<B: std::ops::Deref<Target = [u8]>>(v: &Option<B>) -> Option<&str> {
+        v.as_deref().and_then(|v| std::str::from_utf8(v).ok())
+    }
+    let source = host
+        .property(&["source", "address"])
+        .and_then(|v| String::from_utf8(v).ok());
+    let client = ClientInfo {
+        user_agent: text(&ua),
+        forwarded_for: text(&xff),
+        forwarded_proto: text(&proto),
+        source_address: source.as_deref(),
+        masquerade,
+    };
+    let headers = callout_headers(config, token, client);
+    host.dispatch(&config.upstream, &headers.as_pairs(), config.timeout_ms)
+}
+
+/// The warning for a call the host refused outright (unknown cluster, bad upstream).
+pub fn refused(upstream: &str) -> String {
+    format!("whoami callout to `{upstream}` was refused by the host; check whoami_upstream")
 }
 
 /// The IP of a `source.address` property: `1.2.3.4:5678`, `[::1]:5678`, or a bare address.
@@ -118,6 +159,17 @@ pub enum Outcome {
     Failed(Failure),
 }
 
+impl Outcome {
+    /// The counter an answer of this kind adds to.
+    pub fn counter(&self) -> Counter {
+        match self {
+            Outcome::User(_) => Counter::WhoamiOk,
+            Outcome::Denied(_) => Counter::WhoamiDenied,
+            Outcome::Failed(_) => Counter::WhoamiFailed,
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct ErrorBody<'a> {
@@ -158,6 +210,24 @@ pub enum Failure {
     Malformed,
     /// 200 whose `user_id` is not a Matrix user ID.
     InvalidUserId,
+}
+
+impl Failure {
+    /// The warning logged for a failed call (`refresh`: the call renewed a cached entry).
+    pub fn describe(self, refresh: bool) -> String {
+        let what = match self {
+            Failure::NoResponse => "no response (unreachable, reset or timed out)".to_string(),
+            Failure::Status(s) => format!("status {s}"),
+            Failure::Oversized => format!("a body over {MAX_BODY} bytes"),
+            Failure::Malformed => "a body without a string user_id".to_string(),
+            Failure::InvalidUserId => "a user_id that is not a Matrix user ID".to_string(),
+        };
+        if refresh {
+            format!("whoami failed with {what} (cache refresh; the cached user stays)")
+        } else {
+            format!("whoami failed with {what}; routing with the fallback key")
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -204,7 +274,7 @@ mod tests {
         src: Option<&str>,
         proto: Option<&str>,
     ) -> Vec<(String, String)> {
-        let cfg = Config::default();
+        let cfg = crate::config::Config::parse(b"").unwrap().whoami;
         let client = ClientInfo {
             user_agent: ua,
             forwarded_for: xff,
@@ -266,7 +336,8 @@ mod tests {
             masquerade: Some("@irc_bob:example.org"),
             ..ClientInfo::default()
         };
-        let h = callout_headers(&Config::default(), "as_tok", client);
+        let cfg = crate::config::Config::parse(b"").unwrap().whoami;
+        let h = callout_headers(&cfg, "as_tok", client);
         let path = h
             .as_pairs()
             .iter()

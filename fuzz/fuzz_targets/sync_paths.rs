@@ -18,7 +18,7 @@ fn settings() -> &'static Settings {
 fuzz_target!(|path_and_query: &[u8]| {
     let (path, query) = split_path(path_and_query);
     let _ = sync_kind(path, query);
-    if settings().sync_paths.matches(path) {
+    if settings().requests.sync_paths.matches(path) {
         assert!(path.starts_with(b"/_matrix/client/"), "{path:?}");
         assert!(
             path.ends_with(b"/sync")
@@ -29,8 +29,8 @@ fuzz_target!(|path_and_query: &[u8]| {
     }
     // As Envoy hands the path over (raw) and as ngx_wasm_module does (already decoded).
     let rooms = [
-        room_id(&settings().room_paths, path),
-        room_id_in_decoded_path(&settings().room_paths, path),
+        room_id(&settings().keys.room_paths, path),
+        room_id_in_decoded_path(&settings().keys.room_paths, path),
     ];
     for room in rooms.into_iter().flatten() {
         assert!(room.first() == Some(&b'!') && room.len() <= 255, "{room:?}");

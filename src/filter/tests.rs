@@ -5,7 +5,8 @@
 use super::*;
 use crate::config::Config;
 use crate::port::HeaderBlock;
-use crate::port::SetStatus;
+use crate::port::{Level, SetStatus};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -297,7 +298,7 @@ fn router(host: &FakeHost, extra: &str) -> Router {
 
 /// Sends request `id` with `headers` through the engine; its verdict.
 fn send(
-    r: &Router,
+    r: &mut Router,
     host: &FakeHost,
     id: ContextId,
     path: &str,
@@ -316,7 +317,7 @@ fn send(
     verdict
 }
 
-fn sync(r: &Router, host: &FakeHost, id: ContextId, token: &str) -> Verdict {
+fn sync(r: &mut Router, host: &FakeHost, id: ContextId, token: &str) -> Verdict {
     send(
         r,
         host,
@@ -326,7 +327,7 @@ fn sync(r: &Router, host: &FakeHost, id: ContextId, token: &str) -> Verdict {
     )
 }
 
-fn answer(r: &Router, host: &FakeHost, call: u32, status: u16, body: &str) {
+fn answer(r: &mut Router, host: &FakeHost, call: u32, status: u16, body: &str) {
     // Envoy delivers answers on the root context; ngx on the request that made the call.
     if host.ngx {
         let owner = host
@@ -348,7 +349,7 @@ fn ok(user: &str) -> String {
 }
 
 /// Resolves `token` to `user` on stream `id` (miss, whoami, answer).
-fn resolve(r: &Router, host: &FakeHost, id: ContextId, token: &str, user: &str) {
+fn resolve(r: &mut Router, host: &FakeHost, id: ContextId, token: &str, user: &str) {
     assert_eq!(sync(r, host, id, token), Verdict::Pause);
     answer(r, host, host.last_call(), 200, &ok(user));
     assert_eq!(host.key(id).as_deref(), Some(user));
@@ -362,9 +363,9 @@ fn is_fallback(key: &Option<String>) -> bool {
 #[test]
 fn non_sync_requests_pass_untouched() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     let v = send(
-        &r,
+        &mut r,
         &host,
         1,
         "/_matrix/client/v3/rooms/!r:x/messages",
@@ -380,9 +381,9 @@ fn non_sync_requests_pass_untouched() {
 #[test]
 fn a_miss_calls_whoami_once_then_hits_from_vm_memory() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     send(
-        &r,
+        &mut r,
         &host,
         1,
         SYNC,
@@ -405,13 +406,13 @@ fn a_miss_calls_whoami_once_then_hits_from_vm_memory() {
     assert_eq!(get("authorization"), Some("Bearer syt_a"));
     assert_eq!(get("user-agent"), Some("Element/1"));
     assert_eq!(get("x-forwarded-for"), Some("192.0.2.7"));
-    answer(&r, &host, calls[0].0, 200, &ok("@alice:x"));
+    answer(&mut r, &host, calls[0].0, 200, &ok("@alice:x"));
     assert_eq!(host.key(1).as_deref(), Some("@alice:x"));
     assert_eq!(host.with_stream(1, |s| s.resumed), 1);
     // Repeat hits: no shared-data read, no clock read, no callout.
     let (reads, clock) = (host.shared_reads.get(), host.clock_reads.get());
     for id in 2..50 {
-        assert_eq!(sync(&r, &host, id, "syt_a"), Verdict::Continue);
+        assert_eq!(sync(&mut r, &host, id, "syt_a"), Verdict::Continue);
         assert_eq!(host.key(id).as_deref(), Some("@alice:x"));
     }
     assert_eq!(host.shared_reads.get(), reads);
@@ -429,14 +430,14 @@ fn a_miss_calls_whoami_once_then_hits_from_vm_memory() {
 #[test]
 fn concurrent_first_requests_share_one_call_on_envoy() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     for id in 1..=50 {
-        assert_eq!(sync(&r, &host, id, "syt_new"), Verdict::Pause);
+        assert_eq!(sync(&mut r, &host, id, "syt_new"), Verdict::Pause);
     }
     assert_eq!(host.calls_made(), 1);
     // One waiter went away before the answer.
     host.with_stream(7, |s| s.gone = true);
-    answer(&r, &host, host.last_call(), 200, &ok("@bob:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@bob:x"));
     for id in (1..=50).filter(|&id| id != 7) {
         assert_eq!(host.key(id).as_deref(), Some("@bob:x"), "stream {id}");
         assert_eq!(host.with_stream(id, |s| s.resumed), 1);
@@ -450,17 +451,17 @@ fn concurrent_first_requests_share_one_call_on_envoy() {
 fn other_vms_wait_for_the_call_in_flight_and_poll_its_slot() {
     let a_host = FakeHost::new(false);
     let b_host = a_host.sibling();
-    let a = router(&a_host, "");
-    let b = router(&b_host, "");
-    assert_eq!(sync(&a, &a_host, 1, "syt_t"), Verdict::Pause);
+    let mut a = router(&a_host, "");
+    let mut b = router(&b_host, "");
+    assert_eq!(sync(&mut a, &a_host, 1, "syt_t"), Verdict::Pause);
     for id in 1..=5 {
-        assert_eq!(sync(&b, &b_host, id, "syt_t"), Verdict::Pause);
+        assert_eq!(sync(&mut b, &b_host, id, "syt_t"), Verdict::Pause);
     }
     assert_eq!(b_host.calls_made(), 0, "the other VM must not call whoami");
     assert_eq!(b_host.tick_ms.get(), FAST_TICK_MS);
     b.on_tick(&b_host); // nothing yet: still waiting
     assert_eq!(b_host.with_stream(1, |s| s.resumed), 0);
-    answer(&a, &a_host, a_host.last_call(), 200, &ok("@carol:x"));
+    answer(&mut a, &a_host, a_host.last_call(), 200, &ok("@carol:x"));
     b_host.advance(FAST_TICK_MS.into());
     b.on_tick(&b_host);
     for id in 1..=5 {
@@ -469,7 +470,7 @@ fn other_vms_wait_for_the_call_in_flight_and_poll_its_slot() {
     }
     assert_eq!(b_host.tick_ms.get(), TICK_MS);
     // And B now answers from its own memory.
-    assert_eq!(sync(&b, &b_host, 9, "syt_t"), Verdict::Continue);
+    assert_eq!(sync(&mut b, &b_host, 9, "syt_t"), Verdict::Continue);
     assert_eq!(b_host.key(9).as_deref(), Some("@carol:x"));
 }
 
@@ -477,10 +478,10 @@ fn other_vms_wait_for_the_call_in_flight_and_poll_its_slot() {
 fn watchers_give_up_with_the_fallback_when_the_marker_lapses() {
     let a_host = FakeHost::new(false);
     let b_host = a_host.sibling();
-    let a = router(&a_host, r#""whoami_timeout_ms":500"#);
-    let b = router(&b_host, r#""whoami_timeout_ms":500"#);
-    sync(&a, &a_host, 1, "syt_t");
-    sync(&b, &b_host, 1, "syt_t");
+    let mut a = router(&a_host, r#""whoami_timeout_ms":500"#);
+    let mut b = router(&b_host, r#""whoami_timeout_ms":500"#);
+    sync(&mut a, &a_host, 1, "syt_t");
+    sync(&mut b, &b_host, 1, "syt_t");
     b_host.advance(1600);
     b.on_tick(&b_host);
     assert!(is_fallback(&b_host.key(1)));
@@ -490,19 +491,19 @@ fn watchers_give_up_with_the_fallback_when_the_marker_lapses() {
 #[test]
 fn on_ngx_only_the_caller_waits_and_the_others_use_the_fallback() {
     let host = FakeHost::new(true);
-    let r = router(&host, "");
-    assert_eq!(sync(&r, &host, 1, "syt_n"), Verdict::Pause);
+    let mut r = router(&host, "");
+    assert_eq!(sync(&mut r, &host, 1, "syt_n"), Verdict::Pause);
     for id in 2..=10 {
-        assert_eq!(sync(&r, &host, id, "syt_n"), Verdict::Continue);
+        assert_eq!(sync(&mut r, &host, id, "syt_n"), Verdict::Continue);
         assert!(is_fallback(&host.key(id)));
     }
     assert_eq!(host.calls_made(), 1);
-    answer(&r, &host, host.last_call(), 200, &ok("@dan:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@dan:x"));
     assert_eq!(host.key(1).as_deref(), Some("@dan:x"));
     // A second nginx worker (another VM on the same shm zone) does not call either.
     let other = host.sibling();
-    let r2 = router(&other, "");
-    assert_eq!(sync(&r2, &other, 1, "syt_n"), Verdict::Continue);
+    let mut r2 = router(&other, "");
+    assert_eq!(sync(&mut r2, &other, 1, "syt_n"), Verdict::Continue);
     assert_eq!(other.key(1).as_deref(), Some("@dan:x"));
     assert_eq!(other.calls_made(), 0);
 }
@@ -510,10 +511,10 @@ fn on_ngx_only_the_caller_waits_and_the_others_use_the_fallback() {
 #[test]
 fn a_restart_storm_is_bounded_by_max_whoami_in_flight() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""max_whoami_in_flight":8"#);
+    let mut r = router(&host, r#""max_whoami_in_flight":8"#);
     let mut paused = Vec::new();
     for id in 1..=300 {
-        match sync(&r, &host, id, &format!("syt_storm{id}")) {
+        match sync(&mut r, &host, id, &format!("syt_storm{id}")) {
             Verdict::Pause => paused.push(id),
             Verdict::Continue => assert!(is_fallback(&host.key(id)), "stream {id}"),
         }
@@ -525,42 +526,67 @@ fn a_restart_storm_is_bounded_by_max_whoami_in_flight() {
     // A shed token is not marked as failed: once calls finish, it is resolved.
     let tokens: Vec<u32> = host.calls.borrow().iter().map(|c| c.0).collect();
     for (call, id) in tokens.into_iter().zip(&paused) {
-        answer(&r, &host, call, 200, &ok(&format!("@u{id}:x")));
+        answer(&mut r, &host, call, 200, &ok(&format!("@u{id}:x")));
     }
-    assert_eq!(sync(&r, &host, 1000, "syt_storm300"), Verdict::Pause);
+    assert_eq!(sync(&mut r, &host, 1000, "syt_storm300"), Verdict::Pause);
 }
 
 #[test]
 fn calls_the_host_never_answers_are_dropped_after_their_deadline() {
     let host = FakeHost::new(false);
-    let r = router(
+    let mut r = router(
         &host,
         r#""whoami_timeout_ms":1000,"max_whoami_in_flight":1"#,
     );
-    sync(&r, &host, 1, "syt_x");
-    sync(&r, &host, 2, "syt_x");
+    sync(&mut r, &host, 1, "syt_x");
+    sync(&mut r, &host, 2, "syt_x");
     host.advance(2500);
     r.on_tick(&host);
     assert!(is_fallback(&host.key(1)) && is_fallback(&host.key(2)));
-    // The slot is free for a new call, and a late answer for the dropped call is ignored.
+    let resumed = |id| host.with_stream(id, |s| s.resumed);
+    assert_eq!((resumed(1), resumed(2)), (1, 1));
+    // The call no longer counts: the slot is free for a new one.
     let late = host.last_call();
-    sync(&r, &host, 3, "syt_y");
+    assert_eq!(sync(&mut r, &host, 3, "syt_y"), Verdict::Pause);
     assert_eq!(host.calls_made(), 2);
-    answer(&r, &host, late, 200, &ok("@late:x"));
+    // Its late answer (kept for FORGET_MS) still updates the cache, and resumes nothing on
+    // Envoy: its requests went on at the deadline, and request 3 waits for its own call.
+    answer(&mut r, &host, late, 200, &ok("@late:x"));
+    assert_eq!((resumed(1), resumed(2), resumed(3)), (1, 1, 0));
     assert_eq!(host.key(3), None);
-    answer(&r, &host, 9999, 200, &ok("@nobody:x"));
+    assert_eq!(sync(&mut r, &host, 4, "syt_x"), Verdict::Continue);
+    assert_eq!(host.key(4).as_deref(), Some("@late:x"));
+    assert_eq!(host.calls_made(), 2);
+    // An answer to a call nobody knows (forgotten, or never made) changes nothing.
+    answer(&mut r, &host, 9999, 200, &ok("@nobody:x"));
+    assert_eq!((resumed(1), resumed(2), resumed(3)), (1, 1, 0));
+}
+
+#[test]
+fn on_ngx_a_late_answer_resumes_its_own_request_with_the_user() {
+    let host = FakeHost::new(true);
+    let mut r = router(&host, r#""whoami_timeout_ms":1000"#);
+    assert_eq!(sync(&mut r, &host, 1, "syt_x"), Verdict::Pause);
+    host.advance(2500);
+    r.on_tick(&host);
+    // ngx_wasm_module cannot resume a request from a tick: it keeps waiting for its call,
+    // which the host answers (or times out) itself.
+    assert_eq!(host.with_stream(1, |s| s.resumed), 0);
+    answer(&mut r, &host, host.last_call(), 200, &ok("@late:x"));
+    assert_eq!(host.with_stream(1, |s| s.resumed), 1);
+    assert_eq!(host.key(1).as_deref(), Some("@late:x"));
 }
 
 #[test]
 fn rejected_tokens_are_cached_and_answered_the_same_every_time() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""reject_invalid_tokens":true"#);
-    sync(&r, &host, 1, "syt_bad");
-    sync(&r, &host, 2, "syt_bad");
+    let mut r = router(&host, r#""reject_invalid_tokens":true"#);
+    sync(&mut r, &host, 1, "syt_bad");
+    sync(&mut r, &host, 2, "syt_bad");
     let body =
         r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid token syt_bad","soft_logout":true}"#;
-    answer(&r, &host, host.last_call(), 401, body);
-    sync(&r, &host, 3, "syt_bad");
+    answer(&mut r, &host, host.last_call(), 401, body);
+    sync(&mut r, &host, 3, "syt_bad");
     let replies: Vec<_> = (1..=3)
         .map(|id| host.with_stream(id, |s| s.reply.clone()).unwrap())
         .collect();
@@ -581,10 +607,10 @@ fn rejected_tokens_are_cached_and_answered_the_same_every_time() {
 #[test]
 fn rejected_tokens_are_forwarded_with_the_fallback_by_default() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
-    sync(&r, &host, 1, "syt_bad");
+    let mut r = router(&host, "");
+    sync(&mut r, &host, 1, "syt_bad");
     answer(
-        &r,
+        &mut r,
         &host,
         host.last_call(),
         401,
@@ -592,7 +618,7 @@ fn rejected_tokens_are_forwarded_with_the_fallback_by_default() {
     );
     assert!(is_fallback(&host.key(1)));
     assert_eq!(host.with_stream(1, |s| s.resumed), 1);
-    sync(&r, &host, 2, "syt_bad");
+    sync(&mut r, &host, 2, "syt_bad");
     assert_eq!(host.key(2), host.key(1));
     assert_eq!(host.calls_made(), 1);
 }
@@ -600,15 +626,15 @@ fn rejected_tokens_are_forwarded_with_the_fallback_by_default() {
 #[test]
 fn failures_fail_open_and_back_off() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""failure_backoff_s":10"#);
-    sync(&r, &host, 1, "syt_f");
+    let mut r = router(&host, r#""failure_backoff_s":10"#);
+    sync(&mut r, &host, 1, "syt_f");
     r.on_whoami_response(&host, host.last_call(), None, None);
     assert!(is_fallback(&host.key(1)));
-    sync(&r, &host, 2, "syt_f");
+    sync(&mut r, &host, 2, "syt_f");
     assert_eq!(host.key(2), host.key(1));
     assert_eq!(host.calls_made(), 1);
     host.advance(10_001);
-    assert_eq!(sync(&r, &host, 3, "syt_f"), Verdict::Pause);
+    assert_eq!(sync(&mut r, &host, 3, "syt_f"), Verdict::Pause);
     for (status, body) in [
         (500, "oops".to_string()),
         (429, "{}".to_string()),
@@ -619,11 +645,11 @@ fn failures_fail_open_and_back_off() {
         host.advance(10_001);
         let id = 100 + status as u32 + body.len() as u32;
         assert_eq!(
-            sync(&r, &host, id, "syt_f"),
+            sync(&mut r, &host, id, "syt_f"),
             Verdict::Pause,
             "{status} {body}"
         );
-        answer(&r, &host, host.last_call(), status, &body);
+        answer(&mut r, &host, host.last_call(), status, &body);
         assert!(is_fallback(&host.key(id)), "{status} {body}");
     }
     assert!(!host.logs.borrow().is_empty());
@@ -632,10 +658,13 @@ fn failures_fail_open_and_back_off() {
 #[test]
 fn a_refused_dispatch_routes_with_the_fallback_and_warns_once() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     host.refuse_dispatch.set(true);
     for id in 1..=5 {
-        assert_eq!(sync(&r, &host, id, &format!("t{id}")), Verdict::Continue);
+        assert_eq!(
+            sync(&mut r, &host, id, &format!("t{id}")),
+            Verdict::Continue
+        );
         assert!(is_fallback(&host.key(id)));
     }
     assert_eq!(host.logs.borrow().len(), 1);
@@ -644,30 +673,30 @@ fn a_refused_dispatch_routes_with_the_fallback_and_warns_once() {
 #[test]
 fn an_entry_in_use_is_refreshed_once_in_the_background_on_envoy() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""cache_ttl_s":100"#);
-    resolve(&r, &host, 1, "syt_r", "@r:x");
+    let mut r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&mut r, &host, 1, "syt_r", "@r:x");
     host.advance(91_000);
     r.on_tick(&host); // the hit path's clock comes from the tick
-    assert_eq!(sync(&r, &host, 2, "syt_r"), Verdict::Continue);
+    assert_eq!(sync(&mut r, &host, 2, "syt_r"), Verdict::Continue);
     assert_eq!(host.key(2).as_deref(), Some("@r:x"));
     assert_eq!(host.calls_made(), 2);
-    assert_eq!(sync(&r, &host, 3, "syt_r"), Verdict::Continue);
+    assert_eq!(sync(&mut r, &host, 3, "syt_r"), Verdict::Continue);
     assert_eq!(host.calls_made(), 2, "only one request refreshes");
-    answer(&r, &host, host.last_call(), 200, &ok("@r:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@r:x"));
     host.advance(50_000);
     r.on_tick(&host);
-    assert_eq!(sync(&r, &host, 4, "syt_r"), Verdict::Continue);
+    assert_eq!(sync(&mut r, &host, 4, "syt_r"), Verdict::Continue);
     assert_eq!(host.calls_made(), 2, "the refreshed entry lives on");
 }
 
 #[test]
 fn on_ngx_the_refreshing_request_waits_and_is_resumed() {
     let host = FakeHost::new(true);
-    let r = router(&host, r#""cache_ttl_s":100"#);
-    resolve(&r, &host, 1, "syt_r", "@r:x");
+    let mut r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&mut r, &host, 1, "syt_r", "@r:x");
     host.advance(91_000);
     r.on_tick(&host);
-    assert_eq!(sync(&r, &host, 2, "syt_r"), Verdict::Pause);
+    assert_eq!(sync(&mut r, &host, 2, "syt_r"), Verdict::Pause);
     assert_eq!(host.key(2).as_deref(), Some("@r:x"));
     r.on_whoami_response(&host, host.last_call(), None, None);
     assert_eq!(host.with_stream(2, |s| s.resumed), 1);
@@ -677,19 +706,19 @@ fn on_ngx_the_refreshing_request_waits_and_is_resumed() {
 #[test]
 fn a_refresh_that_finds_the_token_revoked_rejects_it_from_then_on() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""cache_ttl_s":100"#);
-    resolve(&r, &host, 1, "syt_r", "@r:x");
+    let mut r = router(&host, r#""cache_ttl_s":100"#);
+    resolve(&mut r, &host, 1, "syt_r", "@r:x");
     host.advance(91_000);
     r.on_tick(&host);
-    sync(&r, &host, 2, "syt_r");
+    sync(&mut r, &host, 2, "syt_r");
     answer(
-        &r,
+        &mut r,
         &host,
         host.last_call(),
         401,
         r#"{"errcode":"M_UNKNOWN_TOKEN"}"#,
     );
-    sync(&r, &host, 3, "syt_r");
+    sync(&mut r, &host, 3, "syt_r");
     assert!(is_fallback(&host.key(3)));
 }
 
@@ -697,9 +726,9 @@ fn a_refresh_that_finds_the_token_revoked_rejects_it_from_then_on() {
 fn no_token_means_no_key_and_client_copies_go() {
     for ngx in [false, true] {
         let host = FakeHost::new(ngx);
-        let r = router(&host, "");
+        let mut r = router(&host, "");
         send(
-            &r,
+            &mut r,
             &host,
             1,
             SYNC,
@@ -707,7 +736,7 @@ fn no_token_means_no_key_and_client_copies_go() {
         );
         assert_eq!(host.header(1), Vec::<String>::new(), "ngx={ngx}");
         send(
-            &r,
+            &mut r,
             &host,
             2,
             SYNC,
@@ -723,28 +752,28 @@ fn no_token_means_no_key_and_client_copies_go() {
 #[test]
 fn the_nginx_variable_carries_the_key_and_headers_stay_untouched() {
     let host = FakeHost::new(true);
-    let r = router(&host, r#""nginx_variable":"msr_user""#);
+    let mut r = router(&host, r#""nginx_variable":"msr_user""#);
     send(
-        &r,
+        &mut r,
         &host,
         1,
         SYNC,
         &[("authorization", "Bearer syt_v"), (HEADER, "spoof")],
     );
-    answer(&r, &host, host.last_call(), 200, &ok("@v:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@v:x"));
     let var = host.with_stream(1, |s| s.vars.get("msr_user").cloned());
     assert_eq!(var.as_deref(), Some(&b"@v:x"[..]));
     assert_eq!(host.header(1), vec!["spoof"]);
-    send(&r, &host, 2, SYNC, &[(HEADER, "spoof")]);
+    send(&mut r, &host, 2, SYNC, &[(HEADER, "spoof")]);
     assert_eq!(host.with_stream(2, |s| s.vars.len()), 0);
 }
 
 #[test]
 fn query_tokens_are_resolved_too() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     let path = "/_matrix/client/v3/sync?access_token=syt_q&since=1";
-    assert_eq!(send(&r, &host, 1, path, &[]), Verdict::Pause);
+    assert_eq!(send(&mut r, &host, 1, path, &[]), Verdict::Pause);
     let calls = host.calls.borrow().clone();
     assert!(calls[0]
         .2
@@ -755,20 +784,21 @@ fn query_tokens_are_resolved_too() {
 fn vms_share_one_secret_and_a_stale_one_converges() {
     let a_host = FakeHost::new(false);
     let b_host = a_host.sibling();
-    let a = router(&a_host, "");
-    resolve(&a, &a_host, 1, "syt_s", "@s:x");
+    let mut a = router(&a_host, "");
+    resolve(&mut a, &a_host, 1, "syt_s", "@s:x");
     // B started before A's secret existed and made its own; A's won in shared data.
-    let b = router(&b_host, "");
-    b.secret.set(Secret::from_bytes(&[9; 16]).unwrap());
-    assert_eq!(sync(&b, &b_host, 1, "syt_s"), Verdict::Continue);
+    let mut b = router(&b_host, "");
+    b.store
+        .replace_secret(crate::cache::Secret::from_bytes(&[9; 16]).unwrap());
+    assert_eq!(sync(&mut b, &b_host, 1, "syt_s"), Verdict::Continue);
     assert_eq!(b_host.key(1).as_deref(), Some("@s:x"));
 }
 
 #[test]
 fn a_corrupt_or_foreign_slot_is_never_trusted_and_gets_repaired() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""cache_capacity":1"#);
-    resolve(&r, &host, 1, "syt_c", "@c:x");
+    let mut r = router(&host, r#""cache_capacity":1"#);
+    resolve(&mut r, &host, 1, "syt_c", "@c:x");
     // Somebody rewrites the slot with an entry for the same token hash but a bad user.
     let key = "msr/0".to_string();
     let mut value = host.shared.borrow()[&key].0.clone();
@@ -777,9 +807,9 @@ fn a_corrupt_or_foreign_slot_is_never_trusted_and_gets_repaired() {
     value.extend_from_slice(b"@c:x\r\nX-Evil: 1");
     let cas = host.shared.borrow()[&key].1;
     host.shared.borrow_mut().insert(key.clone(), (value, cas));
-    let fresh = router(&host, r#""cache_capacity":1"#); // a VM without the answer in memory
-    assert_eq!(sync(&fresh, &host, 2, "syt_c"), Verdict::Pause);
-    answer(&fresh, &host, host.last_call(), 200, &ok("@c:x"));
+    let mut fresh = router(&host, r#""cache_capacity":1"#); // a VM without the answer in memory
+    assert_eq!(sync(&mut fresh, &host, 2, "syt_c"), Verdict::Pause);
+    answer(&mut fresh, &host, host.last_call(), 200, &ok("@c:x"));
     let repaired = &host.shared.borrow()[&key].0;
     assert!(repaired.ends_with(b"@c:x") && !repaired.windows(2).any(|w| w == b"\r\n"));
 }
@@ -787,10 +817,10 @@ fn a_corrupt_or_foreign_slot_is_never_trusted_and_gets_repaired() {
 #[test]
 fn shared_data_never_holds_a_token() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""cache_capacity":64"#);
+    let mut r = router(&host, r#""cache_capacity":64"#);
     for i in 0..40 {
         let token = format!("syt_secret{i:04}_tokenvalue");
-        resolve(&r, &host, i + 1, &token, &format!("@u{i}:x"));
+        resolve(&mut r, &host, i + 1, &token, &format!("@u{i}:x"));
         for (k, (v, _)) in host.shared.borrow().iter() {
             for part in token.as_bytes().windows(8) {
                 assert!(!k.as_bytes().windows(8).any(|w| w == part));
@@ -823,7 +853,7 @@ fn header_of(host: &FakeHost, id: ContextId, name: &str) -> Vec<String> {
 #[test]
 fn the_sync_kind_is_set_before_routing_and_envoy_rematches_the_route() {
     let host = FakeHost::new(false);
-    let r = router(
+    let mut r = router(
         &host,
         r#""sync_kind_header":"x-msr-sync-kind","filter_state":true"#,
     );
@@ -846,7 +876,7 @@ fn the_sync_kind_is_set_before_routing_and_envoy_rematches_the_route() {
         ),
     ] {
         send(
-            &r,
+            &mut r,
             &host,
             id,
             path,
@@ -869,22 +899,22 @@ fn the_sync_kind_is_set_before_routing_and_envoy_rematches_the_route() {
         .iter()
         .all(|f| f == "clear_route_cache"));
     // The key's source: whoami for the first, then the cache; none without a token.
-    answer(&r, &host, host.last_call(), 200, &ok("@k:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@k:x"));
     assert_eq!(prop(&host, 1, "msr_source").as_deref(), Some("whoami"));
-    sync(&r, &host, 9, "syt_k");
+    sync(&mut r, &host, 9, "syt_k");
     assert_eq!(prop(&host, 9, "msr_source").as_deref(), Some("cache"));
-    send(&r, &host, 10, SYNC, &[]);
+    send(&mut r, &host, 10, SYNC, &[]);
     assert_eq!(prop(&host, 10, "msr_source").as_deref(), Some("none"));
 }
 
 #[test]
 fn with_every_option_off_no_metadata_call_is_made() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
-    resolve(&r, &host, 1, "syt_o", "@o:x");
-    sync(&r, &host, 2, "syt_o");
+    let mut r = router(&host, "");
+    resolve(&mut r, &host, 1, "syt_o", "@o:x");
+    sync(&mut r, &host, 2, "syt_o");
     send(
-        &r,
+        &mut r,
         &host,
         3,
         "/_matrix/client/v3/rooms/!r:x/messages",
@@ -898,9 +928,9 @@ fn with_every_option_off_no_metadata_call_is_made() {
 #[test]
 fn room_requests_get_the_room_id_as_key_without_a_callout() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""room_header_name":"x-room-identifier""#);
+    let mut r = router(&host, r#""room_header_name":"x-room-identifier""#);
     send(
-        &r,
+        &mut r,
         &host,
         1,
         "/_matrix/client/v3/rooms/%21abc%3Aexample.org/messages?dir=b",
@@ -914,7 +944,7 @@ fn room_requests_get_the_room_id_as_key_without_a_callout() {
         vec!["!abc:example.org"]
     );
     send(
-        &r,
+        &mut r,
         &host,
         2,
         "/_matrix/client/v3/rooms/%23alias%3Ax/messages",
@@ -922,7 +952,7 @@ fn room_requests_get_the_room_id_as_key_without_a_callout() {
     );
     assert!(header_of(&host, 2, "x-room-identifier").is_empty());
     send(
-        &r,
+        &mut r,
         &host,
         3,
         "/_matrix/client/v3/profile/@a:x",
@@ -936,9 +966,9 @@ fn room_requests_get_the_room_id_as_key_without_a_callout() {
     assert_eq!(host.calls_made(), 0);
     // On nginx the room goes into a variable.
     let ngx = FakeHost::new(true);
-    let r = router(&ngx, r#""nginx_room_variable":"msr_room""#);
+    let mut r = router(&ngx, r#""nginx_room_variable":"msr_room""#);
     send(
-        &r,
+        &mut r,
         &ngx,
         1,
         "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
@@ -954,10 +984,10 @@ fn room_requests_get_the_room_id_as_key_without_a_callout() {
 #[test]
 fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
     let host = FakeHost::new(false);
-    let r = router(&host, "");
+    let mut r = router(&host, "");
     let path = |u: &str| format!("/_matrix/client/v3/sync?user_id={u}&since=s1");
     send(
-        &r,
+        &mut r,
         &host,
         1,
         &path("%40irc_a%3Ax"),
@@ -972,12 +1002,12 @@ fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
         whoami_path.as_deref(),
         Some("/_matrix/client/v3/account/whoami?user_id=%40irc%5Fa%3Ax")
     );
-    answer(&r, &host, host.last_call(), 200, &ok("@irc_a:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@irc_a:x"));
     assert_eq!(host.key(1).as_deref(), Some("@irc_a:x"));
     // Another masqueraded user of the same token is another entry; the first one is cached.
     assert_eq!(
         send(
-            &r,
+            &mut r,
             &host,
             2,
             &path("%40irc_b%3Ax"),
@@ -985,11 +1015,11 @@ fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
         ),
         Verdict::Pause
     );
-    answer(&r, &host, host.last_call(), 200, &ok("@irc_b:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@irc_b:x"));
     assert_eq!(host.key(2).as_deref(), Some("@irc_b:x"));
     assert_eq!(
         send(
-            &r,
+            &mut r,
             &host,
             3,
             &path("%40irc_a%3Ax"),
@@ -999,9 +1029,9 @@ fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
     );
     assert_eq!(host.key(3).as_deref(), Some("@irc_a:x"));
     // Without user_id: the appservice's own user; a user_id that is no user ID is ignored.
-    assert_eq!(sync(&r, &host, 4, "as_token"), Verdict::Pause);
+    assert_eq!(sync(&mut r, &host, 4, "as_token"), Verdict::Pause);
     let bad = send(
-        &r,
+        &mut r,
         &host,
         5,
         "/_matrix/client/v3/sync?user_id=nobody",
@@ -1015,7 +1045,7 @@ fn a_masquerading_appservice_is_resolved_per_masqueraded_user() {
 fn native_tokens_are_routed_without_a_callout_and_junk_never_trusted() {
     use base64::Engine;
     let host = FakeHost::new(false);
-    let r = router(&host, r#""native_token_server_name":"example.org""#);
+    let mut r = router(&host, r#""native_token_server_name":"example.org""#);
     let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode("alice");
     let base = format!("syt_{b64}_AbCdEfGhIjKlMnOpQrSt");
     let crc = crate::tokens::crc32(base.as_bytes());
@@ -1028,15 +1058,20 @@ fn native_tokens_are_routed_without_a_callout_and_junk_never_trusted() {
     }
     crc_text.reverse();
     let token = format!("{base}_{}", String::from_utf8(crc_text).unwrap());
-    assert_eq!(sync(&r, &host, 1, &token), Verdict::Continue);
+    assert_eq!(sync(&mut r, &host, 1, &token), Verdict::Continue);
     assert_eq!(host.key(1).as_deref(), Some("@alice:example.org"));
     let junk = format!("{}X", &token[..token.len() - 1]);
-    assert_eq!(sync(&r, &host, 2, &junk), Verdict::Continue);
+    assert_eq!(sync(&mut r, &host, 2, &junk), Verdict::Continue);
     assert!(is_fallback(&host.key(2)));
     assert_eq!(host.calls_made(), 0);
     // Other tokens still ask whoami.
     assert_eq!(
-        sync(&r, &host, 3, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        sync(
+            &mut r,
+            &host,
+            3,
+            "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"
+        ),
         Verdict::Pause
     );
 }
@@ -1044,14 +1079,24 @@ fn native_tokens_are_routed_without_a_callout_and_junk_never_trusted() {
 #[test]
 fn mas_tokens_with_a_broken_checksum_cost_no_callout_when_asked() {
     let host = FakeHost::new(false);
-    let r = router(&host, r#""refuse_bad_mas_tokens":true"#);
+    let mut r = router(&host, r#""refuse_bad_mas_tokens":true"#);
     assert_eq!(
-        sync(&r, &host, 1, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yX"),
+        sync(
+            &mut r,
+            &host,
+            1,
+            "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yX"
+        ),
         Verdict::Continue
     );
     assert!(is_fallback(&host.key(1)));
     assert_eq!(
-        sync(&r, &host, 2, "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"),
+        sync(
+            &mut r,
+            &host,
+            2,
+            "mat_kkLSacJDpek22jKWw4AcXG68b7U3W6_0Lg9yb"
+        ),
         Verdict::Pause
     );
     assert_eq!(host.calls_made(), 1);
@@ -1060,11 +1105,11 @@ fn mas_tokens_with_a_broken_checksum_cost_no_callout_when_asked() {
 #[test]
 fn trusting_the_route_match_skips_the_path_for_bearer_tokens_only() {
     let host = FakeHost::new(false);
-    let r = router(
+    let mut r = router(
         &host,
         r#""trust_route_match":true,"appservice_masquerading":false"#,
     );
-    assert!(r.settings.path_unneeded());
+    assert!(r.requests.path_unneeded);
     // No :path at all: the Bearer token is resolved all the same.
     host.with_stream(1, |s| {
         s.headers = vec![("authorization".into(), b"Bearer syt_t".to_vec())]
@@ -1072,17 +1117,17 @@ fn trusting_the_route_match_skips_the_path_for_bearer_tokens_only() {
     host.current.set(1);
     assert_eq!(r.on_request_headers(&host, 1), Verdict::Pause);
     host.with_stream(1, |s| s.paused = true);
-    answer(&r, &host, host.last_call(), 200, &ok("@t:x"));
+    answer(&mut r, &host, host.last_call(), 200, &ok("@t:x"));
     assert_eq!(host.key(1).as_deref(), Some("@t:x"));
     // A query token still needs the path (and the sync-path check).
     let q = "/_matrix/client/v3/sync?access_token=syt_q";
-    assert_eq!(send(&r, &host, 2, q, &[]), Verdict::Pause);
+    assert_eq!(send(&mut r, &host, 2, q, &[]), Verdict::Pause);
     assert_eq!(
-        send(&r, &host, 3, "/other?access_token=syt_q", &[]),
+        send(&mut r, &host, 3, "/other?access_token=syt_q", &[]),
         Verdict::Continue
     );
     // Any option that needs the path turns the shortcut off.
     let host = FakeHost::new(false);
     let r = router(&host, r#""trust_route_match":true"#);
-    assert!(!r.settings.path_unneeded(), "masquerading needs the query");
+    assert!(!r.requests.path_unneeded, "masquerading needs the query");
 }

@@ -1,7 +1,7 @@
 //! One whoami call per token per process, a bounded number of calls in flight, and no memory
 //! kept for requests that went away — under both host profiles, several VMs sharing one store.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proxy_wasm_harness::{Action, Host, HostKind, Vm};
 use serde_json::json;
@@ -141,34 +141,6 @@ fn requests_that_go_away_while_waiting_leave_no_memory_behind() -> TestResult {
         }
         assert_eq!(vm.memory_bytes(), warm, "{kind:?}: guest memory grew");
         no_anomalies(&vm)?;
-    }
-    Ok(())
-}
-
-#[test]
-fn a_long_hostile_path_costs_no_more_than_reading_it() -> TestResult {
-    let (_host, mut vm) = start(
-        HostKind::Envoy,
-        json!({"sync_paths": ["/_matrix/client/*/sync", "/_matrix/client/{r0|v3}/rooms/*/initialSync"]}),
-    )?;
-    let hostile = [
-        format!("/_matrix/client/{}/sync", "x".repeat(60 * 1024)),
-        format!("/_matrix/client/{}", "/sync".repeat(12 * 1024)),
-        "/_matrix/client/v3/rooms/".repeat(2500),
-    ];
-    for path in &hostile {
-        let started = Instant::now();
-        let stream = vm.request(&[
-            (":method", "GET"),
-            (":path", path),
-            ("authorization", "Bearer t"),
-        ])?;
-        assert!(
-            started.elapsed() < Duration::from_millis(200),
-            "{} bytes",
-            path.len()
-        );
-        vm.end_stream(stream)?;
     }
     Ok(())
 }

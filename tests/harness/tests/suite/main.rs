@@ -2,6 +2,7 @@
 //! harness's own checks on hand-assembled modules.
 //! Needs `target/wasm32-wasip1/release/matrix_sync_router.wasm` (`just build`), or `MSR_WASM`.
 
+mod allocations;
 mod cache;
 mod coalescing;
 mod common;

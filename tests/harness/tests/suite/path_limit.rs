@@ -172,3 +172,41 @@ fn the_worst_template_set_on_the_longest_path_costs_microseconds() -> TestResult
     );
     Ok(())
 }
+
+/// Guest work allowed per byte of path, and per request on top (calibrated on the filter at
+/// issue 14's reshape: about 3x what it burns, so a quadratic matcher fails at once).
+const FUEL_PER_PATH_BYTE: u64 = 200;
+const FUEL_PER_REQUEST: u64 = 200_000;
+
+/// A long hostile path (over the limit, as a client may send) against templates with
+/// wildcards costs a bounded amount of guest work per byte: it is read, never matched.
+/// (Moved from coalescing.rs, which bounded it by 200 ms of wall-clock time.)
+#[test]
+fn a_long_hostile_path_costs_no_more_than_reading_it() -> TestResult {
+    let (_host, mut vm) = start(
+        HostKind::Envoy,
+        json!({"sync_paths": ["/_matrix/client/*/sync", "/_matrix/client/{r0|v3}/rooms/*/initialSync"]}),
+    )?;
+    let hostile = [
+        format!("/_matrix/client/{}/sync", "x".repeat(60 * 1024)),
+        format!("/_matrix/client/{}", "/sync".repeat(12 * 1024)),
+        "/_matrix/client/v3/rooms/".repeat(2500),
+    ];
+    for path in &hostile {
+        let before = vm.fuel_spent();
+        let stream = vm.request(&[
+            (":method", "GET"),
+            (":path", path),
+            ("authorization", "Bearer t"),
+        ])?;
+        let fuel = vm.fuel_spent() - before;
+        let bound = FUEL_PER_PATH_BYTE * path.len() as u64 + FUEL_PER_REQUEST;
+        assert!(
+            fuel <= bound,
+            "{} bytes: {fuel} fuel, over {bound}",
+            path.len()
+        );
+        vm.end_stream(stream)?;
+    }
+    Ok(())
+}
