@@ -10,15 +10,14 @@
 //! functions never run.
 
 use std::collections::{BTreeSet, HashMap};
-use std::convert::Infallible;
 
 use proxy_wasm_harness::{Filter, Host, HostKind, Vm};
 use serde_json::json;
-use wasm_encoder::reencode::{utils, Error, Reencode};
-use wasm_encoder::{ConstExpr, ExportKind, GlobalType, Instruction, ValType};
-use wasmparser::{Operator, Parser, Payload, TypeRef};
+use wasmparser::{BinaryReader, CodeSectionReader, Operator, Parser, Payload, TypeRef};
 
 use crate::common::*;
+
+type Failure = Box<dyn std::error::Error>;
 
 /// What the rewrite needs to know about the module.
 struct Shape {
@@ -30,7 +29,7 @@ struct Shape {
     exports: HashMap<String, u32>,
 }
 
-fn shape(wasm: &[u8]) -> Result<Shape, Box<dyn std::error::Error>> {
+fn shape(wasm: &[u8]) -> Result<Shape, Failure> {
     let mut shape = Shape {
         imported_funcs: 0,
         globals: 0,
@@ -90,92 +89,116 @@ fn reachable(shape: &Shape, root: u32) -> BTreeSet<u32> {
     seen
 }
 
-/// Adds a mutable i64 global per defined function, exported as `count:<function index>`, and
-/// makes each function add one to its global when it starts. Nothing existing moves: the new
-/// globals come after every existing one.
-struct Counting<'s> {
-    shape: &'s Shape,
-    next: u32,
+fn leb(out: &mut Vec<u8>, mut n: u64) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
 }
 
-impl Reencode for Counting<'_> {
-    type Error = Infallible;
+/// A section's entries after its entry count (LEB128).
+fn entries(content: &[u8]) -> &[u8] {
+    let count_len = content
+        .iter()
+        .position(|b| b & 0x80 == 0)
+        .map_or(0, |i| i + 1);
+    &content[count_len..]
+}
 
-    fn parse_global_section(
-        &mut self,
-        globals: &mut wasm_encoder::GlobalSection,
-        section: wasmparser::GlobalSectionReader<'_>,
-    ) -> Result<(), Error<Infallible>> {
-        utils::parse_global_section(self, globals, section)?;
-        let counter = GlobalType {
-            val_type: ValType::I64,
-            mutable: true,
-            shared: false,
+fn section(out: &mut Vec<u8>, id: u8, count: u32, entries: &[u8]) {
+    let mut content = Vec::new();
+    leb(&mut content, u64::from(count));
+    content.extend_from_slice(entries);
+    out.push(id);
+    leb(out, content.len() as u64);
+    out.extend(content);
+}
+
+/// The module with a mutable i64 global per defined function, exported as `count:<function
+/// index>`, that the function adds one to when it starts. Nothing existing moves: the new
+/// globals come after every existing one, the new exports after the others.
+fn counting(wasm: &[u8], shape: &Shape) -> Result<Vec<u8>, Failure> {
+    let n = shape.defined_funcs;
+    let mut out = wasm[..8].to_vec();
+    for payload in Parser::new(0).parse_all(wasm) {
+        let payload = payload?;
+        let Some((id, range)) = payload.as_section() else {
+            continue;
         };
-        (0..self.shape.defined_funcs).for_each(|_| {
-            globals.global(counter, &ConstExpr::i64_const(0));
-        });
-        Ok(())
-    }
-
-    fn parse_export_section(
-        &mut self,
-        exports: &mut wasm_encoder::ExportSection,
-        section: wasmparser::ExportSectionReader<'_>,
-    ) -> Result<(), Error<Infallible>> {
-        let shape = self.shape;
-        let counters =
-            (0..shape.defined_funcs).map(|i| (shape.imported_funcs + i, shape.globals + i));
-        for (func, global) in counters {
-            exports.export(&format!("count:{func}"), ExportKind::Global, global);
+        let content = &wasm[range.clone()];
+        match payload {
+            Payload::GlobalSection(globals) => {
+                let mut body = entries(content).to_vec();
+                for _ in 0..n {
+                    // mutable i64, initialised by `i64.const 0; end`
+                    body.extend_from_slice(&[0x7e, 0x01, 0x42, 0x00, 0x0b]);
+                }
+                section(&mut out, id, globals.count() + n, &body);
+            }
+            Payload::ExportSection(exports) => {
+                let mut body = entries(content).to_vec();
+                for i in 0..n {
+                    let name = format!("count:{}", shape.imported_funcs + i);
+                    leb(&mut body, name.len() as u64);
+                    body.extend_from_slice(name.as_bytes());
+                    body.push(0x03); // a global
+                    leb(&mut body, u64::from(shape.globals + i));
+                }
+                section(&mut out, id, exports.count() + n, &body);
+            }
+            Payload::CodeSectionStart { count, .. } => {
+                let reader = CodeSectionReader::new(BinaryReader::new(content, range.start))?;
+                let mut body = Vec::new();
+                for (i, func) in reader.into_iter().enumerate() {
+                    let func = func?;
+                    let mut locals = func.get_locals_reader()?;
+                    for _ in 0..locals.get_count() {
+                        locals.read()?;
+                    }
+                    let code_start = locals.original_position();
+                    let whole = func.range();
+                    let global = u64::from(shape.globals) + i as u64;
+                    // global.get g; i64.const 1; i64.add; global.set g
+                    let mut count_call = vec![0x23];
+                    leb(&mut count_call, global);
+                    count_call.extend_from_slice(&[0x42, 0x01, 0x7c, 0x24]);
+                    leb(&mut count_call, global);
+                    let mut f = wasm[whole.start..code_start].to_vec();
+                    f.extend(count_call);
+                    f.extend_from_slice(&wasm[code_start..whole.end]);
+                    leb(&mut body, f.len() as u64);
+                    body.extend(f);
+                }
+                section(&mut out, id, count, &body);
+            }
+            Payload::CodeSectionEntry(_) => {}
+            _ => {
+                out.push(id);
+                leb(&mut out, content.len() as u64);
+                out.extend_from_slice(content);
+            }
         }
-        utils::parse_export_section(self, exports, section)
     }
-
-    fn parse_function_body(
-        &mut self,
-        code: &mut wasm_encoder::CodeSection,
-        func: wasmparser::FunctionBody<'_>,
-    ) -> Result<(), Error<Infallible>> {
-        let mut f = self.new_function_with_parsed_locals(&func)?;
-        let counter = self.shape.globals + self.next;
-        self.next += 1;
-        f.instruction(&Instruction::GlobalGet(counter))
-            .instruction(&Instruction::I64Const(1))
-            .instruction(&Instruction::I64Add)
-            .instruction(&Instruction::GlobalSet(counter));
-        let mut reader = func.get_operators_reader()?;
-        while !reader.eof() {
-            f.instruction(&self.parse_instruction(&mut reader)?);
-        }
-        code.function(&f);
-        Ok(())
-    }
+    Ok(out)
 }
 
 /// The instrumented filter, the index of `proxy_on_memory_allocate`, and the allocator's
 /// functions.
-fn counting_filter() -> Result<(Filter, u32, BTreeSet<u32>), Box<dyn std::error::Error>> {
+fn counting_filter() -> Result<(Filter, u32, BTreeSet<u32>), Failure> {
     let wasm = std::fs::read(wasm_path())?;
     let shape = shape(&wasm)?;
-    let mut module = wasm_encoder::Module::new();
-    let mut counting = Counting {
-        shape: &shape,
-        next: 0,
-    };
-    counting
-        .parse_core_module(&mut module, Parser::new(0), &wasm)
-        .map_err(|e| format!("rewriting the module: {e:?}"))?;
     let on_allocate = *shape
         .exports
         .get("proxy_on_memory_allocate")
         .ok_or("no proxy_on_memory_allocate export")?;
     let allocator = reachable(&shape, on_allocate);
-    Ok((
-        Filter::from_bytes(&module.finish())?,
-        on_allocate,
-        allocator,
-    ))
+    let module = counting(&wasm, &shape)?;
+    Ok((Filter::from_bytes(&module)?, on_allocate, allocator))
 }
 
 /// Calls of each function so far.
@@ -196,7 +219,7 @@ fn allocations(
     on_allocate: u32,
     allocator: &BTreeSet<u32>,
     token: &str,
-) -> Result<(i64, i64), Box<dyn std::error::Error>> {
+) -> Result<(i64, i64), Failure> {
     let funcs = || std::iter::once(on_allocate).chain(allocator.iter().copied());
     let before = counts(vm, funcs())?;
     let stream = sync(vm, Some(token))?;
