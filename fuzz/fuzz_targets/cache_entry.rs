@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(h) = value.get(2..18) {
         hash.copy_from_slice(h);
     }
-    let hash = TokenHash(hash);
+    let hash = TokenHash(hash, [0; 8]);
     let found = lookup(value, &hash, now);
     let _ = holds_token(value, &hash);
     let _ = holds_fresh_user(value, &hash, now);

@@ -961,6 +961,16 @@ impl Vm {
         self.store.data().done_calls
     }
 
+    /// The value of an exported integer global of the module (None when there is none).
+    pub fn exported_global(&mut self, name: &str) -> Option<i64> {
+        let global = self.instance.get_global(&mut self.store, name)?;
+        match global.get(&mut self.store) {
+            wasmtime::Val::I32(v) => Some(i64::from(v)),
+            wasmtime::Val::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// Size of the guest's linear memory in bytes (it only grows: a leak shows as growth).
     pub fn memory_bytes(&mut self) -> usize {
         match self.instance.get_memory(&mut self.store, "memory") {
