@@ -74,12 +74,20 @@ impl Router {
     }
 
     pub fn on_request_headers<H: Host>(&mut self, host: &H, id: ContextId) -> Verdict {
+        self.request(host, id, true)
+    }
+
+    /// A request from its headers. `first`: its own callback (counted, route metadata
+    /// written); else a queued request given a free call slot, read again for its token.
+    fn request<H: Host>(&mut self, host: &H, id: ContextId, first: bool) -> Verdict {
         if self.requests.path_unneeded {
             // The proxy runs the filter on sync routes only (`trust_route_match`): a request
             // with a Bearer token needs neither its path nor its query.
             let authorization = host.request_header("authorization");
             if let Token::Valid(token) = request::find_token(authorization.as_deref(), None) {
-                self.report.count(host, Counter::Requests);
+                if first {
+                    self.report.count(host, Counter::Requests);
+                }
                 return self.resolve(host, id, &token, None);
             }
         }
@@ -99,10 +107,12 @@ impl Router {
             }
             return Verdict::Continue;
         }
-        self.report.count(host, Counter::Requests);
-        if self.requests.sync_kind_needed {
-            self.keys
-                .mark_kind(host, route::sync_kind(path_only, query));
+        if first {
+            self.report.count(host, Counter::Requests);
+            if self.requests.sync_kind_needed {
+                self.keys
+                    .mark_kind(host, route::sync_kind(path_only, query));
+            }
         }
         let authorization = host.request_header("authorization");
         // A form POST's body may hold the `access_token` Synapse uses instead of the query's.
@@ -213,10 +223,18 @@ impl Router {
         self.answer(host, &req.hash, &settle)
     }
 
-    /// Calls whoami for a token nobody knows, unless too many calls are in flight already.
+    /// Calls whoami for a token nobody knows. When `max_whoami_in_flight` calls are in flight
+    /// (a cold start), the request waits for a free call slot for up to `whoami_timeout_ms`
+    /// where the host can resume it (Envoy); else, or when too many wait, it is routed by the
+    /// device now and its user resolved on a later request.
     fn call<H: Host>(&mut self, host: &H, req: &Req<'_>) -> Verdict {
         if self.calls.in_flight() >= self.whoami.max_in_flight {
-            // A restart storm: route by the device now, resolve the user on a later request.
+            let until = req.now.saturating_add(u64::from(self.whoami.timeout_ms));
+            if self.caps.resumes_other_contexts && self.calls.enqueue(req.id, &req.hash, until) {
+                self.report.count(host, Counter::Queued);
+                self.set_tick(host);
+                return Verdict::Pause;
+            }
             self.report.count(host, Counter::Shed);
             return self.answer(host, &req.hash, &Settle::Fallback);
         }
@@ -312,6 +330,19 @@ impl Router {
             }
             Purpose::Refresh => self.keys.resume(host, &call.waiters),
         }
+        self.admit_queued(host);
+    }
+
+    /// Gives free call slots to the requests waiting for one, oldest first: each is read again
+    /// in its own context (it may hit now, join a call, or call whoami itself).
+    fn admit_queued<H: Host>(&mut self, host: &H) {
+        while let Some(queued) = self.calls.next_queued(self.whoami.max_in_flight) {
+            // A request that went away meanwhile is skipped.
+            if host.enter(queued.id) && self.request(host, queued.id, false) == Verdict::Continue {
+                host.resume();
+            }
+        }
+        self.set_tick(host);
     }
 
     /// The periodic work: clock, counters, calls the host never answered, watched slots.
@@ -325,6 +356,14 @@ impl Router {
             self.keys
                 .settle(host, &waiters, &hash, &Settle::Fallback, &mut self.report);
         }
+        // Requests that waited for a call slot as long as a call may take: the fallback key.
+        for queued in self.calls.expire_queue(now) {
+            self.report.count(host, Counter::Shed);
+            let waiters = [queued.id];
+            let (keys, report) = (&self.keys, &mut self.report);
+            keys.settle(host, &waiters, &queued.hash, &Settle::Fallback, report);
+        }
+        self.admit_queued(host);
         // Watched tokens whose slot now holds an answer (or whose marker lapsed).
         for watch in self.calls.take_watches() {
             let found = self.store.poll(host, &watch.hash, now);

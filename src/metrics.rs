@@ -35,6 +35,7 @@ counters! {
     Coalesced => "matrix_sync_router_coalesced",
     Shed => "matrix_sync_router_shed",
     OverlongPaths => "matrix_sync_router_overlong_paths",
+    Queued => "matrix_sync_router_queued",
 }
 
 /// Counts not yet added to the host's counters.

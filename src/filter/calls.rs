@@ -19,6 +19,9 @@ const MAX_WAITERS: usize = 1024;
 const MAX_WATCHED: usize = 256;
 /// How long an overdue call is kept for its late answer.
 const FORGET_MS: u64 = 60_000;
+/// Most requests that may wait for a free call slot (Envoy); beyond that a new token is routed
+/// with the fallback key at once. 1024 entries of 40 bytes.
+const MAX_QUEUED: usize = 1024;
 
 /// When a call started at `now` with `timeout_ms` is overdue (its marker's expiry too).
 pub fn deadline(now: u64, timeout_ms: u32) -> u64 {
@@ -89,10 +92,19 @@ pub enum Join {
     CannotWait,
 }
 
+/// A request of a new token waiting for a free call slot.
+pub struct Queued {
+    pub id: ContextId,
+    pub hash: TokenHash,
+    /// When it stops waiting and takes the fallback key.
+    pub until: u64,
+}
+
 #[derive(Default)]
 pub struct Calls {
     calls: Vec<Call>,
     watches: Vec<Watch>,
+    queue: std::collections::VecDeque<Queued>,
     fast_tick: bool,
 }
 
@@ -179,10 +191,42 @@ impl Calls {
         self.watches.push(watch);
     }
 
-    /// Call after `watch` and after a tick's polling: the tick period to set, when it changed
-    /// (fast while any request watches a slot).
+    /// Call when a request of a new token finds every call slot taken, on a host that can
+    /// resume it later: it waits, oldest first, until `until`. False when the queue is full.
+    pub fn enqueue(&mut self, id: ContextId, hash: &TokenHash, until: u64) -> bool {
+        if self.queue.len() >= MAX_QUEUED {
+            return false;
+        }
+        self.queue.push_back(Queued {
+            id,
+            hash: *hash,
+            until,
+        });
+        true
+    }
+
+    /// Call when a call slot may have freed (an answer, an overdue call): the oldest waiting
+    /// request, while fewer than `max_in_flight` calls count.
+    pub fn next_queued(&mut self, max_in_flight: usize) -> Option<Queued> {
+        if self.in_flight() >= max_in_flight {
+            return None;
+        }
+        self.queue.pop_front()
+    }
+
+    /// Call on every tick: the waiting requests whose time is up, to route with the fallback key.
+    pub fn expire_queue(&mut self, now: u64) -> Vec<Queued> {
+        let (late, waiting): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|q| q.until <= now);
+        self.queue = waiting.into();
+        late
+    }
+
+    /// Call after `watch`, `enqueue` and a tick: the tick period to set, when it changed (fast
+    /// while any request watches a slot or waits for a call slot).
     pub fn tick_change(&mut self) -> Option<u32> {
-        let fast = !self.watches.is_empty();
+        let fast = !self.watches.is_empty() || !self.queue.is_empty();
         if fast == self.fast_tick {
             return None;
         }

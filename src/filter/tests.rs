@@ -508,9 +508,88 @@ fn on_ngx_only_the_caller_waits_and_the_others_use_the_fallback() {
     assert_eq!(other.calls_made(), 0);
 }
 
+/// The `queued` and `shed` counters after a tick (which flushes them).
+fn queued_and_shed(r: &mut Router, host: &FakeHost) -> (u64, u64) {
+    r.on_tick(host);
+    (host.counter(Counter::Queued), host.counter(Counter::Shed))
+}
+
+/// The user of a storm token `syt_u<user>d<device>`.
+fn storm_user(headers: &[(String, String)]) -> String {
+    let auth = headers.iter().find(|(k, _)| k == "authorization").unwrap();
+    let token = auth.1.strip_prefix("Bearer syt_u").unwrap();
+    format!("@u{}:x", token.split('d').next().unwrap())
+}
+
 #[test]
-fn a_restart_storm_is_bounded_by_max_whoami_in_flight() {
+fn a_cold_start_waits_for_free_call_slots_and_keeps_users_together_on_envoy() {
     let host = FakeHost::new(false);
+    let mut r = router(&host, r#""max_whoami_in_flight":8"#);
+    // 100 users with 3 devices each, all new, all at once.
+    let token = |id: u32| format!("syt_u{}d{}", id % 100, id / 100);
+    for id in 0..300 {
+        assert_eq!(sync(&mut r, &host, id + 1, &token(id)), Verdict::Pause);
+    }
+    assert_eq!(host.calls_made(), 8);
+    // Each answer frees a call slot for the oldest waiting request; never more than 8 open.
+    let mut answered = 0;
+    while answered < host.calls_made() {
+        let (call, user) = {
+            let calls = host.calls.borrow();
+            (calls[answered].0, storm_user(&calls[answered].2))
+        };
+        answer(&mut r, &host, call, 200, &ok(&user));
+        answered += 1;
+        assert!(host.calls_made() - answered <= 8);
+    }
+    // One call per token, and every request keyed by its user.
+    assert_eq!(host.calls_made(), 300);
+    for id in 0..300 {
+        assert_eq!(host.key(id + 1), Some(format!("@u{}:x", id % 100)), "{id}");
+        assert_eq!(host.with_stream(id + 1, |s| s.resumed), 1);
+    }
+    assert_eq!(queued_and_shed(&mut r, &host), (292, 0));
+}
+
+#[test]
+fn requests_waiting_for_a_call_slot_take_the_fallback_key_after_the_timeout() {
+    let host = FakeHost::new(false);
+    let mut r = router(
+        &host,
+        r#""max_whoami_in_flight":2,"whoami_timeout_ms":1000"#,
+    );
+    // A flood of garbage tokens against a whoami that never answers: 2 calls, a bounded queue
+    // (1024), and the rest routed by the device at once.
+    let mut paused = 0;
+    for id in 1..=1500 {
+        match sync(&mut r, &host, id, &format!("junk{id}")) {
+            Verdict::Pause => paused += 1,
+            Verdict::Continue => assert!(is_fallback(&host.key(id)), "{id}"),
+        }
+    }
+    assert_eq!(paused, 2 + 1024);
+    assert_eq!(host.calls_made(), 2);
+    assert_eq!(host.tick_ms.get(), FAST_TICK_MS);
+    host.advance(999);
+    r.on_tick(&host);
+    assert_eq!(host.key(3), None, "waited less than the callout timeout");
+    // At the timeout every waiting request goes on with its fallback key; still 2 calls.
+    host.advance(1);
+    r.on_tick(&host);
+    for id in 3..=1026 {
+        assert!(is_fallback(&host.key(id)), "{id}");
+        assert_eq!(host.with_stream(id, |s| s.resumed), 1);
+    }
+    assert_eq!(host.calls_made(), 2);
+    r.on_tick(&host);
+    assert_eq!(host.counter(Counter::Shed), 1500 - 2);
+    assert_eq!(host.tick_ms.get(), TICK_MS);
+}
+
+#[test]
+fn a_restart_storm_on_ngx_routes_the_excess_by_device_at_once() {
+    // ngx_wasm_module cannot resume a request from another one's answer: no queue.
+    let host = FakeHost::new(true);
     let mut r = router(&host, r#""max_whoami_in_flight":8"#);
     let mut paused = Vec::new();
     for id in 1..=300 {
@@ -521,14 +600,7 @@ fn a_restart_storm_is_bounded_by_max_whoami_in_flight() {
     }
     assert_eq!(paused.len(), 8);
     assert_eq!(host.calls_made(), 8);
-    r.on_tick(&host);
-    assert_eq!(host.counter(Counter::Shed), 292);
-    // A shed token is not marked as failed: once calls finish, it is resolved.
-    let tokens: Vec<u32> = host.calls.borrow().iter().map(|c| c.0).collect();
-    for (call, id) in tokens.into_iter().zip(&paused) {
-        answer(&mut r, &host, call, 200, &ok(&format!("@u{id}:x")));
-    }
-    assert_eq!(sync(&mut r, &host, 1000, "syt_storm300"), Verdict::Pause);
+    assert_eq!(queued_and_shed(&mut r, &host), (0, 292));
 }
 
 #[test]

@@ -84,14 +84,16 @@ class SlowWhoami:
                     time.sleep(outer.delay_s)
                     token = self.headers.get("Authorization", "").removeprefix("Bearer ")
                     body = json.dumps({"user_id": f"@{token.lower()}:example.test"}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
                 finally:
+                    # The call is over once its answer is on its way: the filter may start the
+                    # next call the moment it has it, before this thread would get here again.
                     with outer.lock:
                         outer.open -= 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args):  # quiet
                 pass
@@ -126,8 +128,9 @@ def storm_envoy(e2e_stack, request):
 
 def test_a_restart_storm_never_has_more_calls_in_flight_than_configured(storm_envoy):
     """300 distinct new tokens at once through a proxy with an empty cache: at most
-    max_whoami_in_flight calls per worker thread are open at any moment, the excess is routed at
-    once with the fallback key, and every request is answered within the callout timeout."""
+    max_whoami_in_flight calls per worker thread are open at any moment, the excess waits for a
+    free call slot and, since this whoami is slow, most of it takes the fallback key at the
+    callout timeout; every request is answered within the callout timeout (plus a tick)."""
     envoy, whoami = storm_envoy
     limit = 4 * 2  # max_whoami_in_flight × Envoy worker threads
     timeout_s = 2.0
@@ -150,3 +153,40 @@ def test_a_restart_storm_never_has_more_calls_in_flight_than_configured(storm_en
     prom = envoy.prometheus()
     assert prom["matrix_sync_router_shed"] > 0
     assert prom["matrix_sync_router_shed"] + prom["matrix_sync_router_coalesced"] + whoami.calls >= 300
+
+
+def test_a_cold_start_keeps_every_user_on_one_worker(e2e_stack, make_user, request):
+    """Issue 18: a freshly started Envoy (two worker threads, so two Wasm VMs, each capped at
+    4 whoami calls) meets 240 new tokens at once (80 users x 3 devices). The requests beyond the
+    cap wait for a free call slot instead of taking their token's fallback key, so every user's
+    devices land on one worker; whoami (the real Synapse) is asked once per token at most."""
+    users = [make_user("cold", n_devices=3) for _ in range(80)]
+    envoy = e2e_stack.add_envoy(
+        f"cold-{request.node.name[-8:]}",
+        plugin_overrides={"max_whoami_in_flight": 4, "whoami_timeout_ms": 10000},
+    )
+    try:
+        jobs = [(u, d.token) for u in users for d in u.devices]
+        start = threading.Barrier(len(jobs))
+
+        def one(job):
+            start.wait()
+            return job[0].user_id, envoy.sync(job[1])
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            results = list(pool.map(one, jobs))
+        assert [r.status for _, r in results] == [200] * len(jobs)
+        workers: dict[str, set[str]] = {}
+        for user_id, response in results:
+            workers.setdefault(user_id, set()).add(envoy.worker_of(response))
+        split = {u: w for u, w in workers.items() if len(w) > 1}
+        assert not split, f"users split over workers: {split}"
+        time.sleep(1.5)  # the filter flushes its counters on its one-second tick
+        prom = envoy.prometheus()
+        assert prom["matrix_sync_router_queued"] > 0, "the cap was never reached"
+        assert prom.get("matrix_sync_router_shed", 0) == 0
+        assert prom.get("matrix_sync_router_fallbacks", 0) == 0
+        assert envoy.stats()[WHOAMI_CALLS] <= len(jobs)
+    finally:
+        envoy.stop()
+
