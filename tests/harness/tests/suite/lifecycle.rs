@@ -104,7 +104,7 @@ fn a_miss_pauses_and_calls_whoami_with_exactly_what_synapse_needs() -> TestResul
             HostKind::Ngx => "pw:matrix-sync-router:matrix_sync_router_",
         };
         let names: Vec<String> = host.metrics().into_iter().map(|m| m.name).collect();
-        assert_eq!(names.len(), 16, "{kind:?}: {names:?}");
+        assert_eq!(names.len(), 17, "{kind:?}: {names:?}");
         assert!(
             names.iter().all(|name| name.starts_with(prefix)),
             "{kind:?}: {names:?}"
