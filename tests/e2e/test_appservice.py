@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import secrets
 
-import stack
+from msrtest.matrix import SYNC_PATH, WHOAMI_PATH
+from msrtest.spread import samples_for_spread
 
 
 def test_appservice_token_is_routed_by_its_sender(envoy, e2e_stack):
@@ -45,21 +46,19 @@ def test_appservice_token_is_routed_by_its_sender(envoy, e2e_stack):
     assert calls == 2, f"expected one whoami for the token and one for the masquerade: {calls}"
     # Synapse served the first syncs as the sender and the others as the masqueraded user; the
     # filter's two whoami calls were answered as the sender and as the masqueraded user.
-    seen = synapse.wait_for_processed(user_agent, stack.SYNC_PATH, count=5)
-    syncs = [p for p in seen if p.path == stack.SYNC_PATH]
+    seen = synapse.wait_for_processed(user_agent, SYNC_PATH, count=5)
+    syncs = [p for p in seen if p.path == SYNC_PATH]
     assert [(p.requester, p.status) for p in syncs] == [(appservice.sender, "500")] * 3 + [
         (bridged, "200")
     ] * 2, seen
     assert all(p.port in synapse.worker_ports for p in syncs), seen
-    whoamis = sorted((p.requester, p.status) for p in seen if p.path == stack.WHOAMI_PATH)
+    whoamis = sorted((p.requester, p.status) for p in seen if p.path == WHOAMI_PATH)
     assert whoamis == sorted([(appservice.sender, "200"), (bridged, "200")]), seen
 
 
 def test_each_masqueraded_user_sticks_to_its_own_worker(envoy, e2e_stack):
     """Bridged users of one appservice token are spread over the workers like real users, and
     each one's requests stay on one worker."""
-    from conftest import samples_for_spread
-
     synapse = e2e_stack.synapse
     appservice = synapse.appservice
     workers: dict[str, set[str]] = {}

@@ -7,8 +7,9 @@ import subprocess
 import pytest
 import yaml
 
-import stack
-from conftest import WASM
+from msrtest.env import WASM, free_ports
+from msrtest.envoy import render_envoy_config
+from msrtest.procs import venv_bin
 
 BAD = [
     ({"cache_capacity": 0}, "cache_capacity"),
@@ -22,8 +23,8 @@ BAD = [
 
 
 def _run_envoy(tmp_path, override: dict | None, *mode: str) -> subprocess.CompletedProcess:
-    ports = stack.free_ports(6)
-    cfg = stack.render_envoy_config(
+    ports = free_ports(6)
+    cfg = render_envoy_config(
         listener_port=ports[0],
         admin_port=ports[1],
         main_port=ports[2],
@@ -35,7 +36,7 @@ def _run_envoy(tmp_path, override: dict | None, *mode: str) -> subprocess.Comple
     )
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    argv = [stack.venv_bin("envoy"), *mode, "-c", str(path), "--disable-hot-restart"]
+    argv = [venv_bin("envoy"), *mode, "-c", str(path), "--disable-hot-restart"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 

@@ -17,14 +17,27 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import stack
-from conftest import WASM
+from msrtest.env import REPO, WASM
 
-RUN = stack.REPO / "bench" / "run.py"
 VARIANTS = [
-    "none", "noop", "noop_envoy", "sdk_noop", "minimal", "lua", "hit", "hit_trusted", "hit_shipped",
-    "opt_sync_kind", "opt_filter_state", "opt_no_masquerade", "opt_local_decode", "opt_mas_check",
-    "room_off", "opt_room", "other_path", "other_off",
+    "none",
+    "noop",
+    "noop_envoy",
+    "sdk_noop",
+    "minimal",
+    "lua",
+    "hit",
+    "hit_trusted",
+    "hit_shipped",
+    "opt_sync_kind",
+    "opt_filter_state",
+    "opt_no_masquerade",
+    "opt_local_decode",
+    "opt_mas_check",
+    "room_off",
+    "opt_room",
+    "other_path",
+    "other_off",
 ]
 
 
@@ -34,7 +47,9 @@ def _skip_reason() -> str | None:
     if missing:
         return f"{', '.join(missing)} not installed (`just bench-tools` could not install it)"
     if not {0, 1} <= os.sched_getaffinity(0):
-        return f"the bench needs cores 0 and 1, this process may use {sorted(os.sched_getaffinity(0))}"
+        return (
+            f"the bench needs cores 0 and 1, this process may use {sorted(os.sched_getaffinity(0))}"
+        )
     return None
 
 
@@ -45,10 +60,24 @@ def quick_run(tmp_path_factory):
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--wasm", str(WASM),
-         "--out", str(out / "BENCHMARKS.md"), "--plot", str(out / "plot.svg"),
-         "--json", str(out / "results.json")],
-        capture_output=True, text=True, timeout=240, cwd=stack.REPO,
+        [
+            sys.executable,
+            "-m",
+            "msrbench.run",
+            "--quick",
+            "--wasm",
+            str(WASM),
+            "--out",
+            str(out / "BENCHMARKS.md"),
+            "--plot",
+            str(out / "plot.svg"),
+            "--json",
+            str(out / "results.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
     )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return out, proc.stdout, json.loads((out / "results.json").read_text())
@@ -67,8 +96,10 @@ def test_every_variant_has_a_sane_cost(quick_run):
 def test_each_option_is_costed_against_its_own_reference(quick_run):
     _, stdout, results = quick_run
     rows = {r["variant"]: r for r in results["options"]}
-    assert set(rows) == {v for v in VARIANTS if v.startswith("opt_")} | {"hit_shipped",
-                                                                        "hit_trusted"}
+    assert set(rows) == {v for v in VARIANTS if v.startswith("opt_")} | {
+        "hit_shipped",
+        "hit_trusted",
+    }
     assert rows["opt_room"]["ref"] == "room_off" and rows["opt_sync_kind"]["ref"] == "hit"
     for name, row in rows.items():
         assert 0 < row["ratio"] < 3, (name, row)
@@ -118,8 +149,15 @@ def test_profile_splits_every_profiled_variant(quick_run):
 def test_report_and_plot_are_written(quick_run):
     out, stdout, _ = quick_run
     text = (out / "BENCHMARKS.md").read_text()
-    for section in ("## Method", "## Cost", "## Targets", "## Latency", "## Burst", "## Memory",
-                    "## Every round"):
+    for section in (
+        "## Method",
+        "## Cost",
+        "## Targets",
+        "## Latency",
+        "## Burst",
+        "## Memory",
+        "## Every round",
+    ):
         assert section in text
     for name in VARIANTS:
         assert f"| {name} |" in text and f"| {name} |" in stdout

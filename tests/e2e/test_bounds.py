@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-import proxyconf
-from conftest import WASM
+from msrtest import proxyconf
+from msrtest.env import WASM
 
 NUMBERS = {
     field: spec

@@ -15,7 +15,7 @@ import secrets
 
 import pytest
 
-import stack
+from msrtest.matrix import SYNC_PATH, WHOAMI_PATH
 
 
 @pytest.mark.parametrize("client_sends_xff", [True, False], ids=["client-xff", "no-xff"])
@@ -39,10 +39,10 @@ def test_whoami_callout_records_the_clients_address_and_user_agent(
     calls = envoy.stats()["cluster.synapse_whoami.upstream_rq_total"] - calls_before
     assert calls == 1, f"expected one whoami callout (a cache miss), saw {calls}"
 
-    seen = synapse.wait_for_processed(user_agent, stack.SYNC_PATH)
+    seen = synapse.wait_for_processed(user_agent, SYNC_PATH)
     by_path = {p.path: p for p in seen}
-    assert len(seen) == 2 and set(by_path) == {stack.WHOAMI_PATH, stack.SYNC_PATH}, seen
-    whoami, sync = by_path[stack.WHOAMI_PATH], by_path[stack.SYNC_PATH]
+    assert len(seen) == 2 and set(by_path) == {WHOAMI_PATH, SYNC_PATH}, seen
+    whoami, sync = by_path[WHOAMI_PATH], by_path[SYNC_PATH]
     assert whoami.port == synapse.main_port and sync.port in synapse.worker_ports, seen
     assert (whoami.status, sync.status) == ("200", "200"), seen
     assert whoami.requester == sync.requester == device.user_id, seen

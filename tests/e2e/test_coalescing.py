@@ -9,27 +9,32 @@ and records the peak number of concurrent calls, while the sync workers stay rea
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import stack
+from msrtest.env import HOST
+from msrtest.envoy import Envoy
+from msrtest.faults import SlowWhoami
+from msrtest.httpclient import Response
 
 WHOAMI_CALLS = "cluster.synapse_whoami.upstream_rq_total"
 
 
-def worker_connections(envoy: stack.Envoy) -> list[int]:
+def worker_connections(envoy: Envoy) -> list[int]:
     """Downstream connections each Envoy worker thread (= Wasm VM) accepted on the listener."""
     stats = envoy.stats()
-    prefix = f"listener.{stack.HOST}_{envoy.port}.worker_"
-    return [v for k, v in sorted(stats.items()) if k.startswith(prefix) and k.endswith(".downstream_cx_total")]
+    prefix = f"listener.{HOST}_{envoy.port}.worker_"
+    return [
+        v
+        for k, v in sorted(stats.items())
+        if k.startswith(prefix) and k.endswith(".downstream_cx_total")
+    ]
 
 
-def burst(envoy: stack.Envoy, token: str, n: int) -> list[stack.Response]:
+def burst(envoy: Envoy, token: str, n: int) -> list[Response]:
     """n concurrent first requests of one token, each on its own connection."""
     start = threading.Barrier(n)
 
@@ -56,60 +61,10 @@ def test_a_burst_of_one_new_token_makes_exactly_one_whoami_call(envoy, make_user
         # And later requests are cache hits on the same worker.
         assert envoy.worker_of(envoy.sync(token)) in workers
         assert envoy.stats()[WHOAMI_CALLS] - calls == 1
-    accepted = [a - b for a, b in zip(worker_connections(envoy), before_cx)]
+    accepted = [a - b for a, b in zip(worker_connections(envoy), before_cx, strict=True)]
     assert len(accepted) == 2 and all(n > 0 for n in accepted), (
         f"both worker threads must have taken part (cross-VM waiting): {accepted}"
     )
-
-
-class SlowWhoami:
-    """whoami stand-in: answers `{"user_id": "@<token>:example.test"}` after `delay_s`, and records
-    the peak number of calls open at once."""
-
-    def __init__(self, delay_s: float):
-        self.delay_s = delay_s
-        self.lock = threading.Lock()
-        self.open = 0
-        self.peak = 0
-        self.calls = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                with outer.lock:
-                    outer.open += 1
-                    outer.calls += 1
-                    outer.peak = max(outer.peak, outer.open)
-                try:
-                    time.sleep(outer.delay_s)
-                    token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                    body = json.dumps({"user_id": f"@{token.lower()}:example.test"}).encode()
-                finally:
-                    # The call is over once its answer is on its way: the filter may start the
-                    # next call the moment it has it, before this thread would get here again.
-                    with outer.lock:
-                        outer.open -= 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer((stack.HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -152,7 +107,9 @@ def test_a_restart_storm_never_has_more_calls_in_flight_than_configured(storm_en
     time.sleep(1.5)  # the filter flushes its counters on its one-second tick
     prom = envoy.prometheus()
     assert prom["matrix_sync_router_shed"] > 0
-    assert prom["matrix_sync_router_shed"] + prom["matrix_sync_router_coalesced"] + whoami.calls >= 300
+    assert (
+        prom["matrix_sync_router_shed"] + prom["matrix_sync_router_coalesced"] + whoami.calls >= 300
+    )
 
 
 def test_a_cold_start_keeps_every_user_on_one_worker(e2e_stack, make_user, request):
@@ -189,4 +146,3 @@ def test_a_cold_start_keeps_every_user_on_one_worker(e2e_stack, make_user, reque
         assert envoy.stats()[WHOAMI_CALLS] <= len(jobs)
     finally:
         envoy.stop()
-

@@ -8,12 +8,12 @@ import subprocess
 
 import yaml
 
-import stack
-from conftest import WASM
+from msrtest.env import ENVOY_YAML, REPO, WASM
+from msrtest.procs import venv_bin
 
 
 def _shipped() -> dict:
-    return yaml.safe_load(stack.ENVOY_YAML.read_text())
+    return yaml.safe_load(ENVOY_YAML.read_text())
 
 
 def _hcm(cfg: dict) -> dict:
@@ -33,7 +33,7 @@ def test_envoy_validates_the_shipped_file(tmp_path):
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [stack.venv_bin("envoy"), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        [venv_bin("envoy"), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -76,7 +76,7 @@ def test_routes_and_plugin_config_match_the_filter_contract():
     # The routes' regexes and the filter's path templates (docs/configuration.md's defaults, which
     # tests/harness/tests/docs.rs holds to the filter, unless the plugin configuration sets its
     # own) accept exactly the same paths.
-    readme = (stack.REPO / "docs" / "configuration.md").read_text()
+    readme = (REPO / "docs" / "configuration.md").read_text()
     templates = conf.get("sync_paths") or _readme_block(readme, "sync_paths")
     regexes = [r["match"]["safe_regex"]["regex"] for r in sync_routes]
     room_templates = conf.get("room_paths") or _readme_block(readme, "room_paths")
@@ -88,16 +88,27 @@ def test_routes_and_plugin_config_match_the_filter_contract():
 
 
 SAMPLE_PATHS = [
-    "/_matrix/client/v3/sync", "/_matrix/client/r0/sync", "/_matrix/client/api/v1/events",
-    "/_matrix/client/unstable/initialSync", "/_matrix/client/v3/rooms/!a:x/initialSync",
-    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", "/_matrix/client/v3/sync/x",
-    "/_matrix/client/v4/sync", "/_matrix/client/v4/sync/", "/x/_matrix/client/v3/sync",
+    "/_matrix/client/v3/sync",
+    "/_matrix/client/r0/sync",
+    "/_matrix/client/api/v1/events",
+    "/_matrix/client/unstable/initialSync",
+    "/_matrix/client/v3/rooms/!a:x/initialSync",
+    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+    "/_matrix/client/v3/sync/x",
+    "/_matrix/client/v4/sync",
+    "/_matrix/client/v4/sync/",
+    "/x/_matrix/client/v3/sync",
     "/_matrix/client/v3/rooms/a/b/initialSync",
-    "/_matrix/client/v3/account/whoami", "/_matrix/client/v3/rooms/!a:x/messages",
-    "/_matrix/client/r0/rooms/!a:x/send/m.room.message/txn1", "/_matrix/client/v3/rooms/!a:x/join",
-    "/_matrix/client/v1/rooms/!a:x/relations/$e", "/_matrix/client/v1/rooms/!a:x/hierarchy",
-    "/_matrix/client/v3/rooms/!a:x/state/m.room.name/", "/_matrix/client/v3/rooms//messages",
-    "/_matrix/client/v3/rooms/!a:x/messagesX", "/_matrix/client/v3/rooms/!a:x/context/$ev",
+    "/_matrix/client/v3/account/whoami",
+    "/_matrix/client/v3/rooms/!a:x/messages",
+    "/_matrix/client/r0/rooms/!a:x/send/m.room.message/txn1",
+    "/_matrix/client/v3/rooms/!a:x/join",
+    "/_matrix/client/v1/rooms/!a:x/relations/$e",
+    "/_matrix/client/v1/rooms/!a:x/hierarchy",
+    "/_matrix/client/v3/rooms/!a:x/state/m.room.name/",
+    "/_matrix/client/v3/rooms//messages",
+    "/_matrix/client/v3/rooms/!a:x/messagesX",
+    "/_matrix/client/v3/rooms/!a:x/context/$ev",
 ]
 
 
@@ -108,8 +119,8 @@ def _readme_block(readme: str, field: str) -> list[str]:
 
 
 def _template_regex(template: str) -> str:
-    """The filter's path-template language (docs/configuration.md) as a regex: `{a|b}` alternatives, `*` one
-    segment, a final `**` anything after (or nothing)."""
+    """The filter's path-template language (docs/configuration.md) as a regex: `{a|b}`
+    alternatives, `*` one segment, a final `**` anything after (or nothing)."""
     out = ""
     for part in re.split(r"(\{[^}]*\}|\*\*|\*)", template):
         if part.startswith("{"):

@@ -6,11 +6,10 @@ import collections
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import WASM
+from msrtest.env import WASM
 
 ROW = re.compile(r"^(@\S+)\s{2,}(\S+)\s{2,}(sync-\d+)\s{2,}(\S+)\s{2,}(\d+)$")
 
@@ -18,9 +17,8 @@ ROW = re.compile(r"^(@\S+)\s{2,}(\S+)\s{2,}(sync-\d+)\s{2,}(\S+)\s{2,}(\d+)$")
 def test_demo_once_shows_each_users_devices_on_one_worker():
     if not WASM.is_file():
         pytest.fail(f"the filter is not built: {WASM} is missing")
-    demo = Path(__file__).with_name("demo.py")
     proc = subprocess.run(
-        [sys.executable, str(demo), "--once", "--wasm", str(WASM)],
+        [sys.executable, "-m", "msrtest.demo", "--once", "--wasm", str(WASM)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -32,7 +30,9 @@ def test_demo_once_shows_each_users_devices_on_one_worker():
     for user, device, worker, _listener, _syncs in rows:
         workers[user].add(worker)
         devices[user].add(device)
-    assert sorted(workers) == [f"@{n}:example.test" for n in ("alice", "bob", "carol", "dave")], rows
+    assert sorted(workers) == [f"@{n}:example.test" for n in ("alice", "bob", "carol", "dave")], (
+        rows
+    )
     for user in workers:
         assert len(devices[user]) == 2, (user, rows)
         assert len(workers[user]) == 1, f"{user}'s devices on several workers: {rows}"

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-import stack
+from msrtest.env import ENVOY_YAML, REPO
 
-DEPLOY = stack.REPO / "deploy"
-DIST = stack.REPO / "dist"
-CHECK_CONFIG = stack.REPO / "target" / "debug" / "check-config"
+DEPLOY = REPO / "deploy"
+DIST = REPO / "dist"
+CHECK_CONFIG = REPO / "target" / "debug" / "check-config"
 
 
 def requirement(name: str) -> str:
-    for line in (stack.REPO / "tests" / "e2e" / "requirements.txt").read_text().splitlines():
+    for line in (REPO / "tests" / "e2e" / "requirements.txt").read_text().splitlines():
         if line.startswith(f"{name}=="):
             return line.split("==", 1)[1]
     raise AssertionError(f"{name} is not pinned")
@@ -37,8 +36,10 @@ def check_config(config: dict) -> subprocess.CompletedProcess:
     if not CHECK_CONFIG.is_file():
         pytest.fail(f"{CHECK_CONFIG} is missing (`just e2e` builds it)")
     return subprocess.run(
-        [str(CHECK_CONFIG), str(stack.REPO / "dist" / "matrix_sync_router.wasm"), json.dumps(config)],
-        capture_output=True, text=True, timeout=60,
+        [str(CHECK_CONFIG), str(REPO / "dist" / "matrix_sync_router.wasm"), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -60,7 +61,7 @@ def test_compose_file_is_valid_compose_and_mounts_what_exists():
     for host_path in mounts:
         assert (DEPLOY / host_path).is_file(), host_path
     # The module goes where envoy.yaml's local code source reads it.
-    assert "filename: /etc/envoy/matrix_sync_router.wasm" in stack.ENVOY_YAML.read_text()
+    assert "filename: /etc/envoy/matrix_sync_router.wasm" in ENVOY_YAML.read_text()
     listener_port = 8008  # envoy.yaml's listener, as shipped
     assert f"{listener_port}:{listener_port}" in envoy["ports"]
 
@@ -85,19 +86,32 @@ def rendered(name: str) -> list[dict]:
 def compat_image() -> tuple[str, str]:
     """(tag, manifest digest hex) of dist/oci's compat image."""
     index = json.loads((DIST / "oci" / "index.json").read_text())
-    (m,) = [m for m in index["manifests"]
-            if not m["annotations"]["org.opencontainers.image.ref.name"].endswith("-artifact")]
+    (m,) = [
+        m
+        for m in index["manifests"]
+        if not m["annotations"]["org.opencontainers.image.ref.name"].endswith("-artifact")
+    ]
     return m["annotations"]["org.opencontainers.image.ref.name"], m["digest"].split(":", 1)[1]
 
 
 @pytest.mark.parametrize(
     "name, kind, image_of, config_of",
     [
-        ("istio-wasmplugin.yaml", "WasmPlugin",
-         lambda spec: (spec["url"], spec["sha256"]), lambda spec: spec["pluginConfig"]),
-        ("envoy-gateway.yaml", "EnvoyExtensionPolicy",
-         lambda spec: (spec["wasm"][0]["code"]["image"]["url"], spec["wasm"][0]["code"]["image"]["sha256"]),
-         lambda spec: spec["wasm"][0]["config"]),
+        (
+            "istio-wasmplugin.yaml",
+            "WasmPlugin",
+            lambda spec: (spec["url"], spec["sha256"]),
+            lambda spec: spec["pluginConfig"],
+        ),
+        (
+            "envoy-gateway.yaml",
+            "EnvoyExtensionPolicy",
+            lambda spec: (
+                spec["wasm"][0]["code"]["image"]["url"],
+                spec["wasm"][0]["code"]["image"]["sha256"],
+            ),
+            lambda spec: spec["wasm"][0]["config"],
+        ),
     ],
 )
 def test_kubernetes_manifest_names_the_release_image_and_a_config_the_filter_accepts(

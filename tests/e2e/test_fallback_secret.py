@@ -11,8 +11,11 @@ import secrets
 
 import pytest
 
-import stack
-from conftest import samples_for_spread
+from msrtest.env import free_ports
+from msrtest.envoy import Envoy
+from msrtest.matrix import FALLBACK_KEY
+from msrtest.procs import wait_until
+from msrtest.spread import samples_for_spread
 
 SECRET = secrets.token_hex(16)
 
@@ -20,7 +23,7 @@ SECRET = secrets.token_hex(16)
 @pytest.fixture(scope="module")
 def replicas(e2e_stack):
     """(a, b, solo): a and b share SECRET, solo has none; whoami is a port nobody listens on."""
-    (closed,) = stack.free_ports(1)
+    (closed,) = free_ports(1)
     fast = {"whoami_timeout_ms": 1000}
     shared = {**fast, "fallback_key_secret": SECRET}
     a = e2e_stack.add_envoy("replica-a", whoami_port=closed, plugin_overrides=shared)
@@ -29,13 +32,13 @@ def replicas(e2e_stack):
     return a, b, solo
 
 
-def _routed(envoy: stack.Envoy, token: str) -> tuple[str, str]:
+def _routed(envoy: Envoy, token: str) -> tuple[str, str]:
     """(fallback key, sync worker) of one sync with `token`."""
     r = envoy.sync(token)
     # The sync worker's own answer to a token it does not know.
     assert r.status == 401 and r.json()["errcode"] == "M_UNKNOWN_TOKEN", (r.status, r.body[:200])
     entry = envoy.log_entry(r.request_id)
-    assert stack.FALLBACK_KEY.match(entry["user"] or ""), entry
+    assert FALLBACK_KEY.match(entry["user"] or ""), entry
     assert entry["key_source"] == "fallback", entry
     return entry["user"], envoy.worker_of(r)
 
@@ -56,7 +59,7 @@ def test_replicas_sharing_the_secret_send_an_unresolved_token_to_one_worker(repl
     assert len(workers) >= 2, workers
     # whoami was down all along: callouts failed, none succeeded (counters flush each second).
     for envoy in (a, b):
-        stack.wait_until(
+        wait_until(
             lambda e=envoy: e.prometheus().get("matrix_sync_router_whoami_failed", 0) > 0,
             5,
             f"{envoy.name}: whoami failures counted",

@@ -1,6 +1,6 @@
 """whoami faults under load: real Envoy, real Synapse sync workers, a fault-injecting whoami.
 
-The Envoy here sends its whoami callouts to fault_whoami.FaultWhoami; the sync workers are the
+The Envoy here sends its whoami callouts to msrtest.faults.FaultWhoami; the sync workers are the
 real Synapse listeners, so every sync must come back 200 from Synapse whatever whoami does. For
 each fault, while load runs: users cached before the fault keep their worker, new tokens are
 routed with their fallback key, no request waits longer than the callout timeout plus a margin;
@@ -15,8 +15,14 @@ import time
 
 import pytest
 
-from fault_whoami import FaultWhoami
-from load import FALLBACK_KEY, SyncLoad, assert_answered_in_time, place_users, record_figures
+from msrtest.faults import FaultWhoami
+from msrtest.load import (
+    FALLBACK_KEY,
+    SyncLoad,
+    assert_answered_in_time,
+    place_users,
+    record_figures,
+)
 
 TIMEOUT_S = 1.0
 BACKOFF_S = 2

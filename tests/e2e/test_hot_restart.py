@@ -12,8 +12,14 @@ from __future__ import annotations
 import json
 import time
 
-import stack
-from load import SyncLoad, assert_answered_in_time, place_users, record_figures, worker_per_user
+from msrtest.envoy import HotRestartEnvoy, dicts_in
+from msrtest.load import (
+    SyncLoad,
+    assert_answered_in_time,
+    place_users,
+    record_figures,
+    worker_per_user,
+)
 
 LONG_POLL_MS = 500
 MARGIN_S = 2.5  # the new process resolves each token once more (its cache starts empty)
@@ -22,26 +28,27 @@ MARGIN_S = 2.5  # the new process resolves each token once more (its cache start
 def plugin_configurations(node) -> list[dict]:
     """Every filter plugin configuration (the JSON in `configuration.value` next to a
     `vm_config`) in an Envoy config or /config_dump."""
-    found = []
-    if isinstance(node, dict):
-        conf = node.get("configuration")
-        if isinstance(conf, dict) and "value" in conf and "vm_config" in node:
-            found.append(json.loads(conf["value"]))
-        for value in node.values():
-            found += plugin_configurations(value)
-    elif isinstance(node, list):
-        for value in node:
-            found += plugin_configurations(value)
-    return found
+    return [
+        json.loads(n["configuration"]["value"])
+        for n in dicts_in(node)
+        if isinstance(n.get("configuration"), dict)
+        and "value" in n["configuration"]
+        and "vm_config" in n
+    ]
 
 
 def test_hot_restart_with_new_filter_config_under_load(e2e_stack, make_user):
-    old = e2e_stack.prepare_envoy("hot", cls=stack.HotRestartEnvoy, plugin_overrides={"cache_ttl_s": 3600})
+    old = e2e_stack.prepare_envoy(
+        "hot", cls=HotRestartEnvoy, plugin_overrides={"cache_ttl_s": 3600}
+    )
     old.start()
     users = [make_user("hot") for _ in range(6)]
     worker_of_user = place_users(old, users)
     load = SyncLoad(
-        old.port, [d for u in users for d in u.devices], sync_timeout_ms=LONG_POLL_MS, client_timeout=30
+        old.port,
+        [d for u in users for d in u.devices],
+        sync_timeout_ms=LONG_POLL_MS,
+        client_timeout=30,
     )
     load.start(threads=8)
     time.sleep(2.0)
@@ -59,7 +66,9 @@ def test_hot_restart_with_new_filter_config_under_load(e2e_stack, make_user):
     new.process.check_alive()
     assert_answered_in_time(outcomes, LONG_POLL_MS / 1000 + MARGIN_S)
     assert all(o.routing_key == o.device.user_id for o in outcomes), "a user was not routed by user"
-    moved = {u: w for u, w in worker_per_user(outcomes, old.workers).items() if w != {worker_of_user[u]}}
+    moved = {
+        u: w for u, w in worker_per_user(outcomes, old.workers).items() if w != {worker_of_user[u]}
+    }
     assert not moved, f"users moved across the hot restart: {moved}"
     # Both processes served part of the load, and requests overlapped the hand-over.
     old_log = {e["user_agent"] for e in old.log_entries()}

@@ -20,8 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
-import proxyconf
-from conftest import WASM
+from msrtest import proxyconf
+from msrtest.env import WASM
 
 FILTER = "matrix_sync_router"
 ROUTE_FIELDS = {"paths", "hosts", "methods", "headers", "snis", "sources", "destinations"}
@@ -86,7 +86,9 @@ def services(kong_yml) -> dict[str, dict]:
 
 def the_filter(kong_yml) -> tuple[dict, dict]:
     """(filter chain, the matrix_sync_router filter entry in it)."""
-    (chain,) = [c for c in kong_yml["filter_chains"] if any(f["name"] == FILTER for f in c["filters"])]
+    (chain,) = [
+        c for c in kong_yml["filter_chains"] if any(f["name"] == FILTER for f in c["filters"])
+    ]
     (entry,) = [f for f in chain["filters"] if f["name"] == FILTER]
     return chain, entry
 
@@ -176,13 +178,19 @@ def test_the_filter_config_passes_the_schema_and_the_filter_parser(kong_yml, kon
     config = entry["config"]
     assert entry.get("enabled", True) is True
     assert proxyconf.schema_errors(config) == []
-    zones = [k.removeprefix("nginx_wasm_shm_kv_") for k in kong_conf if k.startswith("nginx_wasm_shm_kv_")]
+    zones = [
+        k.removeprefix("nginx_wasm_shm_kv_")
+        for k in kong_conf
+        if k.startswith("nginx_wasm_shm_kv_")
+    ]
     set_var = re.fullmatch(r"\$(\w+) ''", injected(kong_conf, "proxy", "set"))
     assert set_var, kong_conf["nginx_proxy_set"]
     checked = proxyconf.filter_configure(WASM, proxyconf.json.dumps(config), zones=zones)
     assert checked.accepted, checked.output
     # Without the zone kong.conf declares, the same config is refused (the check has teeth).
-    assert not proxyconf.filter_configure(WASM, proxyconf.json.dumps(config), zones=["other"]).accepted
+    assert not proxyconf.filter_configure(
+        WASM, proxyconf.json.dumps(config), zones=["other"]
+    ).accepted
 
 
 def test_the_two_hops_are_wired_to_each_other(kong_yml, kong_conf):
@@ -202,7 +210,9 @@ def test_the_two_hops_are_wired_to_each_other(kong_yml, kong_conf):
     # Only Kong's `location /` gets the injected proxy_set_header; unbuffered routes skip it.
     assert public.get("request_buffering", True) and public.get("response_buffering", True)
     # Checked first on every request, so a request on the internal port never runs the filter.
-    assert internal["priority"] > max(r.get("priority", 0) for n, r in rts.items() if n != "msr-sync-internal")
+    assert internal["priority"] > max(
+        r.get("priority", 0) for n, r in rts.items() if n != "msr-sync-internal"
+    )
     assert kong_conf["router_flavor"] == "expressions"
 
     # The filter runs on the public route only, writing the variable kong.conf sends upstream.

@@ -7,251 +7,27 @@ it one way (Ctrl-C once or many times, SIGTERM, SIGHUP, SIGKILL of the parent, a
 and then asserts that each of those processes is gone, each port is free and its folder under
 .e2e/ is removed. Two exceptions, by design: a demo whose start-up failed keeps its folder (with
 the logs that say why) and says so; a run killed with SIGKILL cannot remove its own folder, so the
-next run removes it (`stack.remove_stale_runs`), which is checked too.
+next run removes it (`remove_stale_runs`), which is checked too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import os
-import pty
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import termios
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-import stack
-from conftest import WASM
+from msrtest.env import WASM
+from msrtest.procs import just_executable, remove_stale_runs
+from msrtest.runs import Run, Snapshot
 
-E2E = Path(__file__).resolve().parent
-DEMO = E2E / "demo.py"
-BENCH = stack.REPO / "bench" / "run.py"
-UP_TIMEOUT = 120  # start-up of Synapse + Envoy on a loaded 2-core machine, with a wide margin
-GONE_TIMEOUT = 30  # the run stops everything within ~10 s (SIGTERM, then SIGKILL after 10 s)
+DEMO = [sys.executable, "-m", "msrtest.demo"]
+BENCH = [sys.executable, "-m", "msrbench.run"]
 DEMO_READY = "demo running — press Ctrl-C to stop"
-
-
-# --------------------------------------------------------------------------------------------
-# what a run left behind, read from /proc
-
-
-@dataclasses.dataclass(frozen=True)
-class Proc:
-    pid: int
-    start: str  # kernel start time: a reused PID is not mistaken for the same process
-    cmdline: str
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # [0] state, [1] ppid, ..., [19] start time
-
-
-def descendants(root: int) -> list[Proc]:
-    """Every living process below `root` (not root itself)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))):
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        stat = _stat(pid)
-        if stat is None or stat[0] == "Z":
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        found.append(Proc(pid, stat[19], cmdline.strip()))
-        todo += children.get(pid, [])
-    return found
-
-
-def alive(p: Proc) -> bool:
-    stat = _stat(p.pid)
-    return stat is not None and stat[0] != "Z" and stat[19] == p.start
-
-
-def listening_ports(procs: list[Proc]) -> set[int]:
-    """TCP ports in LISTEN state whose socket is open in one of `procs`."""
-    inodes = set()
-    for p in procs:
-        try:
-            for fd in Path(f"/proc/{p.pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((stack.HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclasses.dataclass
-class Snapshot:
-    procs: list[Proc]
-    ports: set[int]
-
-    @classmethod
-    def of(cls, root: int, expect: list[str]) -> "Snapshot":
-        """The processes below `root` once every name in `expect` is among their command lines
-        (so the check afterwards cannot pass vacuously), and their listening ports."""
-
-        def complete():
-            procs = descendants(root)
-            return procs if all(any(e in p.cmdline for p in procs) for e in expect) else None
-
-        procs = stack.wait_until(complete, UP_TIMEOUT, f"processes {expect} below {root}")
-        return cls(procs, listening_ports(procs))
-
-    def assert_all_gone(self) -> None:
-        def gone():
-            return not [p for p in self.procs if alive(p)] and all(map(port_free, self.ports))
-
-        try:
-            stack.wait_until(gone, GONE_TIMEOUT, "every process gone and every port free", 0.2)
-        except stack.StackError:
-            left = [p.cmdline for p in self.procs if alive(p)]
-            busy = [port for port in self.ports if not port_free(port)]
-            for p in self.procs:  # do not leak them into the rest of the session
-                if alive(p):
-                    os.kill(p.pid, signal.SIGKILL)
-            pytest.fail(f"left behind: processes {left}, ports {busy}")
-
-
-# --------------------------------------------------------------------------------------------
-# a run and its output
-
-
-class Run:
-    """A child whose output (stdout and stderr merged, or a terminal) is collected by a thread."""
-
-    def __init__(self, argv: list[str], *, terminal: bool = False, cwd: Path = stack.REPO,
-                 env: dict | None = None):
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        env = {**os.environ, **(env or {})}
-        if terminal:
-            # A new session whose controlling terminal is a pty: Ctrl-C is written to it as a
-            # user types it, and the terminal driver signals the foreground process group.
-            try:
-                self.master, slave = pty.openpty()
-            except OSError as exc:
-                pytest.skip(f"no pseudo-terminal to run it at: {exc}")
-            self.proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
-                start_new_session=True,
-                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-            )
-            os.close(slave)
-            reader = self._read_pty
-        else:
-            self.master = None
-            self.proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            reader = self._read_pipe
-        threading.Thread(target=reader, daemon=True).start()
-
-    def _add(self, data: bytes) -> None:
-        with self._cond:
-            self.lines += data.decode(errors="replace").replace("\r", "").splitlines()
-            self._cond.notify_all()
-
-    def _read_pipe(self) -> None:
-        for line in self.proc.stdout:
-            self._add(line)
-
-    def _read_pty(self) -> None:
-        partial = b""
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:  # EIO: every process holding the terminal has exited
-                break
-            if not data:
-                break
-            *done, partial = (partial + data).split(b"\n")
-            for line in done:
-                self._add(line)
-        if partial:
-            self._add(partial)
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_for_line(self, pattern: str, timeout: float = UP_TIMEOUT) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if m := re.search(pattern, line):
-                        return m
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self._cond.release()
-                    try:
-                        self.kill()
-                        pytest.fail(f"no line matching {pattern!r}; output:\n{self.output[-4000:]}")
-                    finally:
-                        self._cond.acquire()
-                self._cond.wait(0.2)
-
-    def ctrl_c(self, times: int = 1, interval: float = 0.0) -> None:
-        """Types Ctrl-C at the terminal `times` times."""
-        for i in range(times):
-            os.write(self.master, b"\x03")
-            if i + 1 < times:
-                time.sleep(interval)
-
-    def signal(self, sig: int, times: int = 1, interval: float = 0.0) -> None:
-        for i in range(times):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-            if i + 1 < times:
-                time.sleep(interval)
-
-    def wait(self, timeout: float = GONE_TIMEOUT + 30) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"still running after {timeout} s; output:\n{self.output[-4000:]}")
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +39,7 @@ def _demo_folder(run: Run) -> Path:
 
 
 def start_demo(*extra: str, terminal: bool = False, just: str | None = None) -> tuple[Run, Path]:
-    argv = [just, "demo"] if just else [sys.executable, str(DEMO), "--wasm", str(WASM)]
+    argv = [just, "demo"] if just else [*DEMO, "--wasm", str(WASM)]
     run = Run([*argv, *extra], terminal=terminal)
     return run, _demo_folder(run)
 
@@ -278,7 +54,7 @@ def assert_demo_stopped_cleanly(run: Run, code: int, snap: Snapshot, folder: Pat
 
 @pytest.fixture
 def just_bin() -> str:
-    found = stack.just_executable()
+    found = just_executable()
     if not found:
         pytest.skip("`just` not found: run through `just e2e`, or put just on PATH")
     return found
@@ -300,7 +76,9 @@ def test_just_demo_at_a_terminal_stops_on_ctrl_c(just_bin, presses):
     if presses > 1 and code == 130:
         # A press typed after the demo had exited (and handed the terminal back) reaches just,
         # which then says so; the demo itself must have finished first.
-        assert re.search(r"stopped; demo-\S+ removed\n(\^C)*\S*error\S*: \S*interrupted", after), after
+        assert re.search(r"stopped; demo-\S+ removed\n(\^C)*\S*error\S*: \S*interrupted", after), (
+            after
+        )
         code = 0
     else:
         assert "error" not in after.lower(), run.output[-3000:]
@@ -337,7 +115,7 @@ def test_demo_killed_takes_its_children_along():
     run.wait()
     snap.assert_all_gone()
     assert (folder / "owner").is_file()
-    assert folder in stack.remove_stale_runs()
+    assert folder in remove_stale_runs()
     assert not folder.exists()
 
 
@@ -346,7 +124,7 @@ def test_demo_failing_start_stops_synapse_and_keeps_the_logs(tmp_path):
     stopped, exit status 1, the folder kept with the logs and named in the output."""
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"not a wasm module")
-    run = Run([sys.executable, str(DEMO), "--wasm", str(bad)])
+    run = Run([*DEMO, "--wasm", str(bad)])
     folder = _demo_folder(run)
     snap = Snapshot.of(run.proc.pid, ["synapse.app.homeserver"])
     code = run.wait()
@@ -362,7 +140,7 @@ def test_demo_failing_start_stops_synapse_and_keeps_the_logs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the e2e stack, as pytest runs it (the session fixtures of conftest.py)
+# the e2e stack, as pytest runs it (the session fixtures of msrtest.fixtures)
 
 HOLD_TEST = """
 import time
@@ -376,10 +154,20 @@ def test_hold(envoy, e2e_stack):
 def start_pytest_stack(tmp_path) -> tuple[Run, Path, Snapshot]:
     (tmp_path / "test_hold.py").write_text(HOLD_TEST)
     run = Run(
-        [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "conftest",
-         str(tmp_path / "test_hold.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-s",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "msrtest.fixtures",
+            str(tmp_path / "test_hold.py"),
+        ],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(E2E), "MSR_WASM": str(WASM.resolve())},
+        env={"MSR_WASM": str(WASM.resolve())},
     )
     folder = Path(run.wait_for_line(r"STACK UP (\S+)")[1])
     snap = Snapshot.of(run.proc.pid, ["synapse.app.homeserver", "envoy"])
@@ -387,7 +175,8 @@ def start_pytest_stack(tmp_path) -> tuple[Run, Path, Snapshot]:
 
 
 @pytest.mark.parametrize(
-    "sig,times", [(signal.SIGINT, 1), (signal.SIGINT, 4), (signal.SIGTERM, 1)],
+    "sig,times",
+    [(signal.SIGINT, 1), (signal.SIGINT, 4), (signal.SIGTERM, 1)],
     ids=["sigint", "sigint-4-times", "sigterm"],
 )
 def test_e2e_stack_stops_when_pytest_is_interrupted(tmp_path, sig, times):
@@ -403,7 +192,7 @@ def test_e2e_stack_dies_with_a_killed_pytest(tmp_path):
     run.signal(signal.SIGKILL)
     run.wait()
     snap.assert_all_gone()
-    assert folder in stack.remove_stale_runs()
+    assert folder in remove_stale_runs()
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,10 +205,27 @@ def test_bench_interrupted_leaves_nothing(tmp_path):
             pytest.skip(f"{tool} not installed (`just bench` installs it)")
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("the bench needs two cores")
-    run = Run([
-        sys.executable, str(BENCH), "--wasm", str(WASM), "--rounds", "1", "--duration", "1",
-        "--warmup", "30", "--phases", "cost", "--nice", "0", "--out", "-", "--plot", "-",
-    ])
+    run = Run(
+        [
+            *BENCH,
+            "--wasm",
+            str(WASM),
+            "--rounds",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "30",
+            "--phases",
+            "cost",
+            "--nice",
+            "0",
+            "--out",
+            "-",
+            "--plot",
+            "-",
+        ]
+    )
     run.wait_for_line(r"variants x 1 rounds")
     snap = Snapshot.of(run.proc.pid, ["envoy", "wrk"])  # during the warm-up
     folders = {m for p in snap.procs for m in re.findall(r"/tmp/msr-bench-[^/ ]+", p.cmdline)}

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-import stack
+from msrtest.matrix import SERVER_NAME
 
 WHOAMI_CALLS = "cluster.synapse_whoami.upstream_rq_total"
 FALLBACK_KEY = re.compile(r"^~[0-9a-f]{16}$")
@@ -19,7 +19,7 @@ def local_envoy(e2e_stack):
     envoy = e2e_stack.add_envoy(
         "local",
         plugin_overrides={
-            "native_token_server_name": stack.SERVER_NAME,
+            "native_token_server_name": SERVER_NAME,
             "refuse_bad_mas_tokens": True,
         },
     )

@@ -10,7 +10,7 @@ addresses and ports, the whoami upstream, the .wasm path and the log/pid paths s
 where a test says so, plugin fields or the debug headers uncommented), so the file an operator
 starts from is what is tested. Which worker served a request, and the routing key nginx hashed
 on, come from the shipped JSON access log (correlated by the X-Request-Id nginx echoes); the
-headers each worker actually received are recorded by a HeaderTap (tests/e2e/tap.py) between
+headers each worker actually received are recorded by a HeaderTap (msrtest.tap) between
 nginx and each Synapse worker listener. The initial-sync pool and the room workers are the sync
 workers' taps, or (in the tests that tell pools apart) taps of their own at other addresses.
 """
@@ -18,7 +18,6 @@ workers' taps, or (in the tests that tell pools apart) taps of their own at othe
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import re
@@ -26,7 +25,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -34,22 +32,32 @@ from pathlib import Path
 
 import pytest
 
-import proxyconf
-import stack
-from conftest import DEVICES_PER_USER, WASM, samples_for_spread
-from tap import HeaderTap, RequestHead
+from msrbench.noop_wasm import exported_functions
+from msrtest import proxyconf
+from msrtest.env import E2E_DIR, HOST, WASM, free_ports
+from msrtest.httpclient import Response, bearer
+from msrtest.matrix import SERVER_NAME, SYNC_PATH, WHOAMI_PATH, Device
+from msrtest.nginx import (
+    FILTER,
+    READY_PATH,
+    USER_AGENT,
+    Nginx,
+    debug_header_lines,
+    render_nginx_config,
+    sub_one,
+    uncomment_debug_headers,
+)
+from msrtest.procs import Process, running, wait_until
+from msrtest.spread import DEVICES_PER_USER, samples_for_spread
+from msrtest.synapse import Synapse
 
 NGINX_BIN = os.environ.get("NGINX_WASM_BIN", "")
-NGINX_CONF = proxyconf.NGINX_CONF
-FILTER = "matrix_sync_router"
 HEADER = "X-User-Identifier"
 ROOM_HEADER = "X-Room-Identifier"
 SKIP_REASON = (
     "NGINX_WASM_BIN not set: needs an nginx built with ngx_wasm_module, which is in no package "
     "registry"
 )
-USER_AGENT = "msr-nginx-wasm-e2e"
-READY_PATH = "/_matrix/client/versions"
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +96,10 @@ def test_the_routing_key_is_one_nginx_variable_end_to_end(shipped):
     conf = json.loads(shipped.plugin_config())
     variable, room = conf["nginx_variable"], conf["nginx_room_variable"]
     assert variable and room and conf["nginx_sync_kind_variable"]
-    hashed = {name: re.findall(r"^\s*hash \$(\w+) consistent;", body, re.MULTILINE)
-              for name, body in shipped.blocks("upstream")}
+    hashed = {
+        name: re.findall(r"^\s*hash \$(\w+) consistent;", body, re.MULTILINE)
+        for name, body in shipped.blocks("upstream")
+    }
     assert hashed == {
         "synapse_sync_workers": [variable],
         "synapse_initial_sync_workers": [variable],
@@ -103,8 +113,12 @@ def test_the_routing_key_is_one_nginx_variable_end_to_end(shipped):
     outside_locations = server_level(shipped)
     for name in (variable, room, conf["nginx_sync_kind_variable"]):
         assert re.search(rf'^\s*set \${name} "";', outside_locations, re.MULTILINE), name
-    assert re.search(rf"^\s*proxy_set_header {HEADER} \${variable};", outside_locations, re.MULTILINE)
-    assert re.search(rf"^\s*proxy_set_header {ROOM_HEADER} \${room};", outside_locations, re.MULTILINE)
+    assert re.search(
+        rf"^\s*proxy_set_header {HEADER} \${variable};", outside_locations, re.MULTILINE
+    )
+    assert re.search(
+        rf"^\s*proxy_set_header {ROOM_HEADER} \${room};", outside_locations, re.MULTILINE
+    )
 
 
 def test_the_sync_location_is_the_filters_path_family(shipped):
@@ -166,10 +180,24 @@ def test_debug_headers_are_off_and_carry_no_key(shipped):
 
 def test_the_access_log_shows_worker_and_key_but_no_token(shipped):
     (fmt,) = re.findall(r"log_format matrix escape=json((?:\s*'[^']*')+);", shipped.code)
-    for variable in ("$upstream_addr", "$msr_routing_key", "$msr_sync_kind", "$msr_room", "$request_id"):
+    for variable in (
+        "$upstream_addr",
+        "$msr_routing_key",
+        "$msr_sync_kind",
+        "$msr_room",
+        "$request_id",
+    ):
         assert variable in fmt
     # The query string may carry access_token; Authorization carries the token.
-    for forbidden in ("$request ", "$request\"", "$request_uri", "$args", "$query_string", "$arg_", "$http_authorization"):
+    for forbidden in (
+        "$request ",
+        '$request"',
+        "$request_uri",
+        "$args",
+        "$query_string",
+        "$arg_",
+        "$http_authorization",
+    ):
         assert forbidden not in fmt, forbidden
     assert re.search(r"^\s*access_log \S+ matrix;", shipped.code, re.MULTILINE)
 
@@ -181,7 +209,10 @@ def test_upstreams_are_production_shaped(shipped):
     assert re.search(r"^\s*resolver \S+", code, re.MULTILINE)
     upstreams = shipped.blocks("upstream")
     assert {name for name, _ in upstreams} == {
-        "synapse_sync_workers", "synapse_initial_sync_workers", "synapse_room_workers", "synapse_main"
+        "synapse_sync_workers",
+        "synapse_initial_sync_workers",
+        "synapse_room_workers",
+        "synapse_main",
     }
     for name, body in upstreams:
         assert re.search(r"^\s*zone \S+ \S+;", body, re.MULTILINE), name
@@ -215,12 +246,7 @@ NGX_UNCHECKED_CALLBACKS = [
 
 
 def wasm_exports(path: Path) -> list[str]:
-    """Exported function names of a .wasm module (bench/noop_wasm.py reads the sections)."""
-    sys.path.insert(0, str(stack.REPO / "bench"))
-    try:
-        from noop_wasm import exported_functions
-    finally:
-        sys.path.pop(0)
+    """Exported function names of a .wasm module (msrbench.noop_wasm reads the sections)."""
     return list(exported_functions(path.read_bytes()))
 
 
@@ -261,251 +287,14 @@ def nginx_bin() -> str:
     return NGINX_BIN
 
 
-def _sub_one(pattern: str, repl, text: str, what: str, count: int = 1) -> str:
-    new, n = re.subn(pattern, repl, text, flags=re.MULTILINE)
-    if n != count:
-        raise stack.StackError(f"nginx-wasm/nginx.conf: expected {count} {what}, found {n}")
-    return new
-
-
-_DEBUG_HEADER = r"^(\s*)# (add_header (X-MSR-[\w-]+) (\S+) always;)$"
-
-
-def debug_header_lines(text: str) -> list[tuple[str, str]]:
-    """(name, value) of the commented-out debug add_header lines of nginx.conf."""
-    return [(m[3], m[4]) for m in re.finditer(_DEBUG_HEADER, text, re.MULTILINE)]
-
-
-def uncomment_debug_headers(text: str) -> str:
-    """nginx.conf with its debug response headers switched on, as an operator would."""
-    return _sub_one(_DEBUG_HEADER, r"\1\2", text, "debug add_header lines", count=2)
-
-
-def _upstream(text: str, name: str, ports: list[int]) -> str:
-    """Point `upstream name { ... }` at 127.0.0.1:<port> servers, keeping the shipped server
-    parameters (`resolve`, max_fails, ...) of its first server line."""
-
-    def repl(m: re.Match) -> str:
-        params = re.search(r"^\s*server \S+(.*);", m["body"], re.MULTILINE)[1]
-        body = re.sub(r"^\s*server\s.*\n", "", m["body"], flags=re.MULTILINE)
-        servers = "".join(f"        server {stack.HOST}:{p}{params};\n" for p in ports)
-        return f"{m['head']}{body}{servers}{m['tail']}"
-
-    return _sub_one(
-        rf"(?P<head>upstream {name} \{{\n)(?P<body>(?:(?!\n    \}}).*\n)*?)(?P<tail>    \}})",
-        repl,
-        text,
-        f"upstream {name}",
-    )
-
-
-def render_nginx_config(
-    *,
-    workdir: Path,
-    wasm: Path,
-    listen_port: int | None = None,
-    main_port: int | None = None,
-    worker_ports: list[int] | None = None,
-    initial_sync_ports: list[int] | None = None,
-    room_ports: list[int] | None = None,
-    plugin_overrides: dict | None = None,
-    drop_lines: tuple[str, ...] = (),
-    debug_headers: bool = False,
-    source: Path = NGINX_CONF,
-) -> str:
-    """The shipped nginx.conf with its paths substituted and, when given, its listen port, its
-    upstream servers (as 127.0.0.1:<port>), the whoami upstream and plugin fields (in every
-    proxy_wasm line). The initial-sync pool and the room workers get the sync workers' servers
-    unless their own are given: with the same servers, `hash ... consistent` picks the same one
-    for a key, so initial syncs then land where a deployment without that pool sends them.
-    `drop_lines` removes lines (only for tests that show why a line is there); `debug_headers`
-    uncomments the debug response headers."""
-    text = source.read_text()
-    for line in drop_lines:
-        text = _sub_one(rf"^\s*{re.escape(line)}\n", "", text, f"line {line!r}")
-    if debug_headers:
-        text = uncomment_debug_headers(text)
-    preamble = [
-        "daemon off;",
-        f"pid {workdir / 'nginx.pid'};",
-        f"error_log {workdir / 'error.log'} info;",
-    ]
-    if os.geteuid() == 0:
-        preamble.append("user root;")  # workers must read the .e2e work directory
-    text = "\n".join(preamble) + "\n" + text
-    text = _sub_one(
-        rf"^(\s*module {FILTER} )\S+;", lambda m: f"{m[1]}{wasm};", text, "wasm module line"
-    )
-    text = _sub_one(
-        r"^(\s*access_log )\S+( matrix;)",
-        lambda m: f"{m[1]}{workdir / 'access.log'}{m[2]}",
-        text,
-        "access_log line",
-    )
-    if worker_ports is not None:
-        text = _upstream(text, "synapse_sync_workers", worker_ports)
-        text = _upstream(text, "synapse_initial_sync_workers", initial_sync_ports or worker_ports)
-        text = _upstream(text, "synapse_room_workers", room_ports or worker_ports)
-    if main_port is not None:
-        text = _upstream(text, "synapse_main", [main_port])
-    if listen_port is not None:
-        text = _sub_one(
-            r"^(\s*)listen \S+;",
-            lambda m: f"{m[1]}listen {stack.HOST}:{listen_port};",
-            text,
-            "listen",
-        )
-
-    def plugin(m: re.Match) -> str:
-        conf = json.loads(m[2])
-        if main_port is not None:
-            conf["whoami_upstream"] = f"{stack.HOST}:{main_port}"
-        conf.update(plugin_overrides or {})
-        return f"{m[1]}'{json.dumps(conf)}';"
-
-    return _sub_one(rf"^(\s*proxy_wasm {FILTER} )'(.*)';", plugin, text, "proxy_wasm lines", 2)
-
-
-class Nginx(stack.Service):
-    """nginx running the substituted nginx.conf; each worker behind a HeaderTap.
-
-    The sync workers are taps in front of Synapse's worker listeners. By default the initial-sync
-    pool and the room workers are those same taps; `initial_sync_pool` / `room_pool` taps (in
-    front of the same listeners, but at their own addresses) give them upstreams of their own,
-    and `initial_sync_ports` / `sync_ports` point the initial-sync pool / the sync workers at
-    exactly these ports, untapped (e.g. ports nothing listens on)."""
-
-    def __init__(
-        self,
-        binary: str,
-        workdir: Path,
-        synapse: stack.Synapse,
-        wasm: Path,
-        drop_lines: tuple[str, ...] = (),
-        *,
-        initial_sync_pool: int = 0,
-        initial_sync_ports: list[int] | None = None,
-        sync_ports: list[int] | None = None,
-        room_pool: int = 0,
-        debug_headers: bool = False,
-        **overrides,
-    ):
-        self.binary = binary
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.synapse = synapse
-        (self.port,) = stack.free_ports(1)
-        listeners = synapse.worker_ports
-        self.taps = [HeaderTap(p) for p in listeners] if sync_ports is None else []
-        self.initial_taps = [HeaderTap(listeners[i % len(listeners)]) for i in range(initial_sync_pool)]
-        self.room_taps = [HeaderTap(listeners[i % len(listeners)]) for i in range(room_pool)]
-        if initial_sync_ports is None and self.initial_taps:
-            initial_sync_ports = [t.port for t in self.initial_taps]
-        self.conf = self.dir / "nginx.conf"
-        self.conf.write_text(
-            render_nginx_config(
-                workdir=self.dir,
-                listen_port=self.port,
-                main_port=synapse.main_port,
-                worker_ports=[t.port for t in self.taps] if sync_ports is None else sync_ports,
-                initial_sync_ports=initial_sync_ports,
-                room_ports=[t.port for t in self.room_taps] or None,
-                wasm=Path(wasm).resolve(),
-                plugin_overrides=overrides or None,
-                drop_lines=drop_lines,
-                debug_headers=debug_headers,
-            )
-        )
-        self.access_log = self.dir / "access.log"
-        self.error_log = self.dir / "error.log"
-        self.workers = {
-            f"{stack.HOST}:{t.port}": f"{pool}-{i + 1}"
-            for pool, taps in (("sync", self.taps), ("initial", self.initial_taps), ("room", self.room_taps))
-            for i, t in enumerate(taps)
-        }
-        self._log_offset = 0
-        self._log_partial = b""
-        self._entries: dict[str, dict] = {}
-
-    def argv(self) -> list[str]:
-        return [self.binary, "-p", str(self.dir), "-e", str(self.error_log), "-c", str(self.conf)]
-
-    def start(self, timeout: float = 60.0) -> "Nginx":
-        self.access_log.touch()
-        self.process = stack.Process("nginx", self.argv(), self.dir / "nginx.out", self.dir)
-        self.wait_for(
-            lambda: self.request("GET", READY_PATH, timeout=2).status == 200,
-            timeout,
-            f"nginx proxying {READY_PATH} to Synapse",
-            interval=0.2,
-        )
-        return self
-
-    @property
-    def all_taps(self) -> list[HeaderTap]:
-        return self.taps + self.initial_taps + self.room_taps
-
-    def stop(self) -> None:
-        super().stop()
-        for t in self.all_taps:
-            t.close()
-
-    def request(self, method: str, path: str, headers=(), body=None, timeout: float = 60.0):
-        return stack.http_request(self.port, method, path, headers, body, timeout)
-
-    def sync(self, headers=(), query: str = "") -> tuple[stack.Response, str]:
-        """GET /sync?timeout=0 (an initial sync; `query` adds parameters) through nginx with
-        exactly `headers` (plus the test's own X-Test-Id and User-Agent first); returns
-        (response, test id)."""
-        return self.traced("GET", f"{stack.SYNC_PATH}?timeout=0{query}", headers)
-
-    def traced(self, method: str, path: str, headers=(), body=None) -> tuple[stack.Response, str]:
-        """A request with the test's X-Test-Id and User-Agent first; returns (response, test id)."""
-        test_id = secrets.token_hex(8)
-        sent = [("X-Test-Id", test_id), ("User-Agent", USER_AGENT), *headers]
-        return self.request(method, path, sent, body), test_id
-
-    # The shipped access log is JSON lines with a request_id, like Envoy's: same reader.
-    _read_access_log = stack.Envoy._read_access_log
-    log_entry = stack.Envoy.log_entry
-    log_entries = stack.Envoy.log_entries
-    login = stack.Envoy.login  # password login through nginx's /_matrix/ location
-
-    def served(self, response: stack.Response) -> tuple[str, str]:
-        """(worker name, routing key nginx hashed on) of one request, from the access log. The
-        worker is the last upstream tried (`a, b : c` after retries and an error_page)."""
-        entry = self.log_entry(response.request_id)
-        last = re.split(r", | : ", entry["upstream"])[-1]
-        return self.workers.get(last, last), entry["user"]
-
-    def upstream_head(self, test_id: str, timeout: float = 10.0) -> RequestHead:
-        """The request as the worker received it (exactly one must have arrived)."""
-
-        def find():
-            heads = [h for t in self.all_taps for h in t.find("X-Test-Id", test_id)]
-            return heads or None
-
-        heads = stack.wait_until(find, timeout, f"request {test_id} at a worker", interval=0.02)
-        assert len(heads) == 1, f"{test_id} reached the workers {len(heads)} times"
-        return heads[0]
-
-    def nginx_workers(self, responses) -> set[str]:
-        """The nginx worker processes (pids) that served these responses."""
-        return {self.log_entry(r.request_id)["pid"] for r in responses}
-
-
-def bearer(token: str) -> tuple[str, str]:
-    return ("Authorization", f"Bearer {token}")
-
-
 # --------------------------------------------------------------------------------------------
 # fixtures
 
 
 @pytest.fixture(scope="module")
 def workdir(nginx_bin, request):
-    stack.E2E_DIR.mkdir(exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="nginx-wasm-", dir=stack.E2E_DIR))
+    E2E_DIR.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="nginx-wasm-", dir=E2E_DIR))
     yield d
     if request.session.testsfailed == 0 and not os.environ.get("MSR_E2E_KEEP"):
         shutil.rmtree(d, ignore_errors=True)
@@ -513,17 +302,9 @@ def workdir(nginx_bin, request):
         print(f"\nnginx-wasm e2e logs kept in {d}")
 
 
-@contextlib.contextmanager
-def running(service):
-    try:
-        yield service.start()
-    finally:
-        service.stop()
-
-
 @pytest.fixture(scope="module")
 def synapse(workdir):
-    with running(stack.Synapse(workdir / "synapse", n_workers=3)) as s:
+    with running(Synapse(workdir / "synapse", n_workers=3)) as s:
         yield s
 
 
@@ -588,7 +369,7 @@ def test_each_user_lands_on_one_worker_and_users_spread(placed, synapse):
     assert len(used) >= 2, f"every user on one worker: {used}"
     # Synapse itself saw the right requester on the worker port for the syncs.
     seen = synapse.processed_requests(USER_AGENT)
-    syncs = [p for p in seen if p.path == stack.SYNC_PATH and p.port in synapse.worker_ports]
+    syncs = [p for p in seen if p.path == SYNC_PATH and p.port in synapse.worker_ports]
     assert {p.requester for p in syncs} >= {u for u, _, _ in placed}
 
 
@@ -682,9 +463,9 @@ def test_an_unreachable_whoami_fails_open_with_the_fallback_key(nginx_bin, workd
     """A refused callout connection reaches the filter as a failed call: the request is served
     (the worker checks the token itself), routed by the token's fallback key, always the same,
     and that key is the one header the worker receives."""
-    (closed,) = stack.free_ports(1)
+    (closed,) = free_ports(1)
     n = Nginx(
-        nginx_bin, workdir / "whoami-closed", synapse, WASM, whoami_upstream=f"{stack.HOST}:{closed}"
+        nginx_bin, workdir / "whoami-closed", synapse, WASM, whoami_upstream=f"{HOST}:{closed}"
     )
     with running(n):
         device = synapse.register("ngxclosed")
@@ -738,7 +519,7 @@ def test_one_whoami_per_token_across_nginx_workers(nginx, synapse):
     whoami = collections.Counter(
         p.requester
         for p in synapse.processed_requests(USER_AGENT)
-        if p.path == stack.WHOAMI_PATH and p.requester.startswith("@ngxshared")
+        if p.path == WHOAMI_PATH and p.requester.startswith("@ngxshared")
     )
     assert whoami == {d.user_id: 1 for d in devices}, whoami
     served_by = nginx.nginx_workers(responses)
@@ -768,7 +549,7 @@ def test_a_token_in_its_refresh_window_is_refreshed_without_stalling(nginx_bin, 
         whoami = [
             p
             for p in synapse.processed_requests(USER_AGENT)
-            if p.path == stack.WHOAMI_PATH and p.requester == device.user_id
+            if p.path == WHOAMI_PATH and p.requester == device.user_id
         ]
         assert len(whoami) == 2, f"expected the first call and one refresh, got {len(whoami)}"
 
@@ -777,7 +558,7 @@ def test_a_whoami_timeout_fails_open(nginx_bin, workdir, synapse):
     """A whoami upstream that accepts and never answers: the call times out after
     whoami_timeout_ms and the request is routed with the fallback key."""
     blackhole = socket.socket()
-    blackhole.bind((stack.HOST, 0))
+    blackhole.bind((HOST, 0))
     blackhole.listen(16)
     port = blackhole.getsockname()[1]
     n = Nginx(
@@ -785,7 +566,7 @@ def test_a_whoami_timeout_fails_open(nginx_bin, workdir, synapse):
         workdir / "whoami-timeout",
         synapse,
         WASM,
-        whoami_upstream=f"{stack.HOST}:{port}",
+        whoami_upstream=f"{HOST}:{port}",
         whoami_timeout_ms=500,
     )
     try:
@@ -802,13 +583,6 @@ def test_a_whoami_timeout_fails_open(nginx_bin, workdir, synapse):
             assert "whoami failed with no response" in log, log[-3000:]
     finally:
         blackhole.close()
-
-
-def test_counters_are_visible(nginx):
-    pytest.skip(
-        "ngx_wasm_module keeps proxy-wasm metrics (pw:matrix_sync_router:*) in shared memory and "
-        "exposes them only through its OpenResty Lua FFI; a plain nginx has no endpoint to read them"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,7 +608,7 @@ def only(items: set[str], what: str) -> str:
     return next(iter(items))
 
 
-def since_of(response: stack.Response) -> str:
+def since_of(response: Response) -> str:
     return "&since=" + urllib.parse.quote(response.json()["next_batch"], safe="")
 
 
@@ -895,7 +669,7 @@ def test_with_every_initial_sync_worker_down_the_sync_workers_answer(nginx_bin, 
     refused, then "no live upstreams" while the servers are marked failed), and the error_page
     sends the initial sync on to the sync workers, still hashed by user: to the worker that serves
     the user's incremental syncs."""
-    dead = stack.free_ports(2)
+    dead = free_ports(2)
     n = Nginx(nginx_bin, workdir / "initial-down", synapse, WASM, initial_sync_ports=dead)
     with running(n):
         for i in range(4):
@@ -909,7 +683,7 @@ def test_with_every_initial_sync_worker_down_the_sync_workers_answer(nginx_bin, 
             assert entry["sync_kind"] == "initial"
             tried, _, final = entry["upstream"].rpartition(" : ")
             assert tried and final in n.workers, entry["upstream"]
-            assert set(re.split(r", ", tried)) <= {f"{stack.HOST}:{p}" for p in dead} | {
+            assert set(re.split(r", ", tried)) <= {f"{HOST}:{p}" for p in dead} | {
                 "synapse_initial_sync_workers"
             }, entry["upstream"]
             assert n.upstream_head(tid).values(HEADER) == [device.user_id]
@@ -924,7 +698,7 @@ def test_only_initial_syncs_fall_back(nginx_bin, workdir, synapse):
     """With the sync workers down, an incremental sync gets nginx's 502 and is not proxied a
     second time by the fallback location (no second upstream group in $upstream_addr), while
     initial syncs are still served by their own pool."""
-    dead = stack.free_ports(2)
+    dead = free_ports(2)
     n = Nginx(nginx_bin, workdir / "sync-down", synapse, WASM, sync_ports=dead, initial_sync_pool=1)
     with running(n):
         device = synapse.register("ngxsyncdown")
@@ -938,7 +712,9 @@ def test_only_initial_syncs_fall_back(nginx_bin, workdir, synapse):
 
 
 @pytest.mark.parametrize(
-    "servers,expected", [(2, [504, 504, 200, 200]), (1, [504, 504])], ids=["two servers", "one server"]
+    "servers,expected",
+    [(2, [504, 504, 200, 200]), (1, [504, 504])],
+    ids=["two servers", "one server"],
 )
 def test_servers_that_drop_connections_cost_a_504_before_the_fallback(
     nginx_bin, workdir, synapse, servers, expected
@@ -951,7 +727,7 @@ def test_servers_that_drop_connections_cost_a_504_before_the_fallback(
     silent, held = [], []
     for _ in range(servers):
         listener = socket.socket()
-        listener.bind((stack.HOST, 0))
+        listener.bind((HOST, 0))
         listener.listen(0)
         for _ in range(3):  # one fills the accept queue, the rest hang: so would nginx
             s = socket.socket()
@@ -961,7 +737,9 @@ def test_servers_that_drop_connections_cost_a_504_before_the_fallback(
         silent.append(listener.getsockname()[1])
         held.append(listener)
     try:
-        n = Nginx(nginx_bin, workdir / f"silent-{servers}", synapse, WASM, initial_sync_ports=silent)
+        n = Nginx(
+            nginx_bin, workdir / f"silent-{servers}", synapse, WASM, initial_sync_ports=silent
+        )
         with running(n):
             outcomes = []
             for i in range(len(expected)):
@@ -985,7 +763,7 @@ def test_nginx_refuses_backup_servers_with_hash(nginx_bin, workdir):
     d = workdir / "backup"
     d.mkdir()
     text = render_nginx_config(workdir=d, wasm=WASM.resolve())
-    text = _sub_one(
+    text = sub_one(
         r"^(\s*server synapse-initial-sync-1:8083 )",
         r"        server synapse-sync-1:8083 resolve backup;\n\1",
         text,
@@ -1022,7 +800,7 @@ def rooms(split, synapse):
     return owner, reader, [create_room(split, owner.token) for _ in range(samples_for_spread())]
 
 
-def room_requests(room: str, owner: stack.Device, reader: stack.Device):
+def room_requests(room: str, owner: Device, reader: Device):
     """(method, path, headers, body) of room-endpoint requests about `room`: several endpoints,
     askers (the owner, a non-member, no token) and spellings of the room ID."""
     quoted = urllib.parse.quote(room, safe="")
@@ -1034,8 +812,12 @@ def room_requests(room: str, owner: stack.Device, reader: stack.Device):
         ("GET", f"{base}/v3/rooms/{room}/members", [bearer(owner.token)], None),
         ("GET", f"{base}/r0/rooms/{quoted}/state", [bearer(reader.token)], None),
         ("GET", f"{base}/v3/rooms/{quoted}/joined_members", [], None),
-        ("PUT", f"{base}/v3/rooms/{quoted}/send/m.room.message/{txn}",
-         [bearer(owner.token), ("Content-Type", "application/json")], message),
+        (
+            "PUT",
+            f"{base}/v3/rooms/{quoted}/send/m.room.message/{txn}",
+            [bearer(owner.token), ("Content-Type", "application/json")],
+            message,
+        ),
         ("GET", f"{base}/v1/rooms/{quoted}/hierarchy", [bearer(owner.token)], None),
     ]
 
@@ -1064,8 +846,9 @@ def test_room_requests_reach_one_room_worker_per_room_and_rooms_spread(split, sy
 
     def whoami_of(device):
         return [
-            p for p in synapse.processed_requests(USER_AGENT)
-            if p.path == stack.WHOAMI_PATH and p.requester == device.user_id
+            p
+            for p in synapse.processed_requests(USER_AGENT)
+            if p.path == WHOAMI_PATH and p.requester == device.user_id
         ]
 
     assert whoami_of(owner) == [] and whoami_of(reader) == []
@@ -1090,20 +873,26 @@ def test_a_client_cannot_choose_the_room_worker(split, rooms, spoof):
     owner, _, room_ids = rooms
     by_worker = {}
     for room in room_ids:
-        r, _ = split.traced("GET", f"/_matrix/client/v3/rooms/{room}/members", [bearer(owner.token)])
+        r, _ = split.traced(
+            "GET", f"/_matrix/client/v3/rooms/{room}/members", [bearer(owner.token)]
+        )
         by_worker.setdefault(split.served(r)[0], room)
     assert len(by_worker) >= 2, by_worker
     (home, room), (_, victim) = list(by_worker.items())[:2]
     quoted = urllib.parse.quote(victim, safe="")
-    path = f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1&room_id={quoted}&msr_room={quoted}"
+    path = (
+        f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1&room_id={quoted}&msr_room={quoted}"
+    )
     r, tid = split.traced("GET", path, [*ROOM_SPOOFS[spoof](victim), bearer(owner.token)])
     assert r.status == 200, r.body[:200]
     assert split.served(r)[0] == home and split.log_entry(r.request_id)["room"] == room
     assert split.upstream_head(tid).values(ROOM_HEADER) == [room]
 
-    alias = urllib.parse.quote(f"#nowhere:{stack.SERVER_NAME}", safe="")
+    alias = urllib.parse.quote(f"#nowhere:{SERVER_NAME}", safe="")
     r, tid = split.traced(
-        "GET", f"/_matrix/client/v3/rooms/{alias}/members", [*ROOM_SPOOFS[spoof](victim), bearer(owner.token)]
+        "GET",
+        f"/_matrix/client/v3/rooms/{alias}/members",
+        [*ROOM_SPOOFS[spoof](victim), bearer(owner.token)],
     )
     entry = split.log_entry(r.request_id)
     assert (entry["room"], pool_of(split.served(r)[0])) == ("", "room"), entry
@@ -1124,7 +913,9 @@ def test_the_room_key_is_the_room_synapse_reads(split, rooms, spelled):
     assert split.log_entry(r.request_id)["room"] == served, (spelled, served)
 
 
-def test_debug_headers_show_the_sync_kind_and_key_type_when_enabled(nginx_bin, workdir, synapse, nginx):
+def test_debug_headers_show_the_sync_kind_and_key_type_when_enabled(
+    nginx_bin, workdir, synapse, nginx
+):
     """Off as shipped; with the two add_header lines uncommented, a client sees the sync kind
     and the kind of key (user, fallback, none), never the key or its token."""
     device = synapse.register(f"ngxdebug{secrets.token_hex(3)}")
@@ -1144,8 +935,14 @@ def test_debug_headers_show_the_sync_kind_and_key_type_when_enabled(nginx_bin, w
         other, _ = n.traced("GET", READY_PATH)
         seen = {
             name: (r.status, r.headers.get("x-msr-sync-kind"), r.headers.get("x-msr-key-type"))
-            for name, r in (("initial", first), ("incremental", later), ("rejected", rejected),
-                            ("no token", none), ("room", in_room), ("other", other))
+            for name, r in (
+                ("initial", first),
+                ("incremental", later),
+                ("rejected", rejected),
+                ("no token", none),
+                ("room", in_room),
+                ("other", other),
+            )
         }
         assert seen == {
             "initial": (200, "initial", "user"),
@@ -1184,7 +981,7 @@ def test_a_bad_plugin_config_stops_every_worker_naming_the_field(
     test = subprocess.run([*n.argv(), "-t"], capture_output=True, text=True, timeout=60)
     assert test.returncode == 0, test.stderr  # -t never runs the filter
 
-    n.process = stack.Process("nginx (bad config)", n.argv(), n.dir / "nginx.out", n.dir)
+    n.process = Process("nginx (bad config)", n.argv(), n.dir / "nginx.out", n.dir)
     try:
 
         def all_workers_gone():
@@ -1193,7 +990,7 @@ def test_a_bad_plugin_config_stops_every_worker_naming_the_field(
             dead = len(re.findall(r"exited with fatal code 2 and cannot be respawned", log))
             return log if started and dead == started else None
 
-        log = stack.wait_until(all_workers_gone, 60, "every nginx worker to exit")
+        log = wait_until(all_workers_gone, 60, "every nginx worker to exit")
         started = len(re.findall(r"start worker process \d+", log))
         lines = [line for line in log.splitlines() if "invalid configuration" in line]
         assert len(lines) == started, log[-3000:]

@@ -33,9 +33,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stack
+from msrtest.env import ENVOY_YAML, HOST, REPO, free_ports
+from msrtest.envoy import Envoy
+from msrtest.httpclient import http_request
+from msrtest.procs import Process, just_executable, wait_until
 
-DIST = stack.REPO / "dist"
+DIST = REPO / "dist"
 MODULE = "matrix_sync_router.wasm"
 SUM_LINES = ("matrix_sync_router.wasm", "matrix_sync_router.meta.json")
 
@@ -45,7 +48,7 @@ def sha256(data: bytes) -> str:
 
 
 def crate_version() -> str:
-    return tomllib.loads((stack.REPO / "Cargo.toml").read_text())["package"]["version"]
+    return tomllib.loads((REPO / "Cargo.toml").read_text())["package"]["version"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,9 @@ def plugin_wasm(layer: bytes) -> bytes:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,16 +99,30 @@ def test_a_second_build_elsewhere_writes_the_same_dist(tmp_path, sums):
     and another cargo home (the same crates, by a symlink: no network): every file of dist/ is
     byte for byte the same. The commit time and revision come from the environment, as in any
     rebuild from a source archive."""
-    just = stack.just_executable()
+    just = just_executable()
     if just is None:
         pytest.fail("`just` not found (run through `just e2e`)")
-    files = subprocess.run(
-        ["git", "-C", str(stack.REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        check=True, capture_output=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     copy = tmp_path / "another" / "checkout"
     for name in filter(None, files):
-        source = stack.REPO / name
+        source = REPO / name
         if source.is_file():  # deleted but not yet committed files are listed too
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, copy / name)
@@ -116,7 +135,7 @@ def test_a_second_build_elsewhere_writes_the_same_dist(tmp_path, sums):
     annotations = compat["annotations"]
     created = datetime.datetime.strptime(
         annotations["org.opencontainers.image.created"], "%Y-%m-%dT%H:%M:%SZ"
-    ).replace(tzinfo=datetime.timezone.utc)
+    ).replace(tzinfo=datetime.UTC)
     epoch = str(int(created.timestamp()))
     env = {
         **os.environ,
@@ -126,7 +145,11 @@ def test_a_second_build_elsewhere_writes_the_same_dist(tmp_path, sums):
         "MSR_REVISION": annotations["org.opencontainers.image.revision"],
     }
     run = subprocess.run(
-        ["nice", "-n", "5", just, "dist"], cwd=copy, env=env, capture_output=True, text=True,
+        ["nice", "-n", "5", just, "dist"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=1200,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -135,7 +158,7 @@ def test_a_second_build_elsewhere_writes_the_same_dist(tmp_path, sums):
     differ = [name for name in ours if ours[name] != theirs[name]]
     assert not differ, f"files that differ between the two builds: {differ}"
     assert sha256(theirs[MODULE]) == sums[MODULE]
-    print(f"\nreproducible: {MODULE} sha256:{sums[MODULE]} from {stack.REPO} and {copy}")
+    print(f"\nreproducible: {MODULE} sha256:{sums[MODULE]} from {REPO} and {copy}")
 
 
 def test_release_notes_print_the_digests(sums):
@@ -169,7 +192,7 @@ def serve(directory: Path):
             super().do_GET()
 
     handler = functools.partial(Handler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer((stack.HOST, 0), handler)
+    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -181,7 +204,7 @@ def serve(directory: Path):
 
 def shipped_remote_block() -> dict:
     """envoy.yaml's commented-out `remote` code source, uncommented as an operator would."""
-    lines, block, inside = stack.ENVOY_YAML.read_text().splitlines(), [], False
+    lines, block, inside = ENVOY_YAML.read_text().splitlines(), [], False
     for line in lines:
         if line.strip() == "# remote-code: begin":
             inside = True
@@ -194,29 +217,44 @@ def shipped_remote_block() -> dict:
     return yaml.safe_load("\n".join(block))["remote"]
 
 
-def remote_envoy(e2e_stack, name: str, port: int, digest: str) -> stack.Envoy:
+def remote_envoy(e2e_stack, name: str, port: int, digest: str) -> Envoy:
     """An Envoy running envoy.yaml with the shipped remote block in place of `local` (its URL
     pointed at `port`, its sha256 `digest`) and a cluster of that name for the download."""
     envoy = e2e_stack.prepare_envoy(
         name, log_args=("--log-level", "info", "--component-log-level", "config:debug")
     )
     remote = shipped_remote_block()
-    remote["http_uri"]["uri"] = f"http://{stack.HOST}:{port}/{MODULE}"
+    remote["http_uri"]["uri"] = f"http://{HOST}:{port}/{MODULE}"
     remote["sha256"] = digest
     hcm = envoy.cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    (wasm,) = [f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    (wasm,) = [
+        f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.wasm"
+    ]
     wasm["typed_config"]["config"]["vm_config"]["code"] = {"remote": remote}
     cluster = remote["http_uri"]["cluster"]
-    envoy.cfg["static_resources"]["clusters"].append({
-        "name": cluster,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": stack.HOST, "port_value": port}}}}]}],
-        },
-    })
+    envoy.cfg["static_resources"]["clusters"].append(
+        {
+            "name": cluster,
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": cluster,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": HOST, "port_value": port}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
     return envoy
 
 
@@ -249,12 +287,13 @@ def test_envoy_refuses_the_module_with_a_wrong_digest(e2e_stack, sums):
         envoy = remote_envoy(e2e_stack, "wrongdigest", port, other)
         envoy.start()
         try:
-            stack.wait_until(
+            wait_until(
                 lambda: "Plugin matrix_sync_router failed to load" in envoy.log.read_text(),
-                30, "Envoy to give up on the module",
+                30,
+                "Envoy to give up on the module",
             )
             log = envoy.log.read_text()
-            url = f"http://{stack.HOST}:{port}/{MODULE}"
+            url = f"http://{HOST}:{port}/{MODULE}"
             # Downloaded (so the refusal is the digest's), found invalid, refused.
             assert f"/{MODULE}" in served
             assert f"fetch remote data [uri = {url}]: data is invalid" in log
@@ -279,25 +318,33 @@ def registry(tmp_path_factory):
     storage directory; yields its address."""
     binary = shutil.which("docker-registry")
     if binary is None or shutil.which("skopeo") is None:
-        pytest.skip("docker-registry or skopeo is not installed (`just release-tools` installs the "
-                    "Debian packages; it could not here)")
+        pytest.skip(
+            "docker-registry or skopeo is not installed (`just release-tools` installs the "
+            "Debian packages; it could not here)"
+        )
     work = tmp_path_factory.mktemp("registry")
-    (port,) = stack.free_ports(1)
+    (port,) = free_ports(1)
     config = {
         "version": 0.1,
         "log": {"level": "warn"},
         "storage": {"filesystem": {"rootdirectory": str(work / "storage")}},
-        "http": {"addr": f"{stack.HOST}:{port}"},
+        "http": {"addr": f"{HOST}:{port}"},
     }
     (work / "config.yml").write_text(yaml.safe_dump(config))
-    process = stack.Process("docker-registry", [binary, "serve", str(work / "config.yml")],
-                            log=work / "registry.log", cwd=work)
+    process = Process(
+        "docker-registry",
+        [binary, "serve", str(work / "config.yml")],
+        log=work / "registry.log",
+        cwd=work,
+    )
     try:
-        stack.wait_until(
-            lambda: stack.http_request(port, "GET", "/v2/", timeout=2).status == 200,
-            30, "docker-registry /v2/", check=process.check_alive,
+        wait_until(
+            lambda: http_request(port, "GET", "/v2/", timeout=2).status == 200,
+            30,
+            "docker-registry /v2/",
+            check=process.check_alive,
         )
-        yield f"{stack.HOST}:{port}"
+        yield f"{HOST}:{port}"
     finally:
         process.stop()
 
@@ -314,8 +361,13 @@ def test_oci_images_round_trip_through_a_registry(registry, sums, tmp_path):
     module = (DIST / MODULE).read_bytes()
     repo = f"{registry}/matrix-sync-router"
     for tag in (version, f"{version}-artifact"):
-        skopeo("copy", "--dest-tls-verify=false", "--preserve-digests",
-               f"oci:{DIST / 'oci'}:{tag}", f"docker://{repo}:{tag}")
+        skopeo(
+            "copy",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+            f"oci:{DIST / 'oci'}:{tag}",
+            f"docker://{repo}:{tag}",
+        )
         raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{repo}:{tag}").stdout
         assert f"sha256:{sha256(raw.encode())}" == ours[tag]["digest"], tag
         pulled = tmp_path / f"pulled-{tag}"
@@ -345,8 +397,13 @@ def test_oras_pulls_the_module_from_the_artifact(registry, sums, tmp_path):
 
     tag = f"{crate_version()}-artifact"
     target = f"{registry}/matrix-sync-router-oras:{tag}"
-    skopeo("copy", "--dest-tls-verify=false", "--preserve-digests",
-           f"oci:{DIST / 'oci'}:{tag}", f"docker://{target}")
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        f"oci:{DIST / 'oci'}:{tag}",
+        f"docker://{target}",
+    )
     client = oras.client.OrasClient(hostname=registry, insecure=True)
     files = client.pull(target=target, outdir=str(tmp_path / "oras"))
     assert [Path(f).name for f in files] == [MODULE]

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import collections
 import secrets
-import socket
-import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import pytest
 
-import stack
-from conftest import WASM
-from fault_whoami import FaultWhoami
-from load import SyncLoad, record_figures
+from msrtest.env import WASM
+from msrtest.envoy import Envoy, cluster_config, tune_health_checks
+from msrtest.faults import FaultWhoami, Relay
+from msrtest.load import SyncLoad, record_figures
+from msrtest.matrix import SERVER_NAME, Device
+from msrtest.stack import Stack
 
 N_USERS = 100
 N_KEYS = 1000
@@ -45,98 +45,14 @@ MOVED_SHARE = (0.10, 0.45)
 HEALTH_INTERVAL_S = 0.5
 FAILED = "sync-4"
 
-SERVICE_UNAVAILABLE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
-    b"Connection: close\r\n\r\nfailing now\n"
-)
 
-
-class Relay:
-    """A TCP relay from a port of its own to one Synapse listener, which can be made to fail."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.failing = False
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((stack.HOST, 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def fail(self) -> None:
-        """From now on: 503 to every new connection, and the relayed ones are cut."""
-        self.failing = True
-        with self._lock:
-            for s in self._open:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def recover(self) -> None:
-        self.failing = False
-
-    def close(self) -> None:
-        self._stopped.set()
-        self.fail()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        if self.failing:
-            with conn:
-                conn.settimeout(2)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(SERVICE_UNAVAILABLE)
-                except OSError:
-                    pass
-            return
-        try:
-            upstream = socket.create_connection((stack.HOST, self.target_port), timeout=5)
-        except OSError:
-            conn.close()
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._open.update((conn, upstream))
-        threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
-        self._pump(conn, upstream)
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            with self._lock:
-                self._open.discard(src)
-                self._open.discard(dst)
-
-
-def remap_envoy(s: stack.Stack, relay: Relay, name: str, lb_policy: str | None = None, **kwargs):
+def remap_envoy(s: Stack, relay: Relay, name: str, lb_policy: str | None = None, **kwargs):
     """An Envoy on envoy.yaml whose fourth sync worker is behind `relay`, health-checked every
     HEALTH_INTERVAL_S; `lb_policy` replaces the worker cluster's balancer (MAGLEV: compared)."""
     envoy = s.prepare_envoy(name, **kwargs)
     envoy.use_worker_ports([*s.synapse.worker_ports[:3], relay.port])
-    stack.tune_health_checks(envoy.cfg, "synapse_sync_workers", HEALTH_INTERVAL_S)
-    cluster = stack.cluster_config(envoy.cfg, "synapse_sync_workers")
+    tune_health_checks(envoy.cfg, "synapse_sync_workers", HEALTH_INTERVAL_S)
+    cluster = cluster_config(envoy.cfg, "synapse_sync_workers")
     if lb_policy and lb_policy != cluster["lb_policy"]:
         cluster["lb_policy"] = lb_policy
         cluster.pop("ring_hash_lb_config", None)
@@ -149,7 +65,7 @@ def remap_envoy(s: stack.Stack, relay: Relay, name: str, lb_policy: str | None =
 def remap(request):
     """(stack, relay, {name: Envoy}) with the fourth worker behind the relay: two replicas of
     envoy.yaml with Synapse's whoami, and one Envoy per compared balancer with made-up users."""
-    s = stack.Stack(WASM, n_workers=4, prefix="remap-").start()
+    s = Stack(WASM, n_workers=4, prefix="remap-").start()
     relay = Relay(s.synapse.worker_ports[3])
     keys = FaultWhoami(s.synapse.main_port).start()
     keys.mode = "synthetic"
@@ -164,7 +80,7 @@ def remap(request):
         s.close(keep_dir=request.session.testsfailed > 0)
 
 
-def placement(envoy: stack.Envoy, devices: list[stack.Device]) -> dict[str, str]:
+def placement(envoy: Envoy, devices: list[Device]) -> dict[str, str]:
     """One sync per device through `envoy`; {routing key: its one worker}. Every request must
     be routed by its user and (real users) answered 200."""
     load = SyncLoad(envoy.port, devices)
@@ -182,7 +98,7 @@ def placement(envoy: stack.Envoy, devices: list[stack.Device]) -> dict[str, str]
     return {k: w.pop() for k, w in keys.items()}
 
 
-def wait_hosts(envoys: Iterable[stack.Envoy], n: int, timeout: float = 20.0) -> float:
+def wait_hosts(envoys: Iterable[Envoy], n: int, timeout: float = 20.0) -> float:
     """Seconds until Envoy's health checking leaves exactly `n` healthy sync workers in each."""
     started = time.monotonic()
     for envoy in envoys:
@@ -194,7 +110,7 @@ def wait_hosts(envoys: Iterable[stack.Envoy], n: int, timeout: float = 20.0) -> 
     return time.monotonic() - started
 
 
-def cycle(relay: Relay, envoys: dict[str, stack.Envoy], devices: dict[str, list[stack.Device]]):
+def cycle(relay: Relay, envoys: dict[str, Envoy], devices: dict[str, list[Device]]):
     """Placements before, during and after the fourth worker's failure: {phase: {envoy name:
     {routing key: worker}}}, and how long it took Envoy to drop and re-admit the worker."""
     phases: dict[str, dict[str, dict[str, str]]] = {}
@@ -225,7 +141,7 @@ def test_one_of_four_workers_fails_and_returns(remap):
     a, b = (e.cfg["static_resources"]["clusters"] for e in replicas.values())
     assert a == b, "the replicas must have the same upstreams and balancer"
     users = [s.synapse.register(f"remap{i}") for i in range(N_USERS)]
-    phases, out_after, back_after = cycle(relay, replicas, {n: users for n in replicas})
+    phases, out_after, back_after = cycle(relay, replicas, dict.fromkeys(replicas, users))
 
     for phase, per_envoy in phases.items():
         assert per_envoy["replica-a"] == per_envoy["replica-b"], f"the replicas disagree {phase}"
@@ -237,7 +153,7 @@ def test_one_of_four_workers_fails_and_returns(remap):
     assert MOVED_SHARE[0] <= share <= MOVED_SHARE[1], f"{share:.0%} of users were on {FAILED}"
     others = N_USERS - len(on_failed)
     collateral = moved - on_failed
-    policy = stack.cluster_config(replicas["replica-a"].cfg, "synapse_sync_workers")["lb_policy"]
+    policy = cluster_config(replicas["replica-a"].cfg, "synapse_sync_workers")["lb_policy"]
     assert len(collateral) <= MAX_COLLATERAL_USERS[policy] * others, (policy, sorted(collateral))
     assert not not_back, f"users not back on their worker: {sorted(not_back)}"
     record_figures(
@@ -260,13 +176,13 @@ def test_users_of_healthy_workers_that_move_ring_hash_vs_maglev(remap):
     `minimum_ring_size` points shared out among the healthy hosts, so when one leaves each
     remaining host gets more points (1024/4 → 1024/3) and those take keys from the others;
     Maglev's table keeps nearly every entry of a remaining host."""
-    s, relay, envoys = remap
+    _s, relay, envoys = remap
     compared = {lb: envoys[lb] for lb in MAX_COLLATERAL}
     tokens = [
-        stack.Device(f"@key{i}:{stack.SERVER_NAME}", f"K{i}", f"syt_synthetic_{secrets.token_hex(12)}")
+        Device(f"@key{i}:{SERVER_NAME}", f"K{i}", f"syt_synthetic_{secrets.token_hex(12)}")
         for i in range(N_KEYS)
     ]
-    phases, _, _ = cycle(relay, compared, {lb: tokens for lb in compared})
+    phases, _, _ = cycle(relay, compared, dict.fromkeys(compared, tokens))
     figures = {}
     for lb in compared:
         on_failed, moved, not_back = movements(phases, lb)
@@ -274,5 +190,7 @@ def test_users_of_healthy_workers_that_move_ring_hash_vs_maglev(remap):
         others = N_KEYS - len(on_failed)
         share = len(moved - on_failed) / others
         figures[lb] = round(share, 4)
-        assert share <= MAX_COLLATERAL[lb], f"{lb}: {share:.2%} of the keys on healthy workers moved"
+        assert share <= MAX_COLLATERAL[lb], (
+            f"{lb}: {share:.2%} of the keys on healthy workers moved"
+        )
     record_figures("keys on healthy workers that move when 1 of 4 leaves", keys=N_KEYS, **figures)

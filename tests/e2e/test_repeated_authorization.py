@@ -8,12 +8,12 @@ and the harness.)"""
 
 from __future__ import annotations
 
-import stack
+from msrtest.matrix import FALLBACK_KEY, SYNC_PATH
 
 
 def _twice(envoy, first: str, second: str):
     headers = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
-    return envoy.request("GET", f"{stack.SYNC_PATH}?timeout=0", headers)
+    return envoy.request("GET", f"{SYNC_PATH}?timeout=0", headers)
 
 
 def _whoami_calls(envoy) -> int:
@@ -37,7 +37,7 @@ def test_envoy_joins_repeated_authorization_and_synapse_refuses_the_joined_value
         assert answer["error"] == "Invalid Authorization header.", answer
         entry = envoy.log_entry(r.request_id)
         assert entry["cluster"] in ("synapse_sync_workers", "synapse_initial_sync"), entry
-        assert stack.FALLBACK_KEY.match(entry["user"] or ""), entry
+        assert FALLBACK_KEY.match(entry["user"] or ""), entry
         assert entry["key_source"] == "fallback", entry
         seen.add((entry["user"], envoy.worker_of(r)))
     assert len(seen) == 1, seen  # one key, one worker, every time

@@ -13,8 +13,10 @@ import urllib.parse
 
 import pytest
 
-import stack
-from conftest import samples_for_spread
+from msrtest.env import ENVOY_YAML, free_ports
+from msrtest.envoy import Envoy
+from msrtest.httpclient import Response
+from msrtest.spread import samples_for_spread
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def split_envoy(e2e_stack):
     envoy.stop()
 
 
-def upstream_port(envoy: stack.Envoy, response: stack.Response) -> int:
+def upstream_port(envoy: Envoy, response: Response) -> int:
     return int(envoy.log_entry(response.request_id)["upstream_host"].rsplit(":", 1)[1])
 
 
@@ -49,7 +51,9 @@ def test_initial_syncs_go_to_their_pool_and_incremental_ones_to_the_users_worker
             assert (entry["route"], entry["sync_kind"]) == ("sync", "incremental"), entry
             assert upstream_port(envoy, later) in sync_pool
             workers.add(upstream_port(envoy, later))
-            full = envoy.sync(device.token, query={"since": since, "full_state": "true", "timeout": "0"})
+            full = envoy.sync(
+                device.token, query={"since": since, "full_state": "true", "timeout": "0"}
+            )
             assert upstream_port(envoy, full) == initial_pool
         assert len(workers) == 1, f"{user.user_id}'s incremental syncs split over {workers}"
 
@@ -69,7 +73,7 @@ def test_a_client_cannot_choose_the_initial_pool(split_envoy, make_user):
 
 
 def test_without_a_healthy_initial_pool_initial_syncs_reach_the_sync_workers(e2e_stack, make_user):
-    (dead,) = stack.free_ports(1)  # nothing listens: the pool's health check fails
+    (dead,) = free_ports(1)  # nothing listens: the pool's health check fails
     ports = e2e_stack.synapse.worker_ports
     envoy = e2e_stack.add_envoy("nopool", sync_ports=ports[:2], initial_sync_ports=[dead])
     try:
@@ -82,7 +86,7 @@ def test_without_a_healthy_initial_pool_initial_syncs_reach_the_sync_workers(e2e
         envoy.stop()
 
 
-def create_room(envoy: stack.Envoy, token: str) -> str:
+def create_room(envoy: Envoy, token: str) -> str:
     body = json.dumps({"preset": "public_chat"}).encode()
     r = envoy.request(
         "POST",
@@ -102,7 +106,9 @@ def test_room_requests_reach_one_worker_per_room_whoever_asks(envoy, make_user):
         quoted = urllib.parse.quote(room, safe="")
         for token in (owner.devices[0].token, other.devices[0].token):
             for path in (f"/rooms/{quoted}/messages?dir=b&limit=1", f"/rooms/{quoted}/members"):
-                r = envoy.request("GET", f"/_matrix/client/v3{path}", [("Authorization", f"Bearer {token}")])
+                r = envoy.request(
+                    "GET", f"/_matrix/client/v3{path}", [("Authorization", f"Bearer {token}")]
+                )
                 entry = envoy.log_entry(r.request_id)
                 assert entry["route"] == "rooms" and entry["room"] == room, entry
                 assert r.status in (200, 403), (r.status, r.body[:200])
@@ -135,7 +141,7 @@ def test_the_access_log_shows_where_each_key_came_from(envoy, make_user):
 def with_debug_headers(workdir):
     """envoy.yaml with its commented-out debug-response-headers block turned on, and nothing
     else changed: the block as shipped is what is tested."""
-    lines, out, inside = stack.ENVOY_YAML.read_text().splitlines(), [], False
+    lines, out, inside = ENVOY_YAML.read_text().splitlines(), [], False
     for line in lines:
         if line.strip() == "# debug-response-headers: begin":
             inside = True
@@ -162,7 +168,9 @@ def test_debug_response_headers_are_off_as_shipped(envoy, make_user):
 def test_debug_response_headers_tell_source_kind_and_room_and_never_the_token(e2e_stack, make_user):
     ports = e2e_stack.synapse.worker_ports
     envoy = e2e_stack.prepare_envoy(
-        "debughdr", sync_ports=ports[:2], initial_sync_ports=ports[2:],
+        "debughdr",
+        sync_ports=ports[:2],
+        initial_sync_ports=ports[2:],
         source=with_debug_headers(e2e_stack.dir),
     )
     envoy.start()
@@ -175,18 +183,29 @@ def test_debug_response_headers_tell_source_kind_and_room_and_never_the_token(e2
         bad_token = "syt_bm9ib2R5_NotARealTokenAtAll_0abcde"
         bad = envoy.sync(bad_token)
         # A client (or upstream) cannot plant these: the proxy overwrites them.
-        spoof = envoy.sync(device.token, query={"since": since, "timeout": "0"},
-                           extra_headers=[("X-MSR-Key-Source", "whoami")])
-        got = [(r.headers.get("x-msr-key-source"), r.headers.get("x-msr-sync-kind"))
-               for r in (first, later, none, bad, spoof)]
+        spoof = envoy.sync(
+            device.token,
+            query={"since": since, "timeout": "0"},
+            extra_headers=[("X-MSR-Key-Source", "whoami")],
+        )
+        got = [
+            (r.headers.get("x-msr-key-source"), r.headers.get("x-msr-sync-kind"))
+            for r in (first, later, none, bad, spoof)
+        ]
         assert got == [
-            ("whoami", "initial"), ("cache", "incremental"), ("none", "initial"),
-            ("fallback", "initial"), ("cache", "incremental"),
+            ("whoami", "initial"),
+            ("cache", "incremental"),
+            ("none", "initial"),
+            ("fallback", "initial"),
+            ("cache", "incremental"),
         ], got
         room = create_room(envoy, device.token)
         quoted = urllib.parse.quote(room, safe="")
-        r = envoy.request("GET", f"/_matrix/client/v3/rooms/{quoted}/messages?dir=b&limit=1",
-                          [("Authorization", f"Bearer {device.token}")])
+        r = envoy.request(
+            "GET",
+            f"/_matrix/client/v3/rooms/{quoted}/messages?dir=b&limit=1",
+            [("Authorization", f"Bearer {device.token}")],
+        )
         assert r.status == 200 and r.headers.get("x-msr-room") == room, r.headers
         assert "x-msr-room" not in later.headers  # not a room request: no room header
         for resp in (first, later, none, bad, spoof, r):

@@ -6,8 +6,9 @@ import collections
 import json
 import time
 
-import stack
-from conftest import samples_for_spread
+from msrtest.env import HOST
+from msrtest.matrix import FALLBACK_KEY
+from msrtest.spread import samples_for_spread
 
 OTHER_CASES = ["X-User-Identifier", "x-user-identifier", "X-USER-IDENTIFIER"]
 
@@ -104,7 +105,7 @@ def test_lower_case_bearer_scheme_gets_the_fallback_key(placed_users, envoy):
     r = envoy.sync(users[1].devices[0].token, scheme="bearer")
     assert r.status == 401 and r.json()["errcode"] == "M_MISSING_TOKEN", r.body[:200]
     entry = envoy.log_entry(r.request_id)
-    assert stack.FALLBACK_KEY.match(entry["user"] or ""), entry
+    assert FALLBACK_KEY.match(entry["user"] or ""), entry
     assert entry["details"] == "via_upstream"
 
 
@@ -140,11 +141,13 @@ def test_whole_sync_path_family_goes_to_the_users_worker(placed_users, envoy):
 def test_other_client_api_goes_to_main(placed_users, envoy, e2e_stack):
     users, _ = placed_users
     token = users[0].devices[0].token
-    r = envoy.request("GET", "/_matrix/client/v3/account/whoami", [("Authorization", f"Bearer {token}")])
+    r = envoy.request(
+        "GET", "/_matrix/client/v3/account/whoami", [("Authorization", f"Bearer {token}")]
+    )
     assert r.status == 200 and r.json()["user_id"] == users[0].user_id
     entry = envoy.log_entry(r.request_id)
     assert entry["cluster"] == "synapse_main"
-    assert entry["upstream_host"] == f"{stack.HOST}:{e2e_stack.synapse.main_port}"
+    assert entry["upstream_host"] == f"{HOST}:{e2e_stack.synapse.main_port}"
     assert entry["user"] is None, "the filter must leave non-sync requests alone"
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from load import SyncLoad, assert_answered_in_time, record_figures, worker_per_user
+from msrtest.load import SyncLoad, assert_answered_in_time, record_figures, worker_per_user
 
 LONG = os.environ.get("MSR_SOAK") == "long"
 USERS = int(os.environ.get("MSR_SOAK_USERS", "200"))
@@ -61,7 +61,9 @@ def soak_users(e2e_stack, soak_envoy):
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=8) as pool:
         users = list(
-            pool.map(lambda i: e2e_stack.user_with_devices(soak_envoy, f"soak{i}", DEVICES), range(USERS))
+            pool.map(
+                lambda i: e2e_stack.user_with_devices(soak_envoy, f"soak{i}", DEVICES), range(USERS)
+            )
         )
     print(f"registered {USERS} users x {DEVICES} devices in {time.monotonic() - started:.1f}s")
     return users
@@ -113,7 +115,9 @@ def test_soak(e2e_stack, soak_envoy, soak_users):
     other.run_round(THREADS)
     on_replica = worker_per_user(other.attach(replica, timeout=30), replica.workers)
     differ = {u: (placed[u], w) for u, w in on_replica.items() if w != placed[u]}
-    assert not differ, f"{len(differ)} users on another worker through the replica: {list(differ.items())[:3]}"
+    assert not differ, (
+        f"{len(differ)} users on another worker through the replica: {list(differ.items())[:3]}"
+    )
 
     latencies = sorted(o.elapsed for o in outcomes)
     workers = collections.Counter(next(iter(w)) for w in placed.values())

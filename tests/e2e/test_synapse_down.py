@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-import stack
-from conftest import WASM
-from load import (
+from msrtest.env import WASM
+from msrtest.envoy import Envoy
+from msrtest.load import (
     FALLBACK_KEY,
     SyncLoad,
     assert_answered_in_time,
@@ -26,6 +26,8 @@ from load import (
     record_figures,
     user_routing_back,
 )
+from msrtest.matrix import Device
+from msrtest.stack import Stack
 
 TIMEOUT_S = 1.0
 BACKOFF_S = 2
@@ -42,7 +44,7 @@ HEALTH_GRACE_S = 9.0
 class Account:
     """A user of this module's own Synapse."""
 
-    def __init__(self, devices: list[stack.Device]):
+    def __init__(self, devices: list[Device]):
         self.devices = devices
         self.user_id = devices[0].user_id
 
@@ -50,13 +52,13 @@ class Account:
 @pytest.fixture(scope="module")
 def down_stack(request):
     """A Synapse of its own (this module kills it) with one Envoy in front."""
-    s = stack.Stack(WASM, n_workers=3, prefix="down-").start()
+    s = Stack(WASM, n_workers=3, prefix="down-").start()
     envoy = s.add_envoy("down", plugin_overrides=OVERRIDES)
     yield s, envoy
     s.close(keep_dir=request.session.testsfailed > 0)
 
 
-def accounts(s: stack.Stack, envoy: stack.Envoy, prefix: str, n: int) -> list[Account]:
+def accounts(s: Stack, envoy: Envoy, prefix: str, n: int) -> list[Account]:
     return [Account(s.user_with_devices(envoy, f"{prefix}{i}", 3)) for i in range(n)]
 
 
@@ -84,7 +86,9 @@ def check_outage(envoy, outcomes, worker_of_user, down: float, up: float, cold_i
     for o in in_outage:
         assert o.entry is not None, f"{o.user_agent} never reached Envoy's access log"
         if o.device.user_id in cold_ids:
-            assert FALLBACK_KEY.match(o.routing_key or "") or o.routing_key == o.device.user_id, o.entry
+            assert FALLBACK_KEY.match(o.routing_key or "") or o.routing_key == o.device.user_id, (
+                o.entry
+            )
         else:
             assert o.routing_key == o.device.user_id, o.entry
             if o.upstream_host is not None and o.started < down + HEALTH_GRACE_S:
@@ -128,7 +132,9 @@ def test_synapse_sigkill_and_restart_under_load(down_stack, warm):
     in_outage, failed = check_outage(envoy, outcomes, worker_of_user, down, up, cold_ids)
     assert failed, "Synapse was dead: some syncs should have failed (is the test broken?)"
     slowest = max(o.elapsed for o in in_outage)
-    assert slowest <= TIMEOUT_S + MARGIN_S, f"a request waited {slowest:.1f}s while Synapse was dead"
+    assert slowest <= TIMEOUT_S + MARGIN_S, (
+        f"a request waited {slowest:.1f}s while Synapse was dead"
+    )
     record_figures(
         "Synapse SIGKILL + restart",
         syncs=len(outcomes),
@@ -149,8 +155,12 @@ def test_synapse_sigstop_and_continue_under_load(down_stack, warm):
     users, worker_of_user = warm
     cold = accounts(s, envoy, "stopcold", 2)
     client_timeout = TIMEOUT_S + MARGIN_S + 1.0
-    warm_load = SyncLoad(envoy.port, [d for u in users for d in u.devices], client_timeout=client_timeout)
-    cold_load = SyncLoad(envoy.port, [d for a in cold for d in a.devices], client_timeout=client_timeout)
+    warm_load = SyncLoad(
+        envoy.port, [d for u in users for d in u.devices], client_timeout=client_timeout
+    )
+    cold_load = SyncLoad(
+        envoy.port, [d for a in cold for d in a.devices], client_timeout=client_timeout
+    )
     warm_load.start(threads=3, pause=0.02)
     time.sleep(1.0)
 

@@ -22,9 +22,10 @@ import time
 
 import pytest
 
-import stack
+from msrtest.env import REPO
+from msrtest.matrix import FALLBACK_KEY, SLIDING_SYNC_PATH, SYNC_PATH
 
-CASES = json.loads((stack.REPO / "tests" / "data" / "token_cases.json").read_text())
+CASES = json.loads((REPO / "tests" / "data" / "token_cases.json").read_text())
 MAX_TOKEN_LEN = 4096  # request::MAX_TOKEN_LEN
 
 
@@ -50,7 +51,7 @@ def synapse_token(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]],
         return "token", BaseAuth.get_access_token_from_request(request)
     except MissingClientTokenError as e:
         return "error", e.msg
-    except Exception as e:  # noqa: BLE001 - recorded by type, like Synapse's 500
+    except Exception as e:
         return "exception", type(e).__name__
 
 
@@ -61,7 +62,7 @@ def resolvable(token: str) -> bool:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['authorization']!r}|{c['query']!r}")
 def test_the_case_table_is_what_synapse_does(case):
-    uri = stack.SYNC_PATH.encode()
+    uri = SYNC_PATH.encode()
     if case["query"] is not None:
         uri += b"?" + case["query"].encode()
     auth = case["authorization"]
@@ -80,15 +81,15 @@ def test_synapse_takes_a_form_encoded_post_body_token_over_the_query():
     merges the body into `request.args` and its `access_token` replaces the query's."""
     body = b'{"conn_id":"&access_token=from_body&"}'
     form = [(b"Content-Type", b"application/x-www-form-urlencoded")]
-    uri = f"{stack.SLIDING_SYNC_PATH}?access_token=from_query".encode()
+    uri = f"{SLIDING_SYNC_PATH}?access_token=from_query".encode()
     assert synapse_token(b"POST", uri, form, body) == ("token", "from_body")
     # Not for a JSON content type, nor for a GET.
     json_type = [(b"Content-Type", b"application/json")]
     assert synapse_token(b"POST", uri, json_type, body) == ("token", "from_query")
     assert synapse_token(b"GET", uri, form, body) == ("token", "from_query")
     # With a header, a body token is "mixing": 401.
-    both = form + [(b"Authorization", b"Bearer from_header")]
-    assert synapse_token(b"POST", stack.SLIDING_SYNC_PATH.encode(), both, body)[0] == "error"
+    both = [*form, (b"Authorization", b"Bearer from_header")]
+    assert synapse_token(b"POST", SLIDING_SYNC_PATH.encode(), both, body)[0] == "error"
 
 
 # --- through the real Envoy and Synapse ------------------------------------------------------
@@ -139,10 +140,10 @@ def test_decoded_query_tokens_are_served_and_routed_as_synapse_reads_them(
 ):
     alice, bob = two_users
     # Alice's second device: the worker must follow the user, not only the token.
-    path = f"{stack.SYNC_PATH}?" + query.format(a=alice.devices[1].token, b=bob.devices[0].token)
+    path = f"{SYNC_PATH}?" + query.format(a=alice.devices[1].token, b=bob.devices[0].token)
     r, agent = send(envoy, path)
     assert r.status == 200, r.body[:200]
-    assert served_as(e2e_stack.synapse, agent, stack.SYNC_PATH) == alice.user_id
+    assert served_as(e2e_stack.synapse, agent, SYNC_PATH) == alice.user_id
     assert envoy.worker_of(r) == alice.worker, "routed by another token than Synapse served"
     assert envoy.log_entry(r.request_id)["user"] == alice.user_id
 
@@ -159,8 +160,11 @@ def whoami_calls(envoy) -> int:
         ("timeout=0&access%5Ftoken={a}", [("Authorization", "Bearer {b}")], "M_MISSING_TOKEN"),
         ("timeout=0&access_token=", [("Authorization", "Bearer {a}")], "M_MISSING_TOKEN"),
         # Two Authorization headers: "Too many Authorization headers" (or, joined, invalid).
-        ("timeout=0", [("Authorization", "Bearer {a}"), ("Authorization", "Bearer {b}")],
-         "M_MISSING_TOKEN"),
+        (
+            "timeout=0",
+            [("Authorization", "Bearer {a}"), ("Authorization", "Bearer {b}")],
+            "M_MISSING_TOKEN",
+        ),
         # Not exactly `Bearer <token>`: "Invalid Authorization header".
         ("timeout=0", [("Authorization", "Bearer  {a}")], "M_MISSING_TOKEN"),
         ("timeout=0", [("Authorization", "Bearer ")], "M_MISSING_TOKEN"),
@@ -178,11 +182,11 @@ def test_requests_synapse_refuses_get_the_fallback_key_without_whoami(
     before = whoami_calls(envoy)
     r, _ = send(
         envoy,
-        f"{stack.SYNC_PATH}?{query.format(**fill)}",
+        f"{SYNC_PATH}?{query.format(**fill)}",
         [(n, v.format(**fill)) for n, v in headers],
     )
     assert r.status == 401 and r.json()["errcode"] == errcode, r.body[:200]
-    assert stack.FALLBACK_KEY.match(envoy.log_entry(r.request_id)["user"] or "")
+    assert FALLBACK_KEY.match(envoy.log_entry(r.request_id)["user"] or "")
     assert whoami_calls(envoy) == before, "a whoami callout for a request Synapse refuses"
 
 
@@ -191,9 +195,9 @@ def test_a_non_utf8_token_gets_the_fallback_key(envoy):
     (it fails the request), the filter routes with the fallback key and calls no whoami."""
     before = whoami_calls(envoy)
     conn_headers = [("Authorization", "Bearer caf\xe9\xff")]  # sent as latin-1 bytes
-    r, _ = send(envoy, f"{stack.SYNC_PATH}?timeout=0", conn_headers)
+    r, _ = send(envoy, f"{SYNC_PATH}?timeout=0", conn_headers)
     assert r.status != 200
-    assert stack.FALLBACK_KEY.match(envoy.log_entry(r.request_id)["user"] or "")
+    assert FALLBACK_KEY.match(envoy.log_entry(r.request_id)["user"] or "")
     assert whoami_calls(envoy) == before
 
 
@@ -201,23 +205,25 @@ def test_a_64_kib_authorization_header_is_refused_by_envoy_before_the_filter(env
     """Envoy's default header limit (60 KiB) answers 431 itself: the filter never sees it."""
     time.sleep(1.5)  # earlier tests' counts reach Envoy on the filter's one-second tick
     before = envoy.prometheus()["matrix_sync_router_requests"]
-    r, _ = send(envoy, f"{stack.SYNC_PATH}?timeout=0", [("Authorization", "Bearer " + "t" * 65536)])
+    r, _ = send(envoy, f"{SYNC_PATH}?timeout=0", [("Authorization", "Bearer " + "t" * 65536)])
     assert r.status == 431, r.status
     time.sleep(1.5)  # the filter flushes its counters on its one-second tick
     assert envoy.prometheus()["matrix_sync_router_requests"] == before
 
 
-def test_a_form_encoded_post_body_token_is_not_routed_by_the_query_token(two_users, envoy, e2e_stack):
+def test_a_form_encoded_post_body_token_is_not_routed_by_the_query_token(
+    two_users, envoy, e2e_stack
+):
     """Synapse serves the body's token (see the unit check above); routing by the query's
     token would let a client place one user's sync on another user's worker."""
     alice, bob = two_users
     body = json.dumps({"conn_id": f"&access_token={alice.devices[1].token}&"}).encode()
     r, agent = send(
         envoy,
-        f"{stack.SLIDING_SYNC_PATH}?timeout=0&access_token={bob.devices[0].token}",
+        f"{SLIDING_SYNC_PATH}?timeout=0&access_token={bob.devices[0].token}",
         [("Content-Type", "application/x-www-form-urlencoded")],
         "POST",
         body,
     )
-    assert served_as(e2e_stack.synapse, agent, stack.SLIDING_SYNC_PATH) == alice.user_id, r.body[:200]
+    assert served_as(e2e_stack.synapse, agent, SLIDING_SYNC_PATH) == alice.user_id, r.body[:200]
     assert envoy.log_entry(r.request_id)["user"] != bob.user_id

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-import stack
+from msrtest.matrix import FALLBACK_KEY, SLIDING_SYNC_PATH, SYNC_PATH
 
 GRAM = 8  # the length of a token piece that must not leak
 # Envoy's default log format: [time][thread][level][component] [file:line] message
@@ -52,7 +52,7 @@ def records(log: bytes) -> list[tuple[bytes, bytes]]:
     """Envoy's log as (component, whole record including continuation lines)."""
     starts = list(RECORD.finditer(log))
     out = []
-    for m, nxt in zip(starts, starts[1:] + [None]):
+    for m, nxt in zip(starts, [*starts[1:], None], strict=True):
         out.append((m[2], log[m.start() : nxt.start() if nxt else len(log)]))
     return out
 
@@ -82,7 +82,7 @@ def tokens(make_user):
 
 def scenarios(t: dict) -> list[tuple[str, str, list[tuple[str, str]], bytes | None]]:
     """(method, path, headers, body) of every bad-input case, each with known tokens."""
-    sync = stack.SYNC_PATH
+    sync = SYNC_PATH
 
     def auth(token):
         return [("Authorization", f"Bearer {token}")]
@@ -109,15 +109,26 @@ def scenarios(t: dict) -> list[tuple[str, str, list[tuple[str, str]], bytes | No
         ("GET", f"{sync}?timeout=0", auth(t["long"]), None),
         ("GET", f"{sync}?timeout=0&access_token={t['control']}%0D%0AX-Evil:%201", [], None),
         # Spoofed hash-key headers, in any case, repeated, holding a token, with and without one.
-        ("GET", f"{sync}?timeout=0", auth(t["alice"]) + [("X-User-Identifier", t["bob"])], None),
-        ("GET", f"{sync}?timeout=0",
-         [("x-user-identifier", t["bob"]), ("X-USER-IDENTIFIER", t["alice"])], None),
-        ("GET", f"{sync}?timeout=0&access_token={t['bob']}",
-         [("X-User-Identifier", t["users"][0]), ("x-user-identifier", t["alice2"])], None),
+        ("GET", f"{sync}?timeout=0", [*auth(t["alice"]), ("X-User-Identifier", t["bob"])], None),
+        (
+            "GET",
+            f"{sync}?timeout=0",
+            [("x-user-identifier", t["bob"]), ("X-USER-IDENTIFIER", t["alice"])],
+            None,
+        ),
+        (
+            "GET",
+            f"{sync}?timeout=0&access_token={t['bob']}",
+            [("X-User-Identifier", t["users"][0]), ("x-user-identifier", t["alice2"])],
+            None,
+        ),
         # A form-encoded POST whose body carries a token.
-        ("POST", f"{stack.SLIDING_SYNC_PATH}?timeout=0&access_token={t['bob']}",
-         [("Content-Type", "application/x-www-form-urlencoded")],
-         json.dumps({"conn_id": f"&access_token={t['alice2']}&"}).encode()),
+        (
+            "POST",
+            f"{SLIDING_SYNC_PATH}?timeout=0&access_token={t['bob']}",
+            [("Content-Type", "application/x-www-form-urlencoded")],
+            json.dumps({"conn_id": f"&access_token={t['alice2']}&"}).encode(),
+        ),
     ]
 
 
@@ -202,5 +213,5 @@ def test_tokens_reach_upstream_only_where_the_client_put_them(observed, grams, t
         keys = [v for n, v in headers if n == b"x-user-identifier"]
         assert len(keys) <= 1, f"several hash keys sent upstream: {keys}"
         for key in keys:
-            assert key.startswith(b"@") or stack.FALLBACK_KEY.match(key.decode()), key
+            assert key.startswith(b"@") or FALLBACK_KEY.match(key.decode()), key
     assert seen_in_authorization, "no Authorization seen upstream: the dump parser is broken"

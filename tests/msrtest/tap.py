@@ -60,10 +60,8 @@ class HeaderTap:
 
     def close(self) -> None:
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self._listener.close()
-        except OSError:
-            pass
 
     # --- relaying -------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`just validate [FILE]`: checks an Envoy config (YAML) or an nginx.conf with the built filter in place.
+"""`just validate [FILE]`: checks an Envoy config (YAML) or an nginx.conf with the built filter in
+place.
 
 Envoy: the file is copied with the path of every matrix-sync-router module replaced by the built
 filter, and run through `envoy --mode validate` (the pinned Envoy of .venv). Envoy 1.40's validate
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import stack  # noqa: E402
+from msrtest.env import DEFAULT_WASM, ENVOY_YAML, REPO
+from msrtest.envoy import dicts_in
+from msrtest.procs import venv_bin
 
 FILTER = "matrix_sync_router"
 WASM_FILTER = "envoy.filters.http.wasm"
@@ -67,8 +68,9 @@ class Report:
 PROXY_FIELD = {"envoy": "envoy", "ngx": "ngx_wasm_module"}
 
 
-def check_config(args, report: Report, where: str, config: str, host: str,
-                 zones: list[str] | None = None) -> None:
+def check_config(
+    args, report: Report, where: str, config: str, host: str, zones: list[str] | None = None
+) -> None:
     """Runs one plugin configuration through the filter's parser (tests/harness check-config),
     and checks that its `proxy` field names the host it is for: the filter accepts either value
     anywhere, but the other host's behaviour fails at run time (a cluster name is no host:port)."""
@@ -77,13 +79,16 @@ def check_config(args, report: Report, where: str, config: str, host: str,
     except (ValueError, AttributeError):
         proxy = None  # not a JSON object: check-config reports it
     if proxy is not None and proxy != PROXY_FIELD[host]:
-        report.fail(f'{where}: "proxy" is {json.dumps(proxy)}, but this file is for '
-                    f'{"Envoy" if host == "envoy" else "nginx"}: set "proxy": "{PROXY_FIELD[host]}"')
+        report.fail(
+            f'{where}: "proxy" is {json.dumps(proxy)}, but this file is for '
+            f'{"Envoy" if host == "envoy" else "nginx"}: set "proxy": "{PROXY_FIELD[host]}"'
+        )
     argv = [str(args.check_config), "--host", host]
     if zones is not None:
         argv += ["--zones", ",".join(zones)]
-    proc = subprocess.run([*argv, str(args.wasm), config], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [*argv, str(args.wasm), config], capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     if proc.returncode == 0:
         report.ok(f"{where}: the filter accepts its configuration (check-config, {host} profile)")
@@ -101,16 +106,11 @@ def check_config(args, report: Report, where: str, config: str, host: str,
 
 def wasm_filters(node) -> list[dict]:
     """Every `envoy.filters.http.wasm` filter anywhere in the configuration."""
-    found = []
-    if isinstance(node, dict):
-        if node.get("name") == WASM_FILTER and isinstance(node.get("typed_config"), dict):
-            found.append(node)
-        for value in node.values():
-            found += wasm_filters(value)
-    elif isinstance(node, list):
-        for value in node:
-            found += wasm_filters(value)
-    return found
+    return [
+        n
+        for n in dicts_in(node)
+        if n.get("name") == WASM_FILTER and isinstance(n.get("typed_config"), dict)
+    ]
 
 
 def is_ours(plugin: dict) -> bool:
@@ -155,16 +155,28 @@ def validate_envoy(args, report: Report, path: Path) -> None:
         except (ValueError, AttributeError):
             continue  # check-config has reported it
         if upstream not in cluster_names(cfg) and "dynamic_resources" not in cfg:
-            report.fail(f"{where}: whoami_upstream `{upstream}` names no cluster of this file "
-                        "(every whoami call would fail)")
+            report.fail(
+                f"{where}: whoami_upstream `{upstream}` names no cluster of this file "
+                "(every whoami call would fail)"
+            )
     with tempfile.TemporaryDirectory(prefix="msr-validate-") as tmp:
         copy = Path(tmp) / path.name
         copy.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        envoy = stack.venv_bin("envoy")
+        envoy = venv_bin("envoy")
         proc = subprocess.run(
-            [envoy, "--mode", "validate", "-c", str(copy), "--disable-hot-restart",
-             "--log-level", "warning"],
-            capture_output=True, text=True, timeout=120,
+            [
+                envoy,
+                "--mode",
+                "validate",
+                "-c",
+                str(copy),
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     log = (proc.stdout + proc.stderr).replace(str(copy), str(path))
     lines = [line for line in log.splitlines() if line.strip()]
@@ -259,11 +271,15 @@ def validate_nginx(args, report: Report, path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="msr-validate-") as tmp:
         copy = Path(tmp) / path.name
         for name in ours:
-            text = re.sub(rf"(\bmodule\s+{name}\s+)\S+;", lambda m: f"{m[1]}{args.wasm.resolve()};", text)
+            text = re.sub(
+                rf"(\bmodule\s+{name}\s+)\S+;", lambda m: f"{m[1]}{args.wasm.resolve()};", text
+            )
         copy.write_text(f"pid {tmp}/nginx.pid;\n{text}")
         proc = subprocess.run(
             [binary, "-t", "-p", tmp, "-e", f"{tmp}/error.log", "-c", str(copy)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     out = (proc.stdout + proc.stderr).replace(str(copy), str(path)).strip()
     if proc.returncode == 0:
@@ -274,11 +290,14 @@ def validate_nginx(args, report: Report, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", type=Path, nargs="?", default=stack.ENVOY_YAML)
-    parser.add_argument("--wasm", type=Path, default=stack.DEFAULT_WASM, help="the built filter")
-    parser.add_argument("--check-config", type=Path,
-                        default=stack.REPO / "target" / "debug" / "check-config",
-                        help="the harness's check-config binary (`just check-config`)")
+    parser.add_argument("file", type=Path, nargs="?", default=ENVOY_YAML)
+    parser.add_argument("--wasm", type=Path, default=DEFAULT_WASM, help="the built filter")
+    parser.add_argument(
+        "--check-config",
+        type=Path,
+        default=REPO / "target" / "debug" / "check-config",
+        help="the harness's check-config binary (`just check-config`)",
+    )
     args = parser.parse_args(argv)
     for what, file in (("filter", args.wasm), ("check-config", args.check_config)):
         if not file.is_file():

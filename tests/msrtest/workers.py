@@ -1,6 +1,6 @@
 """A real Synapse worker topology on 127.0.0.1, for test_worker_topology.py.
 
-stack.py's Synapse is one process whose extra listeners play the sync workers; this module
+msrtest.synapse's Synapse is one process whose extra listeners play the sync workers; this module
 starts what an operator runs instead: its own PostgreSQL cluster and redis-server (Debian
 packages) under .e2e/, the Synapse main process with a replication listener, `redis: enabled`
 and `instance_map.main`, and `generic_worker` processes in pools by role:
@@ -11,15 +11,14 @@ and `instance_map.main`, and `generic_worker` processes in pools by role:
 
 Envoy runs envoy.yaml with `synapse_sync_workers` pointing at the sync pool and `synapse_main` /
 `synapse_whoami` at the main process; clusters for the other pools are configured only if
-envoy.yaml defines them (POOL_CLUSTERS). Every process is a stack.Process (own session, killed
+envoy.yaml defines them (POOL_CLUSTERS). Every process is a Process (own session, killed
 with its group) logging to the run's directory; each Synapse process writes its own log, whose
-"Processed request" lines (stack.read_processed_requests) say which worker served whom.
+"Processed request" lines (read_processed_requests) say which worker served whom.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import os
 import re
 import shutil
@@ -34,8 +33,11 @@ from pathlib import Path
 
 import yaml
 
-import stack
-from stack import HOST, Process, ProcessedRequest, Service, StackError
+from msrtest.env import DEFAULT_WASM, E2E_DIR, HOST, free_ports
+from msrtest.envoy import Envoy
+from msrtest.httpclient import http_request
+from msrtest.procs import Process, Service, StackError, tail
+from msrtest.synapse import ProcessedRequest, Synapse, read_processed_requests, write_log_config
 
 # Worker pools by role, and how many generic_workers each gets by default.
 DEFAULT_POOLS = {"sync": 2, "initial_sync": 1, "room": 2}
@@ -70,7 +72,7 @@ def pg_binary(name: str) -> str:
     if found:
         return found
     candidates = sorted(
-        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        (str(p) for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}")),
         key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
     )
     if not candidates:
@@ -142,27 +144,50 @@ class Postgres(Service):
                 self.home_is_outside = True
                 shutil.chown(self.home, PG_USER)
                 (self.dir / "WHERE").write_text(f"cluster and socket in {self.home}\n")
-        with open(self.log, "ab") as log:
+        with self.log.open("ab") as log:
             result = subprocess.run(
                 as_pg_user(
                     [
-                        pg_binary("initdb"), "-D", str(self.data), "-U", DB_ROLE,
-                        "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync",
+                        pg_binary("initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        DB_ROLE,
+                        "--auth=trust",
+                        "--locale=C",
+                        "--encoding=UTF8",
+                        "--no-sync",
                     ]
                 ),
-                cwd=self.home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         if result.returncode != 0:
-            raise StackError(f"initdb failed ({result.returncode}):\n{stack.tail(self.log)}")
+            raise StackError(f"initdb failed ({result.returncode}):\n{tail(self.log)}")
         self.process = Process(
             "postgres",
             as_pg_user(
                 [
-                    pg_binary("postgres"), "-D", str(self.data),
-                    "-h", HOST, "-p", str(self.port), "-k", str(self.home),
+                    pg_binary("postgres"),
+                    "-D",
+                    str(self.data),
+                    "-h",
+                    HOST,
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.home),
                     # A test database: durability is not wanted, speed is.
-                    "-c", "fsync=off", "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off", "-c", "max_connections=200",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
                 ]
             ),
             log=self.log,
@@ -208,7 +233,7 @@ class Postgres(Service):
 
     def stop(self) -> None:
         """Immediate shutdown (SIGQUIT: no shutdown checkpoint; the cluster is thrown away, and a
-        kept one still recovers on start), then stack.Process's SIGTERM/SIGKILL of the group."""
+        kept one still recovers on start), then Process's SIGTERM/SIGKILL of the group."""
         if self.process and self.process.proc.poll() is None:
             try:
                 os.killpg(self.process.proc.pid, signal.SIGQUIT)
@@ -244,8 +269,17 @@ class Redis(Service):
         self.process = Process(
             "redis",
             [
-                redis_binary(), "--port", str(self.port), "--bind", HOST,
-                "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                redis_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
             ],
             log=self.dir / "redis.log",
             cwd=self.dir,
@@ -264,7 +298,7 @@ class Redis(Service):
 # Synapse: the main process and generic_workers
 
 
-class WorkerMain(stack.Synapse):
+class WorkerMain(Synapse):
     """Synapse's main process in a worker deployment: PostgreSQL, Redis, and an HTTP
     replication listener named `main` in `instance_map` (workers send it the events they
     create; every other stream it writes reaches them over Redis)."""
@@ -280,7 +314,7 @@ class WorkerMain(stack.Synapse):
 
     @property
     def config_path(self) -> Path:
-        return self.dir / "homeserver.yaml"  # stack.Synapse.start writes it
+        return self.dir / "homeserver.yaml"  # Synapse.start writes it
 
     def _config(self) -> dict:
         cfg = super()._config()
@@ -317,7 +351,7 @@ class GenericWorker(Service):
     def launch(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         log_config = self.dir / f"{self.name}.log.yaml"
-        stack.write_log_config(log_config, self.log)
+        write_log_config(log_config, self.log)
         worker_file = self.dir / f"{self.name}.yaml"
         worker_file.write_text(
             yaml.safe_dump(
@@ -340,8 +374,13 @@ class GenericWorker(Service):
         self.process = Process(
             self.name,
             [
-                sys.executable, "-m", "synapse.app.generic_worker",
-                "-c", str(self.main.config_path), "-c", str(worker_file),
+                sys.executable,
+                "-m",
+                "synapse.app.generic_worker",
+                "-c",
+                str(self.main.config_path),
+                "-c",
+                str(worker_file),
             ],
             log=self.dir / f"{self.name}.out",
             cwd=self.dir,
@@ -349,7 +388,7 @@ class GenericWorker(Service):
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         self.wait_for(
-            lambda: stack.http_request(self.port, "GET", "/health", timeout=2).status == 200,
+            lambda: http_request(self.port, "GET", "/health", timeout=2).status == 200,
             timeout,
             f"{self.name} /health on port {self.port}",
             interval=0.25,
@@ -357,7 +396,7 @@ class GenericWorker(Service):
 
     def processed_requests(self) -> list[ProcessedRequest]:
         """The requests this worker answered, from its own log."""
-        return stack.read_processed_requests(self.log)
+        return read_processed_requests(self.log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +419,12 @@ class WorkerStack:
     """PostgreSQL, Redis, Synapse main, generic_worker pools and Envoys in one directory under
     .e2e/ (removed by close() unless the run failed or $MSR_E2E_KEEP is set)."""
 
-    def __init__(self, wasm: Path = stack.DEFAULT_WASM, pools: dict[str, int] | None = None,
-                 prefix: str = "workers-"):
+    def __init__(
+        self,
+        wasm: Path = DEFAULT_WASM,
+        pools: dict[str, int] | None = None,
+        prefix: str = "workers-",
+    ):
         self.wasm = Path(wasm).resolve()
         if not self.wasm.is_file():
             raise StackError(f"filter not built: {self.wasm} is missing (run `just build`)")
@@ -390,11 +433,11 @@ class WorkerStack:
         unknown = set(pools) - set(POOL_CLUSTERS)
         if unknown:
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(POOL_CLUSTERS)}")
-        stack.E2E_DIR.mkdir(exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=stack.E2E_DIR))
+        E2E_DIR.mkdir(exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=E2E_DIR))
         self.dir.chmod(0o755)  # mkdtemp's 0700 would keep PostgreSQL's user out
         # All ports in one call, so no two of them can be the same.
-        pg_port, redis_port, main_port, repl_port, *worker_ports = stack.free_ports(
+        pg_port, redis_port, main_port, repl_port, *worker_ports = free_ports(
             4 + sum(pools.values())
         )
         self.postgres = Postgres(self.dir / "postgres", pg_port)
@@ -406,7 +449,7 @@ class WorkerStack:
             for role, n in pools.items()
             for i in range(n)
         ]
-        self.envoys: list[stack.Envoy] = []
+        self.envoys: list[Envoy] = []
         self.timings: dict[str, float] = {}  # seconds each start-up phase took
 
     # --- start / stop --------------------------------------------------------------------
@@ -416,7 +459,7 @@ class WorkerStack:
         self.timings[name] = round(now - started, 2)
         return now
 
-    def start(self) -> "WorkerStack":
+    def start(self) -> WorkerStack:
         """Start everything, in parallel where the dependencies allow: redis and PostgreSQL
         together; the main process (which creates the schema) before any worker; all workers
         at once."""
@@ -440,15 +483,20 @@ class WorkerStack:
             raise
         return self
 
-    def add_envoy(self, name: str = "workers", **kwargs) -> stack.Envoy:
-        """Envoy running envoy.yaml in front of this topology (kwargs go to stack.Envoy)."""
+    def add_envoy(self, name: str = "workers", **kwargs) -> Envoy:
+        """Envoy running envoy.yaml in front of this topology (kwargs go to Envoy)."""
         t = time.monotonic()
         optional = {
             POOL_CLUSTERS[role]: self.ports(role) for role in self.roles() if role != "sync"
         }
-        envoy = stack.Envoy(
-            self.dir, name, self.main, self.wasm,
-            sync_ports=self.ports("sync"), optional_clusters=optional, **kwargs,
+        envoy = Envoy(
+            self.dir,
+            name,
+            self.main,
+            self.wasm,
+            sync_ports=self.ports("sync"),
+            optional_clusters=optional,
+            **kwargs,
         )
         self.envoys.append(envoy)
         envoy.start()
@@ -468,7 +516,7 @@ class WorkerStack:
             self.postgres.remove_outside_home()
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "WorkerStack":
+    def __enter__(self) -> WorkerStack:
         return self.start()
 
     def __exit__(self, exc_type, *_) -> None:

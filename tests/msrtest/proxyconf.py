@@ -18,13 +18,14 @@ from pathlib import Path
 
 import jsonschema
 
-import stack
+from msrtest.env import REPO
+from msrtest.procs import StackError
 
-META_JSON = stack.REPO / "nginx-wasm" / "matrix_sync_router.meta.json"
-NGINX_CONF = stack.REPO / "nginx-wasm" / "nginx.conf"
-KONG_YML = stack.REPO / "nginx-wasm" / "kong" / "kong.yml"
-KONG_CONF = stack.REPO / "nginx-wasm" / "kong" / "kong.conf"
-CHECK_CONFIG = stack.REPO / "target" / "debug" / "check-config"
+META_JSON = REPO / "nginx-wasm" / "matrix_sync_router.meta.json"
+NGINX_CONF = REPO / "nginx-wasm" / "nginx.conf"
+KONG_YML = REPO / "nginx-wasm" / "kong" / "kong.yml"
+KONG_CONF = REPO / "nginx-wasm" / "kong" / "kong.conf"
+CHECK_CONFIG = REPO / "target" / "debug" / "check-config"
 
 # Paths on which a proxy's sync-route pattern must agree with the filter's default sync_paths.
 SYNC_SAMPLES = [
@@ -79,7 +80,10 @@ def config_schema() -> dict:
 def schema_errors(config) -> list[str]:
     """What Kong's draft-4 validation of a filter config against config_schema reports."""
     validator = jsonschema.Draft4Validator(config_schema())
-    return [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in validator.iter_errors(config)]
+    return [
+        f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
+        for e in validator.iter_errors(config)
+    ]
 
 
 def template_regex(template: str) -> str:
@@ -133,7 +137,7 @@ def check_config_bin() -> Path:
     """The harness's check-config binary (`just check-config`; `just harness` builds it too)."""
     subprocess.run(
         ["cargo", "build", "-q", "-p", "proxy-wasm-harness", "--bin", "check-config"],
-        cwd=stack.REPO,
+        cwd=REPO,
         check=True,
         timeout=1800,
     )
@@ -147,11 +151,14 @@ def filter_configure(wasm: Path, config: str, *, host: str = "ngx", zones=None) 
     if zones is not None:
         argv += ["--zones", ",".join(zones)]
     proc = subprocess.run(
-        [*argv, str(Path(wasm).resolve()), "-"], input=config, capture_output=True, text=True,
+        [*argv, str(Path(wasm).resolve()), "-"],
+        input=config,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     if proc.returncode not in (0, 1, 2):
-        raise stack.StackError(f"check-config failed ({proc.returncode}): {proc.stderr}")
+        raise StackError(f"check-config failed ({proc.returncode}): {proc.stderr}")
     return Checked(proc.returncode == 0, (proc.stdout + proc.stderr).splitlines())
 
 
@@ -181,7 +188,7 @@ class NginxConf:
     text: str
 
     @classmethod
-    def load(cls, path: Path = NGINX_CONF) -> "NginxConf":
+    def load(cls, path: Path = NGINX_CONF) -> NginxConf:
         return cls(path.read_text())
 
     @property
