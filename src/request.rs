@@ -2,7 +2,7 @@
 
 use crate::config::RequestSettings;
 use crate::matrix::is_user_id;
-use crate::port::{HeaderBlock, Host};
+use crate::port::Host;
 use crate::tokens;
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
@@ -85,11 +85,12 @@ pub fn split_path(path: &[u8]) -> (&[u8], Option<&[u8]>) {
 
 /// The token Synapse 1.163.2 will authenticate a request with, from one `Authorization` value
 /// (or none) and the query string. Mirrors `Auth.get_access_token_from_request`
-/// (synapse/api/auth/base.py) over Twisted's `request.args`; see [`request_token`] for the
-/// whole header block (repeated `Authorization` headers, form-encoded POST bodies) and the
-/// README section "Which token is used" for the table of cases.
+/// (synapse/api/auth/base.py) over Twisted's `request.args`; see [`find_token_with`] for
+/// form-encoded POST bodies and docs/configuration.md, "Which token is used", for the table of
+/// cases. A host hands the filter one `Authorization` value: Envoy joins repeated headers into
+/// one (refused below as not `Bearer <token>`), nginx answers 400 before the filter runs.
 pub fn find_token<'a>(authorization: Option<&'a [u8]>, query: Option<&'a [u8]>) -> Token<'a> {
-    synapse_token(authorization, false, query, || false)
+    synapse_token(authorization, query, || false)
 }
 
 /// [`find_token`] for a request read header by header (the filter's hit path reads only what it
@@ -100,35 +101,15 @@ pub fn find_token_with<'a>(
     query: Option<&'a [u8]>,
     body_may_carry_token: impl FnOnce() -> bool,
 ) -> Token<'a> {
-    synapse_token(authorization, false, query, body_may_carry_token)
+    synapse_token(authorization, query, body_may_carry_token)
 }
 
-/// The token Synapse will authenticate the request of `headers` with (`query` is the part of
-/// `:path` after `?`). Beyond [`find_token`] it sees what only the header block shows: several
-/// `Authorization` headers (Synapse: 401 "Too many Authorization headers"), and a POST whose
-/// `Content-Type` makes Twisted merge a form-encoded body into `request.args`, where an
-/// `access_token` replaces the query's (the filter cannot read the body, so a query token is then
-/// not trusted).
-pub fn request_token<'a>(headers: &'a HeaderBlock, query: Option<&'a [u8]>) -> Token<'a> {
-    let mut auth = headers.get_all("authorization");
-    let first = auth.next();
-    let repeated = auth.next().is_some();
-    synapse_token(first, repeated, query, || body_may_carry_token(headers))
-}
-
-/// Whether Twisted may read `access_token` from the body: it parses the body into
-/// `request.args` for method `POST` (exactly) with a `Content-Type` whose media type is
-/// `application/x-www-form-urlencoded` (case-insensitive, parameters allowed, and through
-/// Python's e-mail header parser, which even decodes RFC 2047 `=?..?=` words). Any value that
-/// mentions the form type or holds an encoded word counts, so the check errs towards "may".
-pub fn body_may_carry_token(headers: &HeaderBlock) -> bool {
-    headers.get(":method") == Some(&b"POST"[..])
-        && headers
-            .get_all("content-type")
-            .any(|v| form_content_type(Some(v)))
-}
-
-/// [`body_may_carry_token`] from a request's `:method` and (first) `content-type` values.
+/// Whether Twisted may read `access_token` from the body, from a request's `:method` and
+/// (first) `content-type`: it parses the body into `request.args` for method `POST` (exactly)
+/// with a `Content-Type` whose media type is `application/x-www-form-urlencoded`
+/// (case-insensitive, parameters allowed, and through Python's e-mail header parser, which
+/// even decodes RFC 2047 `=?..?=` words). Any value that mentions the form type or holds an
+/// encoded word counts, so the check errs towards "may".
 pub fn form_body_possible(method: Option<&[u8]>, content_type: Option<&[u8]>) -> bool {
     method == Some(&b"POST"[..]) && form_content_type(content_type)
 }
@@ -149,7 +130,6 @@ fn form_content_type(value: Option<&[u8]>) -> bool {
 
 fn synapse_token<'a>(
     authorization: Option<&'a [u8]>,
-    repeated_authorization: bool,
     query: Option<&'a [u8]>,
     body_may_carry_token: impl FnOnce() -> bool,
 ) -> Token<'a> {
@@ -163,8 +143,8 @@ fn synapse_token<'a>(
         };
     };
     // Synapse: 401 M_MISSING_TOKEN for "Mixing Authorization headers and access_token query
-    // parameters", "Too many Authorization headers" and "Invalid Authorization header".
-    if query_token.is_some() || repeated_authorization {
+    // parameters" and "Invalid Authorization header".
+    if query_token.is_some() {
         return Token::Malformed(Cow::Borrowed(header));
     }
     match bearer_token(header) {
@@ -303,13 +283,9 @@ mod tests {
                 other => panic!("unknown filter outcome {other}"),
             };
             check(auth, query, &want, find_token(auth, query));
-            // The same through a header block, in either spelling of the header name.
-            for name in ["authorization", "Authorization"] {
-                let mut pairs = vec![(":method", &b"GET"[..])];
-                pairs.extend(auth.map(|a| (name, a)));
-                let block = HeaderBlock::serialize(&pairs);
-                check(auth, query, &want, request_token(&block, query));
-            }
+            // The same as the engine asks, for a GET (no form body).
+            let get = || form_body_possible(Some(b"GET"), None);
+            check(auth, query, &want, find_token_with(auth, query, get));
         }
     }
 
@@ -341,26 +317,12 @@ mod tests {
     }
 
     #[test]
-    fn repeated_authorization_headers_are_refused_like_synapse() {
-        // Synapse: 401 "Too many Authorization headers", even when both are the same.
-        for second in ["Bearer b", "Bearer a", ""] {
-            let block =
-                HeaderBlock::serialize(&[("authorization", "Bearer a"), ("AUTHORIZATION", second)]);
-            check(
-                Some(b"Bearer a"),
-                None,
-                &Want::Malformed(b"Bearer a"),
-                request_token(&block, None),
-            );
-        }
-    }
-
-    #[test]
     fn a_form_encoded_post_body_may_replace_the_query_token() {
         // Twisted merges a form body into `request.args` (`args.update`), so its access_token
         // wins over the query's: the query token is not trusted, the header's still is.
-        let form = |method: &'static str, ctype: &'static str| {
-            HeaderBlock::serialize(&[(":method", method), ("content-type", ctype)])
+        let token = |auth: Option<&'static str>, q, method: &str, ctype: Option<&str>| {
+            let body = || form_body_possible(Some(method.as_bytes()), ctype.map(str::as_bytes));
+            find_token_with(auth.map(str::as_bytes), q, body)
         };
         let q = Some(&b"access_token=q"[..]);
         for ctype in [
@@ -368,28 +330,31 @@ mod tests {
             "Application/X-WWW-Form-Urlencoded; charset=utf-8",
             "=?utf-8?q?application/x-www-form-urlencoded?=",
         ] {
-            let block = form("POST", ctype);
-            assert!(body_may_carry_token(&block), "{ctype}");
-            check(None, q, &Want::Malformed(b"q"), request_token(&block, q));
+            assert!(form_body_possible(Some(b"POST"), Some(ctype.as_bytes())));
+            let got = token(None, q, "POST", Some(ctype));
+            check(None, q, &Want::Malformed(b"q"), got);
             // Without a query token: spread, as for any token-less request.
-            check(None, None, &Want::Absent, request_token(&block, None));
+            check(
+                None,
+                None,
+                &Want::Absent,
+                token(None, None, "POST", Some(ctype)),
+            );
         }
-        for block in [
-            form("POST", "application/json"),
-            form("GET", "application/x-www-form-urlencoded"),
-            form("post", "application/x-www-form-urlencoded"), // Twisted compares b"POST"
-            HeaderBlock::serialize(&[(":method", "POST")]),
+        for (method, ctype) in [
+            ("POST", Some("application/json")),
+            ("GET", Some("application/x-www-form-urlencoded")),
+            ("post", Some("application/x-www-form-urlencoded")), // Twisted compares b"POST"
+            ("POST", None),
         ] {
-            assert!(!body_may_carry_token(&block));
-            check(None, q, &Want::Valid("q"), request_token(&block, q));
+            let ctype_bytes = ctype.map(str::as_bytes);
+            assert!(!form_body_possible(Some(method.as_bytes()), ctype_bytes));
+            check(None, q, &Want::Valid("q"), token(None, q, method, ctype));
         }
         // A header token stays valid: Synapse either uses it or answers 401 (mixing).
-        let block = HeaderBlock::serialize(&[
-            (":method", "POST"),
-            ("content-type", "application/x-www-form-urlencoded"),
-            ("authorization", "Bearer h"),
-        ]);
-        check(None, None, &Want::Valid("h"), request_token(&block, None));
+        let form = Some("application/x-www-form-urlencoded");
+        let got = token(Some("Bearer h"), None, "POST", form);
+        check(Some(b"Bearer h"), None, &Want::Valid("h"), got);
     }
 
     /// Python's `urllib.parse.unquote_to_bytes(s.replace(b"+", b" "))`, transcribed.

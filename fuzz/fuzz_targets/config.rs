@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
                 KeyTarget::Header(name) => Some(name),
                 KeyTarget::NginxVariable(_) => None,
             };
-            for v in [&w.upstream, &w.authority, &w.path].into_iter().chain(header) {
+            for v in [&w.upstream, &w.authority, &w.path]
+                .into_iter()
+                .chain(header)
+            {
                 assert!(!v.is_empty() && v.len() <= MAX_FIELD_LEN, "{v:?}");
                 assert!(v.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{v:?}");
             }

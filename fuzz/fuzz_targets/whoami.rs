@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(code, Some(r.status));
             // The edge answer is rebuilt from the code: a fixed, short text, never the body.
             let answer = r.body();
-            assert!(answer.starts_with("{\"errcode\":\"M_") && answer.len() < 160, "{answer}");
+            assert!(
+                answer.starts_with("{\"errcode\":\"M_") && answer.len() < 160,
+                "{answer}"
+            );
         }
         Outcome::Failed(_) => {}
     }
