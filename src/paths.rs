@@ -217,7 +217,7 @@ fn expand(template: &str) -> Result<Vec<String>, String> {
     if !template.starts_with('/') {
         return Err(if template.starts_with('^') {
             "is a regular expression; sync_paths takes path templates such as \
-             `/_matrix/client/{r0|v3}/sync` (see the README)"
+             `/_matrix/client/{r0|v3}/sync` (see docs/configuration.md)"
                 .into()
         } else {
             "must start with `/`".into()

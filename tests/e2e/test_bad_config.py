@@ -51,8 +51,8 @@ def test_envoy_refuses_a_bad_plugin_config(tmp_path, override, field):
 
 
 def test_validate_mode_runs_the_filter_configuration(tmp_path):
-    """`envoy --mode validate` (what README tells operators to run) loads the filter and runs its
-    configuration: the shipped one passes, a bad one fails naming the field."""
+    """`envoy --mode validate` (what docs/envoy.md tells operators to run) loads the filter and
+    runs its configuration: the shipped one passes, a bad one fails naming the field."""
     good = _run_envoy(tmp_path, None, "--mode", "validate")
     assert good.returncode == 0, (good.stdout + good.stderr)[-3000:]
     bad = _run_envoy(tmp_path, {"cache_ttl_s": 0}, "--mode", "validate")

@@ -1,4 +1,4 @@
-"""envoy.yaml as shipped: Envoy accepts it, and it agrees with the filter's contract (README)."""
+"""envoy.yaml as shipped: Envoy accepts it, and it agrees with the filter's contract (docs/)."""
 
 from __future__ import annotations
 

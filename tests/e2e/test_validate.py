@@ -124,8 +124,8 @@ def test_nginx_conf_without_the_shm_kv_zone_is_refused(tmp_path):
 
 
 def test_just_validate_is_the_one_command(tmp_path):
-    """What the README tells operators to run: `just validate FILE`, the field named last, and
-    no message of just's own after it."""
+    """What docs/configuration.md tells operators to run: `just validate FILE`, the field named
+    last, and no message of just's own after it."""
     just = just_executable()
     if not just:
         pytest.skip("`just` not found: run through `just e2e`, or put just on PATH")

@@ -33,7 +33,7 @@ HTML = b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>o
 class FaultWhoami:
     """Threaded HTTP/1.1 server; set `mode` (see MODES) at any time."""
 
-    # mode → what the server answers (the filter's view of each: README "whoami answers").
+    # mode → what the server answers (the filter's view: docs/architecture.md, "whoami answers").
     MODES: ClassVar[dict[str, str]] = {
         "proxy": "the real Synapse answer",
         "401": "401 M_UNKNOWN_TOKEN for a valid token (negative answer, negative_ttl_s)",

@@ -239,7 +239,7 @@ def place_users(envoy: Envoy, users, rounds: int = 2, threads: int = 8) -> dict[
 
 def record_figures(test: str, **figures) -> None:
     """Append one test's measured figures to .e2e/figures.jsonl (and print them): the numbers
-    the README's "Reliability and security" section quotes come from these lines."""
+    docs/reliability.md quotes its figures from these lines."""
     E2E_DIR.mkdir(exist_ok=True)
     line = json.dumps({"test": test, **figures}, sort_keys=True)
     with (E2E_DIR / "figures.jsonl").open("a") as f:

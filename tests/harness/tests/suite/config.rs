@@ -178,8 +178,8 @@ fn ngx_without_the_shm_zone_fails_at_configure() -> TestResult {
 }
 
 /// serde's derived `Deserialize` also accepts a struct as a JSON *array* of its fields in
-/// declaration order (`["ngx_wasm_module", "127.0.0.1:8008"]`). The README promises one JSON
-/// object, so an array is refused, naming `(root)`.
+/// declaration order (`["ngx_wasm_module", "127.0.0.1:8008"]`). docs/configuration.md promises
+/// one JSON object, so an array is refused, naming `(root)`.
 #[test]
 fn a_json_array_is_not_a_configuration() -> TestResult {
     for bytes in [&b"[]"[..], br#"["envoy", "synapse_whoami"]"#] {
