@@ -406,7 +406,7 @@ def write_markdown(r: Results, out: Path, plot: Path) -> None:
     text = f"""# Benchmarks
 
 Written by `just bench` (bench/run.py) on {now}{mode}; rerun to replace. Filter source: commit
-{git_describe()} (the last one touching src/ or the Cargo files).
+{git_describe()} (the last one touching src/ or the Cargo files when this run was made).
 
 **Read the numbers as ratios within this one run.** This machine is shared and noisy (while this
 run was made, other jobs were compiling on the same two cores: load average {r.load[0]} at the
