@@ -129,6 +129,8 @@ class Postgres(Service):
         # it (a checkout under a private home directory); then a directory of its own in /tmp.
         self.home = workdir
         self.home_is_outside = False
+        # More `-c name=value` server settings, set before launch() (the Synapse bench's).
+        self.extra_settings: list[str] = []
 
     @property
     def log(self) -> Path:
@@ -188,6 +190,7 @@ class Postgres(Service):
                     "full_page_writes=off",
                     "-c",
                     "max_connections=200",
+                    *(arg for setting in self.extra_settings for arg in ("-c", setting)),
                 ]
             ),
             log=self.log,
@@ -311,6 +314,9 @@ class WorkerMain(Synapse):
         self.replication_port = replication_port
         self.postgres = postgres
         self.redis = redis
+        # Top-level homeserver.yaml settings on top of these, set before start() (the Synapse
+        # bench's `enable_metrics`).
+        self.extra_config: dict = {}
 
     @property
     def config_path(self) -> Path:
@@ -330,6 +336,7 @@ class WorkerMain(Synapse):
         cfg["database"] = self.postgres.synapse_database()
         cfg["redis"] = {"enabled": True, "host": HOST, "port": self.redis.port}
         cfg["instance_map"] = {"main": {"host": HOST, "port": self.replication_port}}
+        cfg.update(self.extra_config)
         return cfg
 
 
@@ -337,12 +344,22 @@ class GenericWorker(Service):
     """One `synapse.app.generic_worker` with a client listener, sharing the main process's
     homeserver.yaml (plus its own worker file and log)."""
 
-    def __init__(self, workdir: Path, name: str, role: str, port: int, main: WorkerMain):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        role: str,
+        port: int,
+        main: WorkerMain,
+        metrics_port: int | None = None,
+    ):
         self.dir = workdir
         self.name = name
         self.role = role
         self.port = port
         self.main = main
+        # A Prometheus `metrics` listener (needs `enable_metrics` in homeserver.yaml: the bench).
+        self.metrics_port = metrics_port
 
     @property
     def log(self) -> Path:
@@ -353,20 +370,23 @@ class GenericWorker(Service):
         log_config = self.dir / f"{self.name}.log.yaml"
         write_log_config(log_config, self.log)
         worker_file = self.dir / f"{self.name}.yaml"
+        listeners = [
+            {
+                "type": "http",
+                "port": self.port,
+                "bind_addresses": [HOST],
+                "x_forwarded": True,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+        ]
+        if self.metrics_port is not None:
+            listeners.append({"type": "metrics", "port": self.metrics_port, "bind_addresses": [HOST]})
         worker_file.write_text(
             yaml.safe_dump(
                 {
                     "worker_app": "synapse.app.generic_worker",
                     "worker_name": self.name,
-                    "worker_listeners": [
-                        {
-                            "type": "http",
-                            "port": self.port,
-                            "bind_addresses": [HOST],
-                            "x_forwarded": True,
-                            "resources": [{"names": ["client"], "compress": False}],
-                        }
-                    ],
+                    "worker_listeners": listeners,
                     "worker_log_config": str(log_config),
                 }
             )
@@ -424,7 +444,10 @@ class WorkerStack:
         wasm: Path = DEFAULT_WASM,
         pools: dict[str, int] | None = None,
         prefix: str = "workers-",
+        metrics: bool = False,
     ):
+        """`metrics`: `enable_metrics` and a Prometheus listener on every worker
+        (GenericWorker.metrics_port), for the Synapse bench."""
         self.wasm = Path(wasm).resolve()
         if not self.wasm.is_file():
             raise StackError(f"filter not built: {self.wasm} is missing (run `just build`)")
@@ -437,15 +460,26 @@ class WorkerStack:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=E2E_DIR))
         self.dir.chmod(0o755)  # mkdtemp's 0700 would keep PostgreSQL's user out
         # All ports in one call, so no two of them can be the same.
+        n_workers = sum(pools.values())
         pg_port, redis_port, main_port, repl_port, *worker_ports = free_ports(
-            4 + sum(pools.values())
+            4 + n_workers * (2 if metrics else 1)
         )
         self.postgres = Postgres(self.dir / "postgres", pg_port)
         self.redis = Redis(self.dir / "redis", redis_port)
         self.main = WorkerMain(self.dir / "main", self.postgres, self.redis, main_port, repl_port)
+        if metrics:
+            self.main.extra_config["enable_metrics"] = True
         ports = iter(worker_ports)
+        metrics_ports = iter(worker_ports[n_workers:] if metrics else [])
         self.workers = [
-            GenericWorker(self.dir / "workers", worker_name(role, i), role, next(ports), self.main)
+            GenericWorker(
+                self.dir / "workers",
+                worker_name(role, i),
+                role,
+                next(ports),
+                self.main,
+                metrics_port=next(metrics_ports, None),
+            )
             for role, n in pools.items()
             for i in range(n)
         ]
