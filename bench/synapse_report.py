@@ -102,8 +102,8 @@ class Figures:
         xs = self.ratios(policy, window, key)
         if not xs:
             return "—"
-        m = med(xs)
-        return f"{m:.2f}×" if len(xs) == 1 else f"{m:.2f}× ({min(xs):.2f}–{max(xs):.2f})"
+        m, lo, hi = med(xs), f"{min(xs):.2f}", f"{max(xs):.2f}"
+        return f"{m:.2f}×" if lo == hi else f"{m:.2f}× ({lo}–{hi})"
 
 
 def main_table(f: Figures, window: str) -> str:
@@ -154,20 +154,114 @@ def sanity_table(f: Figures) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(f: Figures) -> list[str]:
-    """Sentences quoting the steady window's (else the cold one's) count figures."""
-    win = "steady" if "steady" in f.meta["windows"] else "cold"
+def _m(f: Figures, policy: str, window: str, key: str) -> float:
+    return med(f.values(policy, window, key))
+
+
+def _r(f: Figures, policy: str, window: str, key: str) -> float:
+    return med(f.ratios(policy, window, key))
+
+
+def expected_streams(devices: int, workers: int) -> float:
+    """Distinct workers a user's devices land on when each is placed at random (routing by
+    token): workers × (1 − (1 − 1/workers)^devices)."""
+    return workers * (1 - (1 - 1 / workers) ** devices)
+
+
+def reading(f: Figures) -> list[str]:
+    """The run's findings as sentences, each quoting its figures (only what this run shows)."""
+    pols = f.policies
+    if not {"user", "token", "round_robin"} <= set(pols):
+        return ["(not every policy ran: no comparison)"]
+    m = f.meta
     out = []
-    if "user" not in f.policies:
-        return out
-    for key, what in (("notifier_per_user", "notifier streams per user"),
-                      ("db_txn_per_sync", "database transactions per /sync"),
-                      ("pg_tup_returned_per_delivery", "PostgreSQL rows read per delivery")):
-        u = med(f.values("user", win, key))
-        parts = [f"{NAMES[p]} {med(f.values(p, win, key)):.2f} ({med(f.ratios(p, win, key)):.2f}×)"
-                 for p in f.policies if p != "user" and f.values(p, win, key)]
-        out.append(f"{what}: user {u:.2f}, " + ", ".join(parts))
+    for win in m["windows"]:
+        n = [_m(f, p, win, "notifier_per_user") for p in ("user", "token", "round_robin")]
+        out.append(
+            f"**{win}**: notifier streams per user {n[0]:.2f} / {n[1]:.2f} / {n[2]:.2f} (user / "
+            f"token / round robin; random placement of {m['devices']} devices on "
+            f"{m['workers']} workers predicts {expected_streams(m['devices'], m['workers']):.2f} "
+            f"by token, and round robin reaches every worker: {m['workers']}). "
+            f"Database transactions per /sync {_r(f, 'token', win, 'db_txn_per_sync'):.2f}× and "
+            f"{_r(f, 'round_robin', win, 'db_txn_per_sync'):.2f}× user's; the sync workers' SQL "
+            f"statements per delivery {_r(f, 'token', win, 'worker_queries_per_delivery'):.2f}× "
+            f"and {_r(f, 'round_robin', win, 'worker_queries_per_delivery'):.2f}×; PostgreSQL "
+            f"rows read (tup_returned) per delivery "
+            f"{_r(f, 'token', win, 'pg_tup_returned_per_delivery'):.2f}× and "
+            f"{_r(f, 'round_robin', win, 'pg_tup_returned_per_delivery'):.2f}×.")
+    dev_u = _m(f, "user", "cold", "per_device_misses_per_user")
+    dev_t = _m(f, "token", "cold", "per_device_misses_per_user")
+    dev_rr = _m(f, "round_robin", "cold", "per_device_misses_per_user")
+    cold_t = [w for w in f.of("token", "cold") if w["valid"]]
+    cold_u = [w for w in f.of("user", "cold") if w["valid"]]
+    extra = {c: med([w["cache_misses"].get(c, 0) for w in cold_t])
+             - med([w["cache_misses"].get(c, 0) for w in cold_u]) for c in PER_USER}
+    top = max(extra, key=lambda c: extra[c])
+    total = sum(x for x in extra.values() if x > 0) or 1
+    same = "equal" if abs(dev_u - dev_t) <= 0.02 * max(dev_u, dev_t, 1e-9) else "not equal"
+    out.append(
+        f"**Where user and token are {same}**: per-device caches (access token, client IP, "
+        f"lazy-loaded members, one-time-key counts) missed {dev_u:.1f} times per user under user "
+        f"and {dev_t:.1f} under token in the cold window, {dev_rr:.1f} under round robin. Routing by "
+        f"token keeps a device's state as well as routing by user does; what it loses is the "
+        f"per-user state: per-user caches missed {_m(f, 'user', 'cold', 'per_user_misses_per_user'):.1f}"
+        f" / {_m(f, 'token', 'cold', 'per_user_misses_per_user'):.1f} / "
+        f"{_m(f, 'round_robin', 'cold', 'per_user_misses_per_user'):.1f} times per user; of the "
+        f"misses token added over user, `{top}` made the largest share "
+        f"({extra[top] / total:.0%}).")
+    waits = sum(w["waits"] for w in f.windows)
+    if waits == 0:
+        out.append("**Catch-up waits**: no worker logged a wait in any window, not even under "
+                   "round robin: at this load replication kept every worker current, so a device "
+                   "moving between workers cost cache misses, not waiting.")
+    else:
+        per = {p: sum(w["waits"] for w in f.windows if w["policy"] == p) for p in pols}
+        out.append("**Catch-up waits** (all windows and rounds): " + ", ".join(
+            f"{NAMES[p]} {per[p]}" for p in pols) + ".")
+    last = m["windows"][-1]
+    spread = {p: _m(f, p, last, "sync_spread") for p in pols}
+    lumpy = "" if spread["user"] > spread["token"] else "; by user no lumpier than by token here"
+    out.append(
+        f"**Placement**: the busiest worker served {spread['user']:.2f}× the mean number of /sync "
+        f"requests by user, {spread['token']:.2f}× by token and {spread['round_robin']:.2f}× "
+        f"round robin ({m['users']} users{lumpy}). Hashing places whole users (by user) or "
+        f"devices (by token), so a few more or fewer on one worker shows here; round robin spreads "
+        f"requests evenly but puts every user on every worker.")
+    lo = min(w["pg_tup_returned_per_delivery"] for w in f.windows if w["valid"])
+    hi = max(w["pg_tup_returned_per_delivery"] for w in f.windows if w["valid"])
+    out.append(
+        f"**PostgreSQL's counters** cover the whole database, the main process's sends and its "
+        f"periodic jobs included, so they vary between rounds more than the workers' own counts "
+        f"(tup_returned per delivery {lo:.0f}–{hi:.0f} over all windows); the per-round ratios "
+        f"are the figure to read there.")
+    out.append(
+        f"**Timings (noisy)**: the sync workers' CPU per delivery was "
+        f"{_r(f, 'token', 'cold', 'cpu_ms_per_delivery'):.2f}× / "
+        f"{_r(f, 'round_robin', 'cold', 'cpu_ms_per_delivery'):.2f}× user's in the cold window"
+        + (f" and {_r(f, 'token', 'steady', 'cpu_ms_per_delivery'):.2f}× / "
+           f"{_r(f, 'round_robin', 'steady', 'cpu_ms_per_delivery'):.2f}× in the steady one"
+           if "steady" in m["windows"] else "")
+        + "; delivery latency p50 "
+        + " / ".join(f"{_m(f, p, m['windows'][-1], 'latency_p50_ms'):.0f}" for p in pols)
+        + f" ms (user / token / round robin). The load average went from "
+        f"{m['load_start'][0]} to {m['load_end'][0]} during the run: these are not the result.")
     return out
+
+
+def headline(f: Figures) -> str:
+    """README's two lines (the steady window's counts)."""
+    m = f.meta
+    win = "steady" if "steady" in m["windows"] else "cold"
+    n = [_m(f, p, win, "notifier_per_user") for p in ("user", "token", "round_robin")]
+    return (
+        f"Measured on real Synapse workers ({m['users']} users × {m['devices']} devices, "
+        f"{m['workers']} sync workers; {m['started'][:10]}, commit {m['commit']}): routing by user "
+        f"keeps {n[0]:.2f} notifier stream per user against {n[1]:.2f} by token and {n[2]:.2f} "
+        f"round robin, and the sync workers run "
+        f"{_r(f, 'token', win, 'worker_queries_per_delivery'):.2f}× / "
+        f"{_r(f, 'round_robin', win, 'worker_queries_per_delivery'):.2f}× as many SQL "
+        f"statements per delivered message by token / round robin as by user "
+        f"([{TITLE}](BENCHMARKS.md#what-routing-by-user-saves-synapse)).")
 
 
 def section(f: Figures, plot_ref: str | None) -> str:
@@ -180,6 +274,7 @@ def section(f: Figures, plot_ref: str | None) -> str:
     windows = ", ".join(f"{w} {m['seconds'][w]:g} s" for w in m["windows"])
     picture = f"\n![bench-synapse]({plot_ref})\n" if plot_ref else ""
     steady = main_table(f, "steady") if "steady" in m["windows"] else "(not run)\n"
+    findings = "\n".join(f"- {line}" for line in reading(f))
     return f"""{BEGIN}
 ## {TITLE}
 
@@ -228,10 +323,12 @@ not reached yet); **CPU** (`process_cpu_seconds_total` of the sync workers); **l
 first seen by each device, measured by the client). Median over rounds, min–max in brackets; the
 ÷ user columns are per-round ratios.
 
-**Reading.** The counts (streams, transactions, rows, misses, waits) are properties of the
-routing and come out the same on a quiet or a busy machine: they are the result. CPU and latency
-are timings on two cores shared with other jobs: they drift over the run more than between
-policies, so read them as direction only.
+**Reading.** The counts (streams, transactions, statements, rows, misses, waits) are properties
+of the routing and come out the same on a quiet or a busy machine: they are the result. CPU and
+latency are timings on two cores shared with other jobs: they drift over the run more than between
+policies, so read them as direction only. What this run shows:
+
+{findings}
 {picture}
 ### Cold window (right after the workers restart)
 
