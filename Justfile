@@ -183,12 +183,12 @@ bench-tools:
     @command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux) || echo "could not install taskset"
     @command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf) || echo "could not install perf (linux-perf): the bench's profile phase will be skipped"
 
-# Not part of `test` (only its `--smoke` run is, in e2e). Arguments go to bench/synapse_bench.py
+# Not part of `test` (only its `--smoke` run is, in e2e). Arguments go to msrbench.synapse_bench (bench/synapse_bench.py)
 # (`--quick`: a pilot of a few minutes; `--users`, `--rounds`, `--cold`, `--steady`, `--rate`, ...).
 # Writes the section "What routing by user saves Synapse" of BENCHMARKS.md and bench/synapse.svg.
 # What routing by user saves Synapse: user vs token vs round robin on real workers (PostgreSQL, Redis, 4 sync workers; ~25 min).
 bench-synapse *args: build venv worker-deps
-    {{venv}}/bin/python bench/synapse_bench.py --wasm {{wasm}} {{args}}
+    {{venv}}/bin/python -m msrbench.synapse_bench --wasm {{wasm}} {{args}}
 
 # Not part of `test` (only its `--quick` smoke run is, in e2e). Pins Envoy to core 0 and wrk to
 # core 1; arguments go to bench/run.py (msrbench.run: `just bench --help`, `just bench --rounds 3`, `--quick`).

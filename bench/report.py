@@ -511,7 +511,10 @@ two worker threads (`listener.*.worker_N.downstream_cx_total`), so both VMs saw 
 
 {rounds_table(r)}"""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    # The section `just bench-synapse` writes stays (its own run replaces it).
+    from msrbench.synapse_report import keep_section
+
+    out.write_text(keep_section(out, text))
 
 
 def wrk_version() -> str:

@@ -2,7 +2,7 @@
 """`just bench-synapse`: what routing /sync by user saves Synapse, on real workers.
 
 PostgreSQL, Redis, the Synapse main process and `--workers` generic_worker sync workers
-(tests/e2e/workers.py, with `enable_metrics` and a metrics listener per worker) on 127.0.0.1,
+(msrtest.workers, with `enable_metrics` and a metrics listener per worker) on 127.0.0.1,
 and Envoy in front. Three routing policies side by side in one run:
 
   user         envoy.yaml as shipped (the filter; MAGLEV on the user it sets in x-user-identifier)
@@ -17,7 +17,8 @@ paced reconnect below `max_whoami_in_flight`). In each window, every device long
 through Envoy while senders post messages straight to the main process (synapse_load.py).
 
 Figures per window, from the workers' own Prometheus metrics, their logs and PostgreSQL's
-pg_stat_database (synapse_report.py turns them into BENCHMARKS.md's section and bench/synapse.svg).
+pg_stat_database (msrbench.synapse_report turns them into BENCHMARKS.md's section and
+bench/synapse.svg).
 Everything listens on 127.0.0.1; every child is stopped at the end, on Ctrl-C and if this dies.
 """
 
@@ -28,8 +29,8 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import json
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -37,16 +38,16 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(REPO / "tests/e2e"))
+from msrbench import synapse_load
+from msrbench.envoy import envoy_version
+from msrbench.report import git_describe
+from msrtest import workers
+from msrtest.env import DEFAULT_WASM, REPO
+from msrtest.envoy import Envoy, cluster_config
+from msrtest.httpclient import http_request
+from msrtest.procs import StackError, stop_on_termination, venv_bin, wait_until
 
-import stack  # noqa: E402  (tests/e2e/stack.py)
-from procs import envoy_version  # noqa: E402
-from report import git_describe  # noqa: E402
-import synapse_load  # noqa: E402
-import workers  # noqa: E402  (tests/e2e/workers.py: the real worker topology)
+BENCH = Path(__file__).resolve().parent
 
 POLICIES = ("user", "token", "round_robin")
 WINDOWS = ("cold", "steady")
@@ -60,24 +61,24 @@ PG_SETTLE_S = 2.0  # PostgreSQL flushes a backend's statistics within ~1 s of it
 FILTER_COUNTERS = ("cache_misses", "whoami_ok", "fallbacks", "shed", "coalesced")
 
 SIZES = {
-    # users, devices, rooms, rounds, cold s, steady s, messages/s
-    "default": dict(users=60, devices=3, rooms=12, rounds=3, cold=30, steady=45, rate=1.0),
-    "quick": dict(users=12, devices=3, rooms=4, rounds=1, cold=12, steady=12, rate=1.0),
-    "smoke": dict(users=6, devices=3, rooms=2, rounds=1, cold=8, steady=0, rate=1.0),
+    # cold, steady: seconds of messages in each window (at --rate, 1 a second by default)
+    "default": {"users": 60, "devices": 3, "rooms": 12, "rounds": 3, "cold": 30, "steady": 45},
+    "quick": {"users": 12, "devices": 3, "rooms": 4, "rounds": 1, "cold": 12, "steady": 12},
+    "smoke": {"users": 6, "devices": 3, "rooms": 2, "rounds": 1, "cold": 8, "steady": 0},
 }
 
 
 def log(msg: str) -> None:
-    print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {msg}", flush=True)
+    print(f"[{dt.datetime.now(dt.UTC):%H:%M:%S}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
 # Envoy per policy
 
 
-def envoy_for(topo: workers.WorkerStack, policy: str, name: str) -> stack.Envoy:
+def envoy_for(topo: workers.WorkerStack, policy: str, name: str) -> Envoy:
     """An Envoy (not started) in front of the sync workers, configured for `policy`."""
-    envoy = stack.Envoy(topo.dir, name, topo.main, topo.wasm, sync_ports=topo.ports("sync"))
+    envoy = Envoy(topo.dir, name, topo.main, topo.wasm, sync_ports=topo.ports("sync"))
     if policy != "user":
         apply_policy(envoy.cfg, policy)
     return envoy
@@ -103,8 +104,12 @@ def apply_policy(cfg: dict, policy: str) -> None:
     """envoy.yaml (rendered) without the filter, the sync routes hashed on Authorization
     ("token") or not hashed and the sync workers balanced ROUND_ROBIN ("round_robin")."""
     listener = cfg["static_resources"]["listeners"][0]
-    (hcm,) = [f["typed_config"] for chain in listener["filter_chains"] for f in chain["filters"]
-              if f["name"] == "envoy.filters.network.http_connection_manager"]
+    (hcm,) = [
+        f["typed_config"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != WASM_FILTER]
     _drop_filter_refs(cfg)
     for vhost in hcm["route_config"]["virtual_hosts"]:
@@ -117,10 +122,10 @@ def apply_policy(cfg: dict, policy: str) -> None:
             else:
                 action.pop("hash_policy", None)
     if policy == "round_robin":
-        stack.cluster_config(cfg, SYNC_CLUSTER)["lb_policy"] = "ROUND_ROBIN"
+        cluster_config(cfg, SYNC_CLUSTER)["lb_policy"] = "ROUND_ROBIN"
 
 
-def filter_counters(envoy: stack.Envoy) -> dict[str, int]:
+def filter_counters(envoy: Envoy) -> dict[str, int]:
     stats = envoy.stats()
     return {c: stats.get(f"wasmcustom.matrix_sync_router_{c}", 0) for c in FILTER_COUNTERS}
 
@@ -143,11 +148,18 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 def worker_metrics(worker: workers.GenericWorker) -> dict:
     """The figures of one worker's /_synapse/metrics the bench uses."""
-    r = stack.http_request(worker.metrics_port, "GET", "/_synapse/metrics", timeout=30)
+    r = http_request(worker.metrics_port, "GET", "/_synapse/metrics", timeout=30)
     if r.status != 200:
-        raise stack.StackError(f"{worker.name} metrics: {r.status}")
-    m = {"notifier_users": 0.0, "sync_responses": 0.0, "sync_db_txn": 0.0, "cpu_s": 0.0,
-         "queries": 0.0, "lookups": {}, "hits": {}}
+        raise StackError(f"{worker.name} metrics: {r.status}")
+    m = {
+        "notifier_users": 0.0,
+        "sync_responses": 0.0,
+        "sync_db_txn": 0.0,
+        "cpu_s": 0.0,
+        "queries": 0.0,
+        "lookups": {},
+        "hits": {},
+    }
     for name, labels, value in parse_prometheus(r.body.decode()):
         sync = labels.get("servlet") == "SyncRestServlet"
         if name == "synapse_notifier_users":
@@ -172,8 +184,10 @@ def pg_stats(topo: workers.WorkerStack) -> dict[str, int]:
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT xact_commit, tup_returned, tup_fetched FROM pg_stat_database"
-                        " WHERE datname = 'synapse'")
+            cur.execute(
+                "SELECT xact_commit, tup_returned, tup_fetched FROM pg_stat_database"
+                " WHERE datname = 'synapse'"
+            )
             xact, returned, fetched = cur.fetchone()
     finally:
         conn.close()
@@ -190,7 +204,7 @@ class Snapshot:
 def snapshot(topo: workers.WorkerStack) -> Snapshot:
     pool = topo.pool("sync")
     with concurrent.futures.ThreadPoolExecutor(len(pool)) as ex:
-        metrics = dict(zip([w.name for w in pool], ex.map(worker_metrics, pool)))
+        metrics = dict(zip([w.name for w in pool], ex.map(worker_metrics, pool), strict=True))
     sizes = {w.name: w.log.stat().st_size if w.log.exists() else 0 for w in pool}
     return Snapshot(metrics, pg_stats(topo), sizes)
 
@@ -199,7 +213,7 @@ def count_waits(topo: workers.WorkerStack, since: dict[str, int]) -> tuple[int, 
     """(waits, timeouts): catch-up waits the workers logged since the given log sizes."""
     waits = timeouts = 0
     for w in topo.pool("sync"):
-        with open(w.log, "rb") as f:
+        with w.log.open("rb") as f:
             f.seek(since.get(w.name, 0))
             text = f.read().decode(errors="replace")
         waits += text.count(WAITING)
@@ -228,8 +242,10 @@ def wait_for_background_updates(topo: workers.WorkerStack, timeout: float = 300)
         time.sleep(5)
         left = background_updates(topo)
     if left:
-        log(f"{left} background updates still running after {timeout:.0f}s: PostgreSQL's "
-            "counters include them")
+        log(
+            f"{left} background updates still running after {timeout:.0f}s: PostgreSQL's "
+            "counters include them"
+        )
 
 
 def restart_sync_workers(topo: workers.WorkerStack) -> float:
@@ -244,7 +260,7 @@ def restart_sync_workers(topo: workers.WorkerStack) -> float:
         w.wait_ready()
     # Every worker's metrics answer (its replication connection is up by then too).
     for w in pool:
-        stack.wait_until(lambda w=w: worker_metrics(w)["cpu_s"] > 0, 60, f"{w.name} metrics")
+        wait_until(lambda w=w: worker_metrics(w)["cpu_s"] > 0, 60, f"{w.name} metrics")
     return time.monotonic() - t
 
 
@@ -259,8 +275,9 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def figures(pop, before: Snapshot, after: Snapshot, load: synapse_load.WindowLoad,
-            waits: tuple[int, int]) -> dict:
+def figures(
+    pop, before: Snapshot, after: Snapshot, load: synapse_load.WindowLoad, waits: tuple[int, int]
+) -> dict:
     """The window's figures (before → after deltas; notifier users: the gauge at the end)."""
     names = list(after.workers)
 
@@ -277,7 +294,8 @@ def figures(pop, before: Snapshot, after: Snapshot, load: synapse_load.WindowLoa
         a, b = after.workers[n], before.workers[n]
         for cache, lookups in a["lookups"].items():
             miss = (lookups - a["hits"].get(cache, 0)) - (
-                b["lookups"].get(cache, 0) - b["hits"].get(cache, 0))
+                b["lookups"].get(cache, 0) - b["hits"].get(cache, 0)
+            )
             if miss:
                 misses[cache] = misses.get(cache, 0) + miss
     d = load.delivered or float("nan")
@@ -286,28 +304,40 @@ def figures(pop, before: Snapshot, after: Snapshot, load: synapse_load.WindowLoa
     mean_notifier = sum(notifier.values()) / len(names)
     return {
         "valid": load.missing == 0 and load.send_errors == 0 and load.delivered > 0,
-        "messages": len(load.sent), "expected": load.expected, "delivered": load.delivered,
-        "missing": load.missing, "send_errors": load.send_errors, "sync_errors": load.errors,
-        "client_syncs": load.syncs, "reconnect_s": round(load.reconnect_s, 2),
+        "messages": len(load.sent),
+        "expected": load.expected,
+        "delivered": load.delivered,
+        "missing": load.missing,
+        "send_errors": load.send_errors,
+        "sync_errors": load.errors,
+        "client_syncs": load.syncs,
+        "reconnect_s": round(load.reconnect_s, 2),
         "notifier_users": sum(notifier.values()),
         "notifier_per_user": sum(notifier.values()) / n_users,
         "notifier_by_worker": notifier,
-        "worker_syncs": sum(syncs.values()), "syncs_by_worker": syncs,
+        "worker_syncs": sum(syncs.values()),
+        "syncs_by_worker": syncs,
         "db_txn_per_sync": txn / sum(syncs.values()) if sum(syncs.values()) else float("nan"),
         "worker_queries_per_delivery": queries / d,
         "pg_xact_per_delivery": (after.pg["xact_commit"] - before.pg["xact_commit"]) / d,
         "pg_tup_returned_per_delivery": (after.pg["tup_returned"] - before.pg["tup_returned"]) / d,
-        "cpu_s": cpu, "cpu_ms_per_delivery": cpu * 1000 / d,
+        "cpu_s": cpu,
+        "cpu_ms_per_delivery": cpu * 1000 / d,
         "cache_misses": misses,
-        "latency_p50_ms": pct(load.latencies_ms, 0.5), "latency_p99_ms": pct(load.latencies_ms, 0.99),
-        "waits": waits[0], "wait_timeouts": waits[1],
+        "latency_p50_ms": pct(load.latencies_ms, 0.5),
+        "latency_p99_ms": pct(load.latencies_ms, 0.99),
+        "waits": waits[0],
+        "wait_timeouts": waits[1],
         "sync_spread": max(syncs.values()) / mean_syncs if mean_syncs else float("nan"),
-        "notifier_spread": max(notifier.values()) / mean_notifier if mean_notifier else float("nan"),
+        "notifier_spread": max(notifier.values()) / mean_notifier
+        if mean_notifier
+        else float("nan"),
     }
 
 
-async def _window_load(pop, envoy: stack.Envoy, main_port: int, tag: str, args, measure_from,
-                       seconds: float) -> tuple[Snapshot, synapse_load.WindowLoad, Snapshot]:
+async def _window_load(
+    pop, envoy: Envoy, main_port: int, tag: str, args, measure_from, seconds: float
+) -> tuple[Snapshot, synapse_load.WindowLoad, Snapshot]:
     """Reconnect, long-poll, send for `seconds`, drain. `measure_from` "reconnect" (cold) takes
     the first snapshot before the reconnect, "polls" (steady) once the long-polls wait."""
     loop = asyncio.get_running_loop()
@@ -338,12 +368,22 @@ def run_window(args, pop, policy: str, window: str, round_: int) -> dict:
     t = time.monotonic()
     envoy.start()
     try:
-        log(f"  {window}: Envoy started ({time.monotonic() - t:.1f}s); reconnecting "
+        log(
+            f"  {window}: Envoy started ({time.monotonic() - t:.1f}s); reconnecting "
             f"{len(pop.devices)} devices ({args.reconnect_concurrency} at a time), then "
-            f"{args.seconds[window]}s of messages at {args.rate}/s")
-        before, load, after = asyncio.run(_window_load(
-            pop, envoy, topo.main.main_port, f"bench-{name}", args,
-            "reconnect" if window == "cold" else "polls", args.seconds[window]))
+            f"{args.seconds[window]}s of messages at {args.rate}/s"
+        )
+        before, load, after = asyncio.run(
+            _window_load(
+                pop,
+                envoy,
+                topo.main.main_port,
+                f"bench-{name}",
+                args,
+                "reconnect" if window == "cold" else "polls",
+                args.seconds[window],
+            )
+        )
         waits = count_waits(topo, before.log_sizes)
         fig = figures(pop, before, after, load, waits)
         if policy == "user":
@@ -352,12 +392,14 @@ def run_window(args, pop, policy: str, window: str, round_: int) -> dict:
     finally:
         envoy.stop()
     fig.update(policy=policy, window=window, round=round_)
-    log(f"  {window}: {fig['delivered']}/{fig['expected']} deliveries"
+    log(
+        f"  {window}: {fig['delivered']}/{fig['expected']} deliveries"
         f"{'' if fig['valid'] else ' — INVALID'}; notifier users/user "
         f"{fig['notifier_per_user']:.2f}; db txn/sync {fig['db_txn_per_sync']:.2f}; "
         f"PG tup_returned/delivery {fig['pg_tup_returned_per_delivery']:.0f}; "
         f"latency p50 {fig['latency_p50_ms']:.0f} ms p99 {fig['latency_p99_ms']:.0f} ms; "
-        f"waits {fig['waits']}" + (f"; filter {fig['filter']}" if "filter" in fig else ""))
+        f"waits {fig['waits']}" + (f"; filter {fig['filter']}" if "filter" in fig else "")
+    )
     return fig
 
 
@@ -367,27 +409,44 @@ def run_window(args, pop, policy: str, window: str, round_: int) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--wasm", type=Path, default=stack.DEFAULT_WASM)
+    ap.add_argument("--wasm", type=Path, default=DEFAULT_WASM)
     ap.add_argument("--quick", action="store_true", help="a pilot of a few minutes")
-    ap.add_argument("--smoke", action="store_true",
-                    help="the CI run: 6 users, one short cold window per policy, no report")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the CI run: 6 users, one short cold window per policy, no report",
+    )
     ap.add_argument("--users", type=int)
     ap.add_argument("--devices", type=int, help="devices (logins) per user")
     ap.add_argument("--rooms", type=int)
     ap.add_argument("--workers", type=int, default=4, help="sync workers")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--cold", type=float, help="seconds of messages in the cold window")
-    ap.add_argument("--steady", type=float, help="seconds of messages in the steady window (0: none)")
-    ap.add_argument("--rate", type=float, help="messages per second (all rooms together)")
-    ap.add_argument("--drain", type=float, default=20.0,
-                    help="seconds to wait for the last messages to reach every device")
-    ap.add_argument("--reconnect-concurrency", type=int, default=16,
-                    help="devices reconnecting at once (below the filter's max_whoami_in_flight)")
+    ap.add_argument(
+        "--steady", type=float, help="seconds of messages in the steady window (0: none)"
+    )
+    ap.add_argument(
+        "--rate", type=float, default=1.0, help="messages per second (all rooms together)"
+    )
+    ap.add_argument(
+        "--drain",
+        type=float,
+        default=20.0,
+        help="seconds to wait for the last messages to reach every device",
+    )
+    ap.add_argument(
+        "--reconnect-concurrency",
+        type=int,
+        default=16,
+        help="devices reconnecting at once (below the filter's max_whoami_in_flight)",
+    )
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--plot", type=Path, default=BENCH / "synapse.svg")
     ap.add_argument("--json", type=Path, help="also write every figure as JSON")
-    ap.add_argument("--no-report", action="store_true", help="write neither BENCHMARKS.md nor the plot")
+    ap.add_argument(
+        "--no-report", action="store_true", help="write neither BENCHMARKS.md nor the plot"
+    )
     args = ap.parse_args(argv)
     size = SIZES["smoke" if args.smoke else "quick" if args.quick else "default"]
     for k, v in size.items():
@@ -423,26 +482,31 @@ def versions() -> dict[str, str]:
         commit += " (with uncommitted changes)"
     pg = re.search(r"\d+\.\d+", out([workers.pg_binary("postgres"), "--version"]))
     return {
-        "commit": commit, "filter_commit": git_describe(),
+        "commit": commit,
+        "filter_commit": git_describe(),
         "synapse": importlib.metadata.version("matrix-synapse"),
         "postgres": pg[0] if pg else "unknown",
-        "envoy": envoy_version(Path(stack.venv_bin("envoy"))), "cpus": str(os.cpu_count()),
+        "envoy": envoy_version(Path(venv_bin("envoy"))),
+        "cpus": str(os.cpu_count()),
     }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stack.stop_on_termination()
+    stop_on_termination()
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     load_start = Path("/proc/loadavg").read_text().split()[:3]
-    log(f"bench-synapse: {args.users} users × {args.devices} devices, {args.rooms} rooms, "
+    log(
+        f"bench-synapse: {args.users} users × {args.devices} devices, {args.rooms} rooms, "
         f"{args.workers} sync workers, {args.rounds} round(s) of {', '.join(args.policies)}; "
         f"windows {', '.join(f'{w} {args.seconds[w]:g}s' for w in args.windows)} at "
-        f"{args.rate:g} messages/s")
+        f"{args.rate:g} messages/s"
+    )
     try:
-        topo = workers.WorkerStack(args.wasm, pools={"sync": args.workers},
-                                   prefix="bench-synapse-", metrics=True)
+        topo = workers.WorkerStack(
+            args.wasm, pools={"sync": args.workers}, prefix="bench-synapse-", metrics=True
+        )
     except workers.MissingDependency as exc:
         log(f"cannot run: {exc} (`just worker-deps` installs PostgreSQL and Redis)")
         return 2
@@ -450,13 +514,16 @@ def main(argv=None) -> int:
     results: list[dict] = []
     failed = True
     try:
-        log(f"starting PostgreSQL, Redis, Synapse main and {args.workers} sync workers in {topo.dir}")
+        log(f"starting PostgreSQL, Redis, Synapse main and {args.workers} sync workers")
+        log(f"work folder: {topo.dir}")
         # Deterministic database counters: no autovacuum, background updates run at once.
         topo.postgres.extra_settings = ["autovacuum=off"]
         topo.main.extra_config["background_updates"] = {"sleep_enabled": False}
         topo.start()
         log(f"topology up: {topo.timings}")
-        pop = asyncio.run(synapse_load.populate(topo.main, args.users, args.devices, args.rooms, log))
+        pop = asyncio.run(
+            synapse_load.populate(topo.main, args.users, args.devices, args.rooms, log)
+        )
         wait_for_background_updates(topo)
         for r in range(args.rounds):
             k = r % len(args.policies)
@@ -474,23 +541,33 @@ def main(argv=None) -> int:
             log(f"failed: logs kept in {topo.dir}")
     elapsed = time.monotonic() - started
     meta = {
-        "started": started_at.strftime("%Y-%m-%d %H:%M UTC"), "elapsed_s": round(elapsed),
-        "load_start": load_start, "load_end": Path("/proc/loadavg").read_text().split()[:3],
-        "users": args.users, "devices": args.devices, "rooms": args.rooms,
-        "workers": args.workers, "rounds": args.rounds, "rate": args.rate,
-        "seconds": args.seconds, "policies": args.policies, "windows": args.windows,
+        "started": started_at.strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": round(elapsed),
+        "load_start": load_start,
+        "load_end": Path("/proc/loadavg").read_text().split()[:3],
+        "users": args.users,
+        "devices": args.devices,
+        "rooms": args.rooms,
+        "workers": args.workers,
+        "rounds": args.rounds,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "policies": args.policies,
+        "windows": args.windows,
         "reconnect_concurrency": args.reconnect_concurrency,
         "room_sizes": sorted(len(m) for m in pop.rooms.values()),
-        "quick": args.quick, "smoke": args.smoke, **versions(),
+        "quick": args.quick,
+        "smoke": args.smoke,
+        **versions(),
     }
     log(f"done in {elapsed:.0f}s")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "windows": results}, indent=1))
     if not args.no_report:
-        import synapse_report
+        from msrbench import synapse_report
 
         synapse_report.write(meta, results, args.out, args.plot)
-        log(f"wrote {args.out} (section \"{synapse_report.TITLE}\") and {args.plot}")
+        log(f'wrote {args.out} (section "{synapse_report.TITLE}") and {args.plot}')
     invalid = [f"{w['policy']} {w['window']} round {w['round']}" for w in results if not w["valid"]]
     if invalid:
         log(f"INVALID windows (a device missed messages or a send failed): {invalid}")

@@ -84,8 +84,14 @@ def room_plan(n_users: int, n_rooms: int) -> list[list[int]]:
     return rooms
 
 
-async def _json(session: aiohttp.ClientSession, method: str, url: str, token: str | None = None,
-                body: dict | None = None, ok=(200,)) -> dict:
+async def _json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: dict | None = None,
+    ok=(200,),
+) -> dict:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with session.request(method, url, json=body, headers=headers) as r:
         data = await r.read()
@@ -101,9 +107,9 @@ async def populate(main, n_users: int, n_devices: int, n_rooms: int, progress) -
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     # The admin registration API (stack.Synapse.register: blocking, HMAC'd nonce).
-    first = await asyncio.gather(*(
-        loop.run_in_executor(None, main.register, f"bench{i}") for i in range(n_users)
-    ))
+    first = await asyncio.gather(
+        *(loop.run_in_executor(None, main.register, f"bench{i}") for i in range(n_users))
+    )
     users = [d.user_id for d in first]
     progress(f"registered {n_users} users ({time.monotonic() - started:.1f}s)")
     connector = aiohttp.TCPConnector(limit=8)
@@ -112,49 +118,70 @@ async def populate(main, n_users: int, n_devices: int, n_rooms: int, progress) -
 
         async def login(user_id: str, k: int) -> Device:
             async with gate:
-                data = await _json(s, "POST", f"{base}/_matrix/client/v3/login", body={
-                    "type": "m.login.password",
-                    "identifier": {"type": "m.id.user", "user": user_id},
-                    "password": main.passwords[user_id],
-                    "initial_device_display_name": f"bench device {k + 1}",
-                })
+                data = await _json(
+                    s,
+                    "POST",
+                    f"{base}/_matrix/client/v3/login",
+                    body={
+                        "type": "m.login.password",
+                        "identifier": {"type": "m.id.user", "user": user_id},
+                        "password": main.passwords[user_id],
+                        "initial_device_display_name": f"bench device {k + 1}",
+                    },
+                )
             return Device(data["user_id"], data["device_id"], data["access_token"])
 
-        more = await asyncio.gather(*(
-            login(u, k) for u in users for k in range(1, n_devices)
-        ))
+        more = await asyncio.gather(*(login(u, k) for u in users for k in range(1, n_devices)))
         devices = [Device(d.user_id, d.device_id, d.token) for d in first] + list(more)
         devices.sort(key=lambda d: users.index(d.user_id))
         progress(f"logged in {len(devices)} devices ({time.monotonic() - started:.1f}s)")
 
-        token = {u: d.token for u, d in zip(users, first)}
+        token = {u: d.token for u, d in zip(users, first, strict=True)}
         plan = room_plan(n_users, n_rooms)
         rooms: dict[str, list[str]] = {}
         for k, members in enumerate(plan):
             creator = users[members[0]]
-            created = await _json(s, "POST", f"{base}/_matrix/client/v3/createRoom",
-                                  token[creator], {"preset": "public_chat", "name": f"room {k}"})
+            created = await _json(
+                s,
+                "POST",
+                f"{base}/_matrix/client/v3/createRoom",
+                token[creator],
+                {"preset": "public_chat", "name": f"room {k}"},
+            )
             rooms[created["room_id"]] = [users[i] for i in members]
 
         async def join(room_id: str, user_id: str) -> None:
             async with gate:
-                await _json(s, "POST", f"{base}/_matrix/client/v3/join/"
-                            f"{urllib.parse.quote(room_id)}", token[user_id], {})
+                await _json(
+                    s,
+                    "POST",
+                    f"{base}/_matrix/client/v3/join/{urllib.parse.quote(room_id)}",
+                    token[user_id],
+                    {},
+                )
 
-        await asyncio.gather(*(
-            join(r, u) for r, members in rooms.items() for u in members[1:]
-        ))
-        progress(f"{len(rooms)} rooms of {min(map(len, rooms.values()))}–"
-                 f"{max(map(len, rooms.values()))} members joined "
-                 f"({time.monotonic() - started:.1f}s)")
+        await asyncio.gather(*(join(r, u) for r, members in rooms.items() for u in members[1:]))
+        progress(
+            f"{len(rooms)} rooms of {min(map(len, rooms.values()))}–"
+            f"{max(map(len, rooms.values()))} members joined "
+            f"({time.monotonic() - started:.1f}s)"
+        )
 
         async def prepare(user_id: str) -> None:
             async with gate:
                 quoted = urllib.parse.quote(user_id)
-                fid = (await _json(s, "POST", f"{base}/_matrix/client/v3/user/{quoted}/filter",
-                                   token[user_id], CLIENT_FILTER))["filter_id"]
-                first_sync = await _json(s, "GET", f"{base}{SYNC}?timeout=0&filter={fid}",
-                                         token[user_id])
+                fid = (
+                    await _json(
+                        s,
+                        "POST",
+                        f"{base}/_matrix/client/v3/user/{quoted}/filter",
+                        token[user_id],
+                        CLIENT_FILTER,
+                    )
+                )["filter_id"]
+                first_sync = await _json(
+                    s, "GET", f"{base}{SYNC}?timeout=0&filter={fid}", token[user_id]
+                )
             mine = tuple(r for r, members in rooms.items() if user_id in members)
             for d in devices:
                 if d.user_id == user_id:
@@ -194,13 +221,16 @@ class Clients:
         self.send_errors = 0
         self.reconnect_s = 0.0
 
-    async def __aenter__(self) -> "Clients":
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=LONG_POLL_MS / 1000 + 30)
+    async def __aenter__(self) -> Clients:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=LONG_POLL_MS / 1000 + 30
+        )
         for d in self.pop.devices:
             d.seen, d.syncs, d.errors = {}, 0, 0
             # One keep-alive connection per device, as a real client has.
             self.sessions[d.device_id] = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1), timeout=timeout)
+                connector=aiohttp.TCPConnector(limit=1), timeout=timeout
+            )
         return self
 
     async def __aexit__(self, *_) -> None:
@@ -208,8 +238,10 @@ class Clients:
         await asyncio.gather(*(s.close() for s in self.sessions.values()))
 
     async def _sync(self, d: Device, timeout_ms: int) -> None:
-        url = (f"{self.envoy}{SYNC}?since={urllib.parse.quote(d.since)}&timeout={timeout_ms}"
-               f"&filter={d.filter_id}")
+        url = (
+            f"{self.envoy}{SYNC}?since={urllib.parse.quote(d.since)}&timeout={timeout_ms}"
+            f"&filter={d.filter_id}"
+        )
         session = self.sessions[d.device_id]
         d.syncs += 1
         try:
@@ -219,7 +251,7 @@ class Clients:
                     d.errors += 1
                     await asyncio.sleep(1)
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             d.errors += 1
             await asyncio.sleep(1)
             return
@@ -262,7 +294,7 @@ class Clients:
         """n messages at `rate` per second straight to the main process, round robin over the
         rooms, each room's members taking turns."""
         rooms = list(self.pop.rooms)
-        turn = {r: 0 for r in rooms}
+        turn = dict.fromkeys(rooms, 0)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         async with aiohttp.ClientSession() as s:
@@ -275,13 +307,20 @@ class Clients:
                 sender = members[turn[room] % len(members)]
                 turn[room] += 1
                 body = f"{self.tag} {k}"
-                url = (f"{self.main}/_matrix/client/v3/rooms/{urllib.parse.quote(room)}"
-                       f"/send/m.room.message/{secrets.token_hex(8)}")
+                url = (
+                    f"{self.main}/_matrix/client/v3/rooms/{urllib.parse.quote(room)}"
+                    f"/send/m.room.message/{secrets.token_hex(8)}"
+                )
                 self.sent[body] = (room, loop.time())
                 try:
-                    await _json(s, "PUT", url, self.pop.sender_token[sender],
-                                {"msgtype": "m.text", "body": body})
-                except (LoadError, aiohttp.ClientError, asyncio.TimeoutError):
+                    await _json(
+                        s,
+                        "PUT",
+                        url,
+                        self.pop.sender_token[sender],
+                        {"msgtype": "m.text", "body": body},
+                    )
+                except (TimeoutError, LoadError, aiohttp.ClientError):
                     self.send_errors += 1
                     del self.sent[body]
 
@@ -310,9 +349,13 @@ class Clients:
                     delivered += 1
                     latencies.append((d.seen[body] - sent_at) * 1000)
         return WindowLoad(
-            sent=dict(self.sent), expected=expected, delivered=delivered,
-            missing=expected - delivered, latencies_ms=latencies,
+            sent=dict(self.sent),
+            expected=expected,
+            delivered=delivered,
+            missing=expected - delivered,
+            latencies_ms=latencies,
             syncs=sum(d.syncs for d in self.pop.devices),
             errors=sum(d.errors for d in self.pop.devices),
-            send_errors=self.send_errors, reconnect_s=self.reconnect_s,
+            send_errors=self.send_errors,
+            reconnect_s=self.reconnect_s,
         )

@@ -19,11 +19,9 @@ import sys
 
 import pytest
 
-import stack
-import workers
-from conftest import WASM
+from msrtest import workers
+from msrtest.env import REPO, WASM
 
-RUN = stack.REPO / "bench" / "synapse_bench.py"
 USERS = 6
 
 
@@ -35,9 +33,22 @@ def smoke(tmp_path_factory):
         pytest.skip(f"the Synapse bench needs PostgreSQL and Redis: {exc}")
     out = tmp_path_factory.mktemp("bench-synapse") / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--smoke", "--users", str(USERS), "--wasm", str(WASM),
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=stack.REPO,
+        [
+            sys.executable,
+            "-m",
+            "msrbench.synapse_bench",
+            "--smoke",
+            "--users",
+            str(USERS),
+            "--wasm",
+            str(WASM),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     results = json.loads(out.read_text())

@@ -380,7 +380,9 @@ class GenericWorker(Service):
             }
         ]
         if self.metrics_port is not None:
-            listeners.append({"type": "metrics", "port": self.metrics_port, "bind_addresses": [HOST]})
+            listeners.append(
+                {"type": "metrics", "port": self.metrics_port, "bind_addresses": [HOST]}
+            )
         worker_file.write_text(
             yaml.safe_dump(
                 {
