@@ -33,8 +33,7 @@ wasm-opt:
 # Every test: lint, unit (native), harness (compiled filter, both host profiles), end to end.
 test: lint unit wasm-unit harness docs-check fuzz-smoke e2e
 
-# Docs that cannot drift: docs/configuration.md's field table and default paths against the filter's
-# schema, every relative link and #anchor (tests/harness/tests/docs.rs), and docs/alerts.yml through promtool.
+# Docs that cannot drift: the config table against the filter's schema, links, anchors and named files (tests/harness/tests/docs.rs); docs/alerts.yml through promtool.
 docs-check: promtool
     cargo test -p proxy-wasm-harness --test docs
     @p=$(command -v promtool || echo target/tools/prometheus/usr/bin/promtool); \
