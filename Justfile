@@ -73,10 +73,10 @@ venv:
         {{venv}}/bin/python -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . && \
         cp pyproject.toml {{venv}}/.pyproject; }
 
-# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors; ruff check and ruff format --check over tests/ and bench/ (pyproject.toml).
+# cargo fmt --check and clippy (native and wasm, and the bench fixtures) with warnings as errors; ruff check and ruff format --check over tests/, bench/ and release/ (pyproject.toml).
 lint: rust-target lint-workflows venv
-    {{venv}}/bin/ruff check tests bench
-    {{venv}}/bin/ruff format --check tests bench
+    {{venv}}/bin/ruff check tests bench release
+    {{venv}}/bin/ruff format --check tests bench release
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import textwrap
 import threading
 import tomllib
 from pathlib import Path
@@ -34,7 +35,7 @@ import pytest
 import yaml
 
 from msrtest.env import ENVOY_YAML, HOST, REPO, free_ports
-from msrtest.envoy import Envoy
+from msrtest.envoy import Envoy, uncomment_block
 from msrtest.httpclient import http_request
 from msrtest.procs import Process, just_executable, wait_until
 
@@ -204,17 +205,8 @@ def serve(directory: Path):
 
 def shipped_remote_block() -> dict:
     """envoy.yaml's commented-out `remote` code source, uncommented as an operator would."""
-    lines, block, inside = ENVOY_YAML.read_text().splitlines(), [], False
-    for line in lines:
-        if line.strip() == "# remote-code: begin":
-            inside = True
-        elif line.strip() == "# remote-code: end":
-            inside = False
-        elif inside:
-            assert line.lstrip().startswith("# "), line
-            block.append(line.lstrip()[2:])
-    assert block, "no remote-code block in envoy.yaml"
-    return yaml.safe_load("\n".join(block))["remote"]
+    _, block = uncomment_block(ENVOY_YAML.read_text(), "remote-code")
+    return yaml.safe_load(textwrap.dedent("\n".join(block)))["remote"]
 
 
 def remote_envoy(e2e_stack, name: str, port: int, digest: str) -> Envoy:

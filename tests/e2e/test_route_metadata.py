@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 
 from msrtest.env import ENVOY_YAML, free_ports
-from msrtest.envoy import Envoy
+from msrtest.envoy import Envoy, uncomment_block
 from msrtest.httpclient import Response
 from msrtest.spread import samples_for_spread
 
@@ -141,20 +141,9 @@ def test_the_access_log_shows_where_each_key_came_from(envoy, make_user):
 def with_debug_headers(workdir):
     """envoy.yaml with its commented-out debug-response-headers block turned on, and nothing
     else changed: the block as shipped is what is tested."""
-    lines, out, inside = ENVOY_YAML.read_text().splitlines(), [], False
-    for line in lines:
-        if line.strip() == "# debug-response-headers: begin":
-            inside = True
-        elif line.strip() == "# debug-response-headers: end":
-            inside = False
-        elif inside:
-            indent = len(line) - len(line.lstrip())
-            assert line.lstrip().startswith("# "), line
-            line = line[:indent] + line.lstrip()[2:]
-        out.append(line)
-    assert "\n".join(out) != "\n".join(lines), "no debug-response-headers block in envoy.yaml"
+    text, _ = uncomment_block(ENVOY_YAML.read_text(), "debug-response-headers")
     path = workdir / "envoy-debug-headers.yaml"
-    path.write_text("\n".join(out) + "\n")
+    path.write_text(text)
     return path
 
 

@@ -41,6 +41,28 @@ def dicts_in(node) -> Iterator[dict]:
             yield from dicts_in(value)
 
 
+def uncomment_block(text: str, block: str) -> tuple[str, list[str]]:
+    """`text` (envoy.yaml) with its commented-out block between `# {block}: begin` and
+    `# {block}: end` turned on as an operator would (one `# ` removed from each line, indentation
+    kept), and the block's own lines so uncommented. The block as shipped is what a test runs."""
+    out, own, inside = [], [], False
+    for line in text.splitlines():
+        if line.strip() == f"# {block}: begin":
+            inside = True
+        elif line.strip() == f"# {block}: end":
+            inside = False
+        elif inside:
+            indent = len(line) - len(line.lstrip())
+            if not line.lstrip().startswith("# "):
+                raise StackError(f"envoy.yaml: {block} block, line not commented: {line}")
+            line = line[:indent] + line.lstrip()[2:]
+            own.append(line)
+        out.append(line)
+    if not own:
+        raise StackError(f"envoy.yaml: no commented-out {block} block")
+    return "\n".join(out) + "\n", own
+
+
 def _socket_address(port: int) -> dict:
     return {"address": {"socket_address": {"address": HOST, "port_value": port}}}
 
