@@ -194,7 +194,7 @@ bench-tools:
 # Not part of `test` (only its `--smoke` run is, in e2e). Arguments go to msrbench.synapse_bench (bench/synapse_bench.py)
 # (`--quick`: a pilot of a few minutes; `--users`, `--rounds`, `--cold`, `--steady`, `--rate`, ...).
 # Writes the section "What routing by user saves Synapse" of BENCHMARKS.md and bench/synapse.svg.
-# What routing by user saves Synapse: user vs token vs round robin on real workers (PostgreSQL, Redis, 4 sync workers; ~25 min).
+# What routing by user saves Synapse: user vs token vs round robin on real workers (PostgreSQL, Redis, 4 sync workers; ~15 min).
 bench-synapse *args: build venv worker-deps
     {{venv}}/bin/python -m msrbench.synapse_bench --wasm {{wasm}} {{args}}
 
