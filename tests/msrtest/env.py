@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -16,11 +17,34 @@ WASM = Path(os.environ.get("MSR_WASM", DEFAULT_WASM))
 HOST = "127.0.0.1"
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen)."""
-    socks = []
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections (and for bind to port 0)."""
     try:
-        for _ in range(n):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen).
+
+    Drawn at random from below the kernel's ephemeral range: a port from inside it (what
+    binding port 0 gives) can be taken by any outgoing connection in the time between this
+    check and the server's own bind, which made a Synapse listener fail with EADDRINUSE."""
+    low, high = 10000, _ephemeral_low() - 1
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(50 * n):
+            if len(socks) == n or high - low < 100 * n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((HOST, random.randint(low, high)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the ephemeral range: the kernel's choice
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((HOST, 0))
             socks.append(s)
