@@ -7,12 +7,14 @@
 //! shared slots → key, rejection, back-off, or another VM's call in flight (wait and poll);
 //! nothing → claim the in-flight marker and call whoami (within `max_whoami_in_flight`).
 //!
-//! `Router` holds the decision flow only; its parts, each with a small API: `calls` (calls in
-//! flight, watched slots, deadlines, the fast tick), `store` (VM memory, shared slots, the
-//! secret, storing answers), `keys` (writing the key and route metadata, edge answers) and
-//! `report` (counters, the warning limiter, the clock).
+//! `Router` holds the decision flow only; its parts, each with a small API: `classify` (what a
+//! request is and which token it carries), `calls` (calls in flight, watched slots, deadlines,
+//! the fast tick), `store` (VM memory, shared slots, the secret, storing answers), `keys`
+//! (writing the key and route metadata, edge answers) and `report` (counters, the warning
+//! limiter, the clock).
 
 mod calls;
+mod classify;
 mod keys;
 mod report;
 mod store;
@@ -24,25 +26,14 @@ use crate::config::{RequestSettings, Settings, WhoamiSettings};
 use crate::metrics::Counter;
 use crate::port::{ContextId, Host, Verdict};
 use crate::profile::Capabilities;
-use crate::request::{self, Plan, Token};
-use crate::route::{self, Source};
+use crate::route::Source;
 use crate::slots::{Cached, Claim, Read};
-use crate::whoami::{self, Outcome, MAX_BODY};
-use calls::{Call, Calls, Join, Purpose};
-use keys::{Key, KeyWriter, Settle};
+use crate::whoami::{self, MAX_BODY};
+use calls::{Calls, Join, Purpose, Req};
+use classify::{classify, Found, Headers};
+use keys::{KeyWriter, Settle};
 use report::Report;
 use store::Store;
-
-/// One request on its way through the engine. It holds the token only as long as the request
-/// headers callback runs; everything kept longer holds the keyed hash.
-struct Req<'a> {
-    id: ContextId,
-    token: &'a [u8],
-    /// The appservice user it masquerades as (`?user_id=`), part of its cache key.
-    masquerade: Option<&'a str>,
-    hash: TokenHash,
-    now: u64,
-}
 
 /// One plugin's engine in one VM.
 pub struct Router {
@@ -73,6 +64,7 @@ impl Router {
         })
     }
 
+    /// Call from a request's headers callback: its verdict.
     pub fn on_request_headers<H: Host>(&mut self, host: &H, id: ContextId) -> Verdict {
         self.request(host, id, true)
     }
@@ -80,68 +72,22 @@ impl Router {
     /// A request from its headers. `first`: its own callback (counted, route metadata
     /// written); else a queued request given a free call slot, read again for its token.
     fn request<H: Host>(&mut self, host: &H, id: ContextId, first: bool) -> Verdict {
-        if self.requests.path_unneeded {
-            // The proxy runs the filter on sync routes only (`trust_route_match`): a request
-            // with a Bearer token needs neither its path nor its query.
-            let authorization = host.request_header("authorization");
-            if let Token::Valid(token) = request::find_token(authorization.as_deref(), None) {
-                if first {
-                    self.report.count(host, Counter::Requests);
-                }
-                return self.resolve(host, id, &token, None);
+        let mut headers = Headers::default();
+        let (keys, report) = (&self.keys, &mut self.report);
+        match classify(host, &self.requests, &mut headers, keys, report, first) {
+            None => Verdict::Continue,
+            Some(Found::Fallback(token)) => {
+                let hash = self.store.hash(&token, None);
+                self.answer(host, &hash, &Settle::Fallback)
             }
-        }
-        let Some(path) = host.request_header(":path") else {
-            return Verdict::Continue;
-        };
-        let (path_only, query) = request::split_path(&path);
-        if path_only.len() > crate::paths::MAX_PATH_LEN {
-            // Matched against nothing (no sync or room path is that long): no key of ours.
-            self.report.count(host, Counter::OverlongPaths);
-            self.keys.overlong(host);
-            return Verdict::Continue;
-        }
-        if !self.requests.sync_paths.matches(path_only) {
-            if self.keys.room_keys() {
-                self.keys.room_key(host, path_only);
-            }
-            return Verdict::Continue;
-        }
-        if first {
-            self.report.count(host, Counter::Requests);
-            if self.requests.sync_kind_needed {
-                self.keys
-                    .mark_kind(host, route::sync_kind(path_only, query));
-            }
-        }
-        let authorization = host.request_header("authorization");
-        // A form POST's body may hold the `access_token` Synapse uses instead of the query's.
-        let form_body = || request::form_body_possible_in(host);
-        let token = match request::find_token_with(authorization.as_deref(), query, form_body) {
-            Token::Absent => {
-                self.report.count(host, Counter::NoToken);
-                self.keys.clear(host);
-                return Verdict::Continue;
-            }
-            Token::Malformed(token) => return self.fallback(host, &token),
-            Token::Valid(token) => token,
-        };
-        match request::plan(&self.requests, &token, query) {
-            Plan::Fallback => self.fallback(host, &token),
-            Plan::Local(user) => {
-                self.report.count(host, Counter::CacheHits);
-                let key = Key::User(&user, Source::Local);
-                self.keys.route(host, key, &mut self.report);
+            Some(Found::Local(user)) => {
+                self.keys.hit(host, &user, Source::Local, &mut self.report);
                 Verdict::Continue
             }
-            Plan::Resolve(masquerade) => self.resolve(host, id, &token, masquerade.as_deref()),
+            Some(Found::Resolve(token, masquerade)) => {
+                self.resolve(host, id, &token, masquerade.as_deref())
+            }
         }
-    }
-
-    /// Routes a token that is never resolved with its fallback key.
-    fn fallback<H: Host>(&mut self, host: &H, token: &[u8]) -> Verdict {
-        let hash = self.store.hash(token, None);
-        self.answer(host, &hash, &Settle::Fallback)
     }
 
     /// Routes the current request as `how` says: its verdict.
@@ -159,9 +105,7 @@ impl Router {
         let hash = self.store.hash(token, masquerade);
         let now = self.report.coarse_now(host);
         if let Some(user) = self.store.remembered(&hash, now) {
-            self.report.count(host, Counter::CacheHits);
-            self.keys
-                .route(host, Key::User(user, Source::Cache), &mut self.report);
+            self.keys.hit(host, user, Source::Cache, &mut self.report);
             return Verdict::Continue;
         }
         let mut req = Req {
@@ -199,9 +143,7 @@ impl Router {
                 refresh,
                 refresh_at,
             } => {
-                self.report.count(host, Counter::CacheHits);
-                let key = Key::User(user, Source::Cache);
-                self.keys.route(host, key, &mut self.report);
+                self.keys.hit(host, user, Source::Cache, &mut self.report);
                 if *refresh {
                     return self.refresh(host, req, &read);
                 }
@@ -229,8 +171,8 @@ impl Router {
     /// device now and its user resolved on a later request.
     fn call<H: Host>(&mut self, host: &H, req: &Req<'_>) -> Verdict {
         if self.calls.in_flight() >= self.whoami.max_in_flight {
-            let until = req.now.saturating_add(u64::from(self.whoami.timeout_ms));
-            if self.caps.resumes_other_contexts && self.calls.enqueue(req.id, &req.hash, until) {
+            let timeout_ms = self.whoami.timeout_ms;
+            if self.caps.resumes_other_contexts && self.calls.enqueue(req, timeout_ms) {
                 self.report.count(host, Counter::Queued);
                 self.set_tick(host);
                 return Verdict::Pause;
@@ -243,7 +185,10 @@ impl Router {
             Claim::Won | Claim::Unwritable => {}
             Claim::Lost(read) => return self.act(host, req, read),
         }
-        if self.start(host, req, Purpose::Resolve, deadline) {
+        if self
+            .calls
+            .start(host, &self.whoami, req, Purpose::Resolve, deadline, true)
+        {
             return Verdict::Pause;
         }
         // The host refused the call outright (unknown cluster, bad upstream): a config problem,
@@ -251,9 +196,8 @@ impl Router {
         self.report.count(host, Counter::WhoamiFailed);
         self.report
             .warn(host, &whoami::refused(&self.whoami.upstream));
-        if !self.store.store_backoff(host, &req.hash, req.now) {
-            self.report.count(host, Counter::CacheWriteFailures);
-        }
+        let (store, report) = (&mut self.store, &mut self.report);
+        store.store_backoff(host, &req.hash, req.now, report);
         self.answer(host, &req.hash, &Settle::Fallback)
     }
 
@@ -267,7 +211,11 @@ impl Router {
         {
             return Verdict::Continue;
         }
-        if !self.start(host, req, Purpose::Refresh, deadline) {
+        let waits = !self.caps.callouts_run_in_background;
+        if !self
+            .calls
+            .start(host, &self.whoami, req, Purpose::Refresh, deadline, waits)
+        {
             return Verdict::Continue;
         }
         self.report.count(host, Counter::Refreshes);
@@ -276,20 +224,6 @@ impl Router {
         } else {
             Verdict::Pause
         }
-    }
-
-    /// Calls whoami for the request and tracks the call (a refresh on a host that runs
-    /// callouts in the background has no waiter); false when the host refused it.
-    fn start<H: Host>(&mut self, host: &H, req: &Req<'_>, purpose: Purpose, deadline: u64) -> bool {
-        let waits = purpose == Purpose::Resolve || !self.caps.callouts_run_in_background;
-        let waiters = if waits { vec![req.id] } else { Vec::new() };
-        let dispatched = whoami::dispatch(host, &self.whoami, req.token, req.masquerade);
-        let Some(token) = dispatched else {
-            return false;
-        };
-        let call = Call::new(token, req.hash, purpose, waiters, deadline);
-        self.calls.track(call);
-        true
     }
 
     /// Handles a callout answer: `status` is `:status` (None when the host delivered none),
@@ -315,13 +249,9 @@ impl Router {
         let now = self.report.exact_now(host);
         let refresh = call.purpose == Purpose::Refresh;
         let outcome = whoami::interpret(status, body.filter(|b| b.len() <= MAX_BODY));
-        self.report.count(host, outcome.counter());
-        if let Outcome::Failed(failure) = &outcome {
-            self.report.warn(host, &failure.describe(refresh));
-        }
-        if !self.store.record(host, &call.hash, &outcome, refresh, now) {
-            self.report.count(host, Counter::CacheWriteFailures);
-        }
+        self.report.answer(host, &outcome, refresh);
+        let (store, report) = (&mut self.store, &mut self.report);
+        store.record(host, &call.hash, &outcome, refresh, now, report);
         match call.purpose {
             Purpose::Resolve => {
                 let how = Settle::from(&outcome);
@@ -349,31 +279,13 @@ impl Router {
     pub fn on_tick<H: Host>(&mut self, host: &H) {
         let now = self.report.exact_now(host);
         self.report.flush(host);
-        // Calls past their deadline (the host should have answered with a timeout): stop
-        // counting them, and route their Envoy waiters now.
-        for (hash, waiters) in self.calls.expire(now, self.caps.resumes_other_contexts) {
-            self.report.count(host, Counter::WhoamiFailed);
-            self.keys
-                .settle(host, &waiters, &hash, &Settle::Fallback, &mut self.report);
-        }
-        // Requests that waited for a call slot as long as a call may take: the fallback key.
-        for queued in self.calls.expire_queue(now) {
-            self.report.count(host, Counter::Shed);
-            let waiters = [queued.id];
-            let (keys, report) = (&self.keys, &mut self.report);
-            keys.settle(host, &waiters, &queued.hash, &Settle::Fallback, report);
-        }
+        let (keys, report) = (&self.keys, &mut self.report);
+        let resumes = self.caps.resumes_other_contexts;
+        self.calls.settle_overdue(host, now, resumes, keys, report);
         self.admit_queued(host);
-        // Watched tokens whose slot now holds an answer (or whose marker lapsed).
-        for watch in self.calls.take_watches() {
-            let found = self.store.poll(host, &watch.hash, now);
-            let Some(settle) = Settle::from_slot(found.as_ref(), now < watch.until) else {
-                self.calls.keep_watching(watch);
-                continue;
-            };
-            let (keys, report) = (&self.keys, &mut self.report);
-            keys.settle(host, &watch.waiters, &watch.hash, &settle, report);
-        }
+        let (keys, report) = (&self.keys, &mut self.report);
+        self.calls
+            .settle_watches(host, now, &mut self.store, keys, report);
         self.set_tick(host);
     }
 

@@ -1,11 +1,19 @@
 //! Calls in flight and watched slots: this VM's whoami calls with the requests waiting for each,
 //! and the requests waiting for another VM's call, seen through its in-flight marker.
 //!
-//! I/O-free: it keeps the lists and their deadlines; the router makes the host calls. Time comes
-//! in as `now`.
+//! The lists and their deadlines are I/O-free; the router makes the host calls, except for
+//! `start` (dispatching the call) and the two tick steps (`settle_overdue`, `settle_watches`),
+//! which route the requests whose wait ended through the key writer. Time comes in as `now`.
 
 use crate::cache::TokenHash;
-use crate::port::ContextId;
+use crate::config::WhoamiSettings;
+use crate::metrics::Counter;
+use crate::port::{ContextId, Host};
+use crate::whoami;
+
+use super::keys::{KeyWriter, Settle};
+use super::report::Report;
+use super::store::Store;
 
 /// Tick period while nothing waits (counter flush, clock).
 pub const TICK_MS: u32 = 1000;
@@ -27,6 +35,17 @@ const MAX_QUEUED: usize = 1024;
 pub fn deadline(now: u64, timeout_ms: u32) -> u64 {
     now.saturating_add(u64::from(timeout_ms))
         .saturating_add(MARGIN_MS)
+}
+
+/// One request on its way through the engine. It holds the token only as long as the request
+/// headers callback runs; everything kept longer holds the keyed hash.
+pub struct Req<'a> {
+    pub id: ContextId,
+    pub token: &'a [u8],
+    /// The appservice user it masquerades as (`?user_id=`), part of its cache key.
+    pub masquerade: Option<&'a str>,
+    pub hash: TokenHash,
+    pub now: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,8 +151,27 @@ impl Calls {
         }
     }
 
-    /// Call when the host accepted a call.
-    pub fn track(&mut self, call: Call) {
+    /// Call to resolve or refresh `req`'s token (its claim won, a call slot free): calls whoami
+    /// and tracks the call, `req` waiting for its answer when `waits`; false when the host
+    /// refused it.
+    pub fn start<H: Host>(
+        &mut self,
+        host: &H,
+        whoami: &WhoamiSettings,
+        req: &Req<'_>,
+        purpose: Purpose,
+        deadline: u64,
+        waits: bool,
+    ) -> bool {
+        let Some(token) = whoami::dispatch(host, whoami, req.token, req.masquerade) else {
+            return false;
+        };
+        let waiters = if waits { vec![req.id] } else { Vec::new() };
+        self.track(Call::new(token, req.hash, purpose, waiters, deadline));
+        true
+    }
+
+    fn track(&mut self, call: Call) {
         self.calls.push(call);
     }
 
@@ -143,11 +181,10 @@ impl Calls {
         Some(self.calls.swap_remove(i))
     }
 
-    /// Call on every tick: calls past their deadline (the host should have answered with a
-    /// timeout) stop counting; their waiters are returned when `take_waiters` (the host can
-    /// resume them now) to be routed with the fallback key. Calls `FORGET_MS` past their
-    /// deadline are forgotten.
-    pub fn expire(&mut self, now: u64, take_waiters: bool) -> Vec<(TokenHash, Vec<ContextId>)> {
+    /// Calls past their deadline (the host should have answered with a timeout) stop counting;
+    /// their waiters are returned when `take_waiters` (the host can resume them now) to be
+    /// routed with the fallback key. Calls `FORGET_MS` past their deadline are forgotten.
+    fn expire(&mut self, now: u64, take_waiters: bool) -> Vec<(TokenHash, Vec<ContextId>)> {
         let mut late = Vec::new();
         for c in self
             .calls
@@ -181,26 +218,17 @@ impl Calls {
         true
     }
 
-    /// Call on every tick: every watched token, to read its slot; give back with
-    /// `keep_watching` those still pending.
-    pub fn take_watches(&mut self) -> Vec<Watch> {
-        std::mem::take(&mut self.watches)
-    }
-
-    pub fn keep_watching(&mut self, watch: Watch) {
-        self.watches.push(watch);
-    }
-
     /// Call when a request of a new token finds every call slot taken, on a host that can
-    /// resume it later: it waits, oldest first, until `until`. False when the queue is full.
-    pub fn enqueue(&mut self, id: ContextId, hash: &TokenHash, until: u64) -> bool {
+    /// resume it later: it waits, oldest first, for up to `timeout_ms` (as long as a call may
+    /// take). False when the queue is full.
+    pub fn enqueue(&mut self, req: &Req<'_>, timeout_ms: u32) -> bool {
         if self.queue.len() >= MAX_QUEUED {
             return false;
         }
         self.queue.push_back(Queued {
-            id,
-            hash: *hash,
-            until,
+            id: req.id,
+            hash: req.hash,
+            until: req.now.saturating_add(u64::from(timeout_ms)),
         });
         true
     }
@@ -214,13 +242,55 @@ impl Calls {
         self.queue.pop_front()
     }
 
-    /// Call on every tick: the waiting requests whose time is up, to route with the fallback key.
-    pub fn expire_queue(&mut self, now: u64) -> Vec<Queued> {
+    /// The waiting requests whose time is up, to route with the fallback key.
+    fn expire_queue(&mut self, now: u64) -> Vec<Queued> {
         let (late, waiting): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut self.queue)
             .into_iter()
             .partition(|q| q.until <= now);
         self.queue = waiting.into();
         late
+    }
+
+    /// Call on every tick, first: calls past their deadline (the host should have answered with
+    /// a timeout) stop counting, and their waiters go on with the fallback key where the host
+    /// can resume them (`can_resume`); so do requests that waited for a call slot as long as a
+    /// call may take. Then give the freed call slots to the queue (`next_queued`).
+    pub fn settle_overdue<H: Host>(
+        &mut self,
+        host: &H,
+        now: u64,
+        can_resume: bool,
+        keys: &KeyWriter,
+        report: &mut Report,
+    ) {
+        for (hash, waiters) in self.expire(now, can_resume) {
+            report.count(host, Counter::WhoamiFailed);
+            keys.settle(host, &waiters, &hash, &Settle::Fallback, report);
+        }
+        for queued in self.expire_queue(now) {
+            report.count(host, Counter::Shed);
+            keys.settle(host, &[queued.id], &queued.hash, &Settle::Fallback, report);
+        }
+    }
+
+    /// Call on every tick, after the queue had its call slots: reads each watched token's slot;
+    /// its waiters go on once it holds an answer or its marker lapsed, else it stays watched.
+    pub fn settle_watches<H: Host>(
+        &mut self,
+        host: &H,
+        now: u64,
+        store: &mut Store,
+        keys: &KeyWriter,
+        report: &mut Report,
+    ) {
+        for watch in std::mem::take(&mut self.watches) {
+            let found = store.poll(host, &watch.hash, now);
+            let Some(settle) = Settle::from_slot(found.as_ref(), now < watch.until) else {
+                self.watches.push(watch);
+                continue;
+            };
+            keys.settle(host, &watch.waiters, &watch.hash, &settle, report);
+        }
     }
 
     /// Call after `watch`, `enqueue` and a tick: the tick period to set, when it changed (fast
@@ -276,7 +346,7 @@ mod tests {
             assert!(calls.watch(&hash(1), id, 50));
         }
         assert!(!calls.watch(&hash(1), 0, 50));
-        let watched = calls.take_watches();
+        let watched = std::mem::take(&mut calls.watches);
         assert_eq!(watched.len(), 1);
         assert_eq!(calls.tick_change(), Some(TICK_MS));
         for n in 0..MAX_WATCHED {

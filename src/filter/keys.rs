@@ -114,6 +114,13 @@ impl KeyWriter {
         }
     }
 
+    /// Call for a request whose user is known (VM memory, shared slots, a native token): a hit,
+    /// counted, and routed by its user.
+    pub fn hit<H: Host>(&self, host: &H, user: &str, source: Source, report: &mut Report) {
+        report.count(host, Counter::CacheHits);
+        self.route(host, Key::User(user, source), report);
+    }
+
     /// Gives the request its key where the host routes on it: the nginx variable, or the
     /// hash-key header (replacing every client copy). A fallback key is counted; a variable the
     /// host cannot set is warned about.

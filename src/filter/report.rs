@@ -4,6 +4,7 @@
 
 use crate::metrics::{Counter, Tally};
 use crate::port::{Host, Level};
+use crate::whoami::Outcome;
 
 /// Minimum time between two warnings about whoami failures from one VM.
 const WARN_INTERVAL_MS: u64 = 10_000;
@@ -32,6 +33,15 @@ impl Report {
     pub fn flush<H: Host>(&mut self, host: &H) {
         for (counter, n) in self.tally.take() {
             host.add_to_counter(counter, n);
+        }
+    }
+
+    /// Call with each whoami answer (`refresh`: the call renewed a cached entry): counts its
+    /// outcome, and warns about a failure.
+    pub fn answer<H: Host>(&mut self, host: &H, outcome: &Outcome, refresh: bool) {
+        self.count(host, outcome.counter());
+        if let Outcome::Failed(failure) = outcome {
+            self.warn(host, &failure.describe(refresh));
         }
     }
 

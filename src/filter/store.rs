@@ -3,15 +3,19 @@
 //!
 //! The router asks it in the order a request needs: `hash`, `remembered` (VM memory, no host
 //! call), `read` (shared slots), then `claim_pending` before calling whoami and one of the
-//! `store_*` calls with the answer. Time comes in as `now`; writes report failure (to count).
+//! `store_*` calls with the answer. Time comes in as `now`; a write shared data refuses is
+//! counted (`cache_write_failures`).
 
 use crate::cache::{self, Entry, Secret, TokenHash};
 use crate::config::CacheSettings;
 use crate::matrix::Rejection;
 use crate::memory::Memory;
+use crate::metrics::Counter;
 use crate::port::Host;
 use crate::slots::{Cached, Claim, Read, Slots};
 use crate::whoami::Outcome;
+
+use super::report::Report;
 
 pub struct Store {
     secret: Secret,
@@ -109,7 +113,7 @@ impl Store {
 
     /// Call with whoami's answer for the token (`refresh`: the call renewed a cached entry):
     /// keeps what it says. A failed refresh leaves the entry as it is; its claim lapses and a
-    /// later request tries again. False when shared data refused the write.
+    /// later request tries again.
     pub fn record<H: Host>(
         &mut self,
         host: &H,
@@ -117,12 +121,16 @@ impl Store {
         outcome: &Outcome,
         refresh: bool,
         now: u64,
-    ) -> bool {
-        match outcome {
+        report: &mut Report,
+    ) {
+        let stored = match outcome {
             Outcome::User(user) => self.store_user(host, hash, user, now),
             // Logged out or locked since a cached answer: rejected from now on.
             Outcome::Denied(rejection) => self.store_denied(host, hash, rejection, now),
-            Outcome::Failed(_) => refresh || self.store_backoff(host, hash, now),
+            Outcome::Failed(_) => refresh || self.backoff(host, hash, now),
+        };
+        if !stored {
+            report.count(host, Counter::CacheWriteFailures);
         }
     }
 
@@ -154,9 +162,23 @@ impl Store {
             .store(host, hash, now, (expires, expires), &entry)
     }
 
+    /// Call when the host refused a call for the token: nobody calls again for
+    /// `failure_backoff_s`.
+    pub fn store_backoff<H: Host>(
+        &self,
+        host: &H,
+        hash: &TokenHash,
+        now: u64,
+        report: &mut Report,
+    ) {
+        if !self.backoff(host, hash, now) {
+            report.count(host, Counter::CacheWriteFailures);
+        }
+    }
+
     /// Call when whoami failed for the token, or the host refused the call: nobody calls again
-    /// for `failure_backoff_s`.
-    pub fn store_backoff<H: Host>(&self, host: &H, hash: &TokenHash, now: u64) -> bool {
+    /// for `failure_backoff_s`. False when shared data refused the write.
+    fn backoff<H: Host>(&self, host: &H, hash: &TokenHash, now: u64) -> bool {
         let expires = now.saturating_add(self.backoff_ms);
         self.slots
             .store(host, hash, now, (expires, expires), &Entry::Backoff)
