@@ -104,12 +104,18 @@ def test_a_restart_storm_never_has_more_calls_in_flight_than_configured(storm_en
     assert whoami.peak >= 2, "the storm should have filled the budget"
     assert whoami.calls < 300, "the excess must not call whoami"
     assert slowest <= timeout_s + 1.5, f"a request waited {slowest:.2f} s"
-    time.sleep(1.5)  # the filter flushes its counters on its one-second tick
-    prom = envoy.prometheus()
-    assert prom["matrix_sync_router_shed"] > 0
-    assert (
-        prom["matrix_sync_router_shed"] + prom["matrix_sync_router_coalesced"] + whoami.calls >= 300
-    )
+    # Every request either called whoami or was shed (or joined a call). The filter flushes its
+    # counters on each VM's one-second tick, and a call Envoy gave up on can still reach the slow
+    # whoami after that, so the sum is read until it adds up (a request counted nowhere fails).
+    deadline = time.monotonic() + 10
+    while True:
+        time.sleep(1.5)
+        prom = envoy.prometheus()
+        shed, coalesced = prom["matrix_sync_router_shed"], prom["matrix_sync_router_coalesced"]
+        if shed + coalesced + whoami.calls >= 300 or time.monotonic() > deadline:
+            break
+    assert shed > 0
+    assert shed + coalesced + whoami.calls >= 300, (shed, coalesced, whoami.calls)
 
 
 def test_a_cold_start_keeps_every_user_on_one_worker(e2e_stack, make_user, request):
