@@ -205,6 +205,40 @@ bench-synapse *args: build venv worker-deps
 bench *args: build bench-fixtures venv bench-tools
     {{venv}}/bin/python -m msrbench.run --wasm {{wasm}} {{args}}
 
+# Not part of `test`. Builds the filter at REV as `just build` does (a temporary git worktree,
+# its own target dir target/bench-baseline/<rev>, reused; the current toolchain pin where REV has
+# none), then msrbench.regression (bench/regression.py): arguments go there (`--rounds`, `--duration`).
+# Writes the section "Hit path against an earlier build" of BENCHMARKS.md.
+# Hit path of this build against the one at REV (default c02977f), with an A/A control for the run's noise (~4 min).
+bench-regression rev="c02977f" *args: build bench-fixtures venv bench-tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    full=$(git rev-parse --verify "{{rev}}^{commit}")
+    short=$(git rev-parse --short "$full")
+    dir="$PWD/target/bench-baseline/$short"
+    out="$dir/matrix_sync_router.wasm"
+    if test -f "$out"; then
+        echo "baseline module at $short: $out (reused; remove $dir to rebuild)"
+    else
+        echo "building the filter at $short in a temporary worktree (target dir $dir) ..."
+        src=$(mktemp -d)
+        trap 'git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"' EXIT
+        git worktree add -q --detach "$src" "$full"
+        test -f "$src/rust-toolchain.toml" || ! test -f rust-toolchain.toml || cp rust-toolchain.toml "$src/"
+        (cd "$src" && CARGO_TARGET_DIR="$dir" \
+            CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS="--remap-path-prefix=$src=/build --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo" \
+            cargo build --release --target wasm32-wasip1 -p matrix-sync-router)
+        built="$dir/wasm32-wasip1/release/matrix_sync_router.wasm"
+        if command -v wasm-opt >/dev/null; then \
+            wasm-opt -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+                --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
+                "$built" -o "$out.tmp" && mv "$out.tmp" "$out"; \
+        else echo "wasm-opt not available: the baseline module is unoptimized"; cp "$built" "$out"; fi
+        ls -l "$out" | awk '{print "built " $9 " (" $5 " bytes)"}'
+        git worktree remove --force "$src" && trap - EXIT
+    fi
+    {{venv}}/bin/python -m msrbench.regression --wasm {{wasm}} --baseline-wasm "$out" --baseline-rev "$short" {{args}}
+
 # cargo-fuzz and the nightly toolchain it runs on (idempotent).
 fuzz-tools:
     @rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

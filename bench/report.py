@@ -511,10 +511,13 @@ two worker threads (`listener.*.worker_N.downstream_cx_total`), so both VMs saw 
 
 {rounds_table(r)}"""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The section `just bench-synapse` writes stays (its own run replaces it).
+    # The sections `just bench-synapse` and `just bench-regression` write stay (their own runs
+    # replace them).
+    from msrbench import regression
     from msrbench.synapse_report import keep_section
 
-    out.write_text(keep_section(out, text))
+    text = keep_section(out, text)
+    out.write_text(keep_section(out, text, regression.BEGIN, regression.END))
 
 
 def wrk_version() -> str:

@@ -251,11 +251,13 @@ class Setup:
             return []
         if chain == "lua":
             return [configs.lua_filter(ROUTE_LUA)]
-        if chain in ("msr", "msr_gated"):
+        if chain in ("msr", "msr_gated") or chain.startswith("msr_hit_"):
+            # msr_hit_<key>: the hit path's configuration on modules[<key>] (msrbench.regression).
+            key = "msr" if chain in ("msr", "msr_gated") else chain.removeprefix("msr_hit_")
             return [
                 configs.wasm_filter(
                     self.template,
-                    self.modules["msr"],
+                    self.modules[key],
                     overrides={**OPTIONS_OFF, **(overrides or {})},
                 )
             ]
@@ -483,10 +485,12 @@ def check_counters(before: dict, after: dict, samples: list[Sample], connections
 
 
 def cpu_phase(
-    setup: Setup, tokens: Tokens, whoami_port: int
-) -> tuple[list[Sample], list[str], list[str]]:
+    setup: Setup, tokens: Tokens, whoami_port: int, variants: list[Variant] = VARIANTS
+) -> tuple[list[Sample], list[str], list[str], dict]:
+    """The cost phase over `variants` (every one by default; msrbench.regression passes its
+    own). The filter's counters are checked on the Envoy of `msr` (the `hit` variant)."""
     args, children = setup.args, setup.children
-    chains = list(dict.fromkeys(v.envoy for v in VARIANTS))
+    chains = list(dict.fromkeys(v.envoy for v in variants))
     envoys = {c: setup.envoy(c, whoami_port) for c in chains}
     for e in envoys.values():
         e.wait_ready()
@@ -494,26 +498,29 @@ def cpu_phase(
     dropped: set[str] = set()
     # local_decode never calls whoami (each round checks that it made no call).
     warmed = [
-        c for c in chains if c.startswith("msr") and c not in ("msr_gated", "msr_opt_local_decode")
+        c
+        for c in chains
+        if (c.startswith("msr") and c not in ("msr_gated", "msr_opt_local_decode"))
+        or c in ("minimal", "lua")
     ]
-    for c in (*warmed, "minimal", "lua"):
+    for c in warmed:
         dropped |= warm(envoys[c], hit_tokens)
     hit_tokens = [t for t in hit_tokens if t not in dropped]
-    scripts = {v.name: wrk_script(setup.workdir, v.name, v.path, hit_tokens) for v in VARIANTS}
-    total = len(VARIANTS) * (args.warmup + args.rounds * args.duration)
+    scripts = {v.name: wrk_script(setup.workdir, v.name, v.path, hit_tokens) for v in variants}
+    total = len(variants) * (args.warmup + args.rounds * args.duration)
     print(
-        f"cost: {len(VARIANTS)} variants x {args.rounds} rounds x {args.duration}s "
+        f"cost: {len(variants)} variants x {args.rounds} rounds x {args.duration}s "
         f"(~{total / 60:.1f} min), {len(hit_tokens)} cached tokens"
         + (f" ({len(dropped)} dropped: cache slots collide)" if dropped else ""),
         flush=True,
     )
-    for v in VARIANTS:  # V8 tiers hot code up in the first seconds: not measured
+    for v in variants:  # V8 tiers hot code up in the first seconds: not measured
         run_wrk(args, children, envoys[v.envoy].port, scripts[v.name], args.warmup)
     samples, problems = [], []
     counters_before = filter_counters(envoys["msr"])
     for rnd in range(args.rounds):
-        k = rnd % len(VARIANTS)
-        for v in VARIANTS[k:] + VARIANTS[:k]:
+        k = rnd % len(variants)
+        for v in variants[k:] + variants[:k]:
             s = measure(args, children, envoys[v.envoy], v, scripts[v.name], rnd)
             samples.append(s)
             problems += [f"round {rnd + 1} {v.name}: {p}" for p in check(s)]
@@ -934,8 +941,9 @@ def memory_phase(setup: Setup) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The command line of `just bench` (msrbench.regression adds its own options to it)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument(
         "--wasm", type=Path, default=REPO / "target/wasm32-wasip1/release/matrix_sync_router.wasm"
     )
@@ -994,6 +1002,11 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--plot", type=Path, default=BENCH / "benchmarks.svg")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    ap = ap or parser()
     args = ap.parse_args()
     args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     known = {"cost", "profile", "latency", "memory"}
@@ -1124,9 +1137,15 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-if __name__ == "__main__":
+def cli(entry, name: str) -> None:
+    """Runs `entry` as the command `name`: exits with its status, or with 2 and the reason when
+    the bench cannot run (BenchError, StackError)."""
     try:
-        sys.exit(main())
+        sys.exit(entry())
     except (BenchError, StackError) as e:
-        print(f"bench: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main, "bench")

@@ -390,26 +390,27 @@ change caches) reach every worker whatever the routing and are left out.
 """
 
 
-def replace_section(existing: str, new_section: str) -> str:
-    """`existing` with the bench-synapse section replaced (or appended)."""
-    if BEGIN in existing and END in existing:
-        head, _, rest = existing.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+def replace_section(existing: str, new_section: str, begin: str = BEGIN, end: str = END) -> str:
+    """`existing` with the section between `begin` and `end` (by default bench-synapse's)
+    replaced by `new_section`, or `new_section` appended."""
+    if begin in existing and end in existing:
+        head, _, rest = existing.partition(begin)
+        _, _, tail = rest.partition(end)
         return head + new_section.rstrip("\n") + tail
     return existing.rstrip("\n") + "\n\n" + new_section
 
 
-def keep_section(out: Path, text: str) -> str:
-    """For `just bench`, which rewrites BENCHMARKS.md: `text` plus the bench-synapse section the
-    file already has."""
+def keep_section(out: Path, text: str, begin: str = BEGIN, end: str = END) -> str:
+    """For a run that rewrites BENCHMARKS.md: `text` plus the section between `begin` and `end`
+    (by default bench-synapse's) that the file already has."""
     try:
         old = out.read_text()
     except FileNotFoundError:
         return text
-    if BEGIN not in old or END not in old:
+    if begin not in old or end not in old:
         return text
-    kept = BEGIN + old.partition(BEGIN)[2].partition(END)[0] + END + "\n"
-    return replace_section(text, kept)
+    kept = begin + old.partition(begin)[2].partition(end)[0] + end + "\n"
+    return replace_section(text, kept, begin, end)
 
 
 # --------------------------------------------------------------------------------------------
