@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from msrbench import regression, synapse_report
 from msrtest.env import REPO, WASM
 
 VARIANTS = [
@@ -41,6 +42,10 @@ VARIANTS = [
 ]
 
 
+SYNAPSE_KEPT = f"{synapse_report.BEGIN}\n## kept: bench-synapse\n{synapse_report.END}"
+REGRESSION_KEPT = f"{regression.BEGIN}\n## kept: bench-regression\n{regression.END}"
+
+
 def _skip_reason() -> str | None:
     """Why the bench cannot run here (`just bench-tools` installs wrk and taskset)."""
     missing = [t for t in ("wrk", "taskset") if not shutil.which(t)]
@@ -59,6 +64,10 @@ def quick_run(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bench")
+    # The sections other runs wrote must survive this one's rewrite of the file.
+    (out / "BENCHMARKS.md").write_text(
+        f"# Benchmarks\n\nold\n\n{SYNAPSE_KEPT}\n\n{REGRESSION_KEPT}\n"
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -163,3 +172,31 @@ def test_report_and_plot_are_written(quick_run):
         assert f"| {name} |" in text and f"| {name} |" in stdout
     root = ET.parse(out / "plot.svg").getroot()
     assert root.tag.endswith("svg") and len(root) > 20
+    assert "\nold\n" not in text and SYNAPSE_KEPT in text and REGRESSION_KEPT in text
+
+
+def test_regression_run_writes_its_section_and_keeps_the_others(tmp_path):
+    """`just bench-regression`'s run (here this build against itself, --quick): every round's
+    four variants and both ratios printed, its section written, the other sections kept."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(f"# Benchmarks\n\n## Method\n\nmain\n\n{SYNAPSE_KEPT}\n")
+    argv = ["--quick", "--wasm", str(WASM), "--baseline-wasm", str(WASM), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "msrbench.regression", "--baseline-rev", "HEAD", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    # 1: a regression judged (possible: one round of noise between identical modules).
+    assert proc.returncode in (0, 1), f"failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert "CHECKS FAILED" not in proc.stdout, proc.stdout
+    for name in ("none", "hit", "hit_base", "hit_again", "baseline ÷ current", "A/A"):
+        assert f"| {name} " in proc.stdout, name
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n## Method\n\nmain\n") and SYNAPSE_KEPT in text
+    section = text.partition(regression.BEGIN)[2].partition(regression.END)[0]
+    assert "## Hit path against an earlier build" in section and "**Judgement:**" in section
