@@ -25,6 +25,11 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Every port handed out by this process: a service may bind its port only some time after it was
+# chosen (Envoys are started together, then waited for), so a port is never handed out twice.
+_given: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen).
 
@@ -37,9 +42,12 @@ def free_ports(n: int) -> list[int]:
         for _ in range(50 * n):
             if len(socks) == n or high - low < 100 * n:
                 break
+            port = random.randint(low, high)
+            if port in _given:
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                s.bind((HOST, random.randint(low, high)))
+                s.bind((HOST, port))
             except OSError:
                 s.close()
                 continue
@@ -48,7 +56,9 @@ def free_ports(n: int) -> list[int]:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((HOST, 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        ports = [s.getsockname()[1] for s in socks]
+        _given.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
